@@ -1,0 +1,628 @@
+"""Preference-pair data (DPO, IPO, RPO, reward models): parsing, tokenisation, truncation, caching.
+
+Pipeline for one JSON-lines file::
+
+    iter_jsonl -> parse_preference_record -> tokenize_example -> truncate_pair
+
+``build_preference_dataset`` runs it once over the whole file (streaming) and stores
+the token ids as a memory-mapped Arrow dataset in a cache directory, so later runs
+with the same file, tokenizer and length settings load it without re-tokenising.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import datasets
+import numpy as np
+
+from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+
+Message = dict[str, Any]
+"""A chat message: ``{"role": str, "content": str}`` (extra keys are passed to the chat template)."""
+
+Turns = Union[str, list[Message]]
+"""Plain text, or a list of chat messages."""
+
+FORMAT_VERSION = 1
+"""Bump whenever the cached dataset layout or the tokenisation rules change."""
+
+TRUNCATION_MODES = ("truncate", "drop")
+
+HH_ASSISTANT = "\n\nAssistant:"
+"""Marker that starts an assistant turn in raw Anthropic HH-RLHF transcripts."""
+
+ACCEPTED_FORMATS = (
+    "NeMo-Aligner: {'prompt': str, 'chosen_response': str, 'rejected_response': str}"
+    " (+ optional numeric 'chosen_reward', 'rejected_reward')",
+    "TRL explicit prompt: {'prompt', 'chosen', 'rejected'}, each a string or a list of chat messages",
+    "TRL implicit prompt: {'chosen': [messages], 'rejected': [messages]}"
+    " (prompt = longest common prefix of the two lists)",
+    "Anthropic HH-RLHF: {'chosen': str, 'rejected': str}, full '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
+)
+
+STATS_FILE = "stats.json"
+
+_FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+        "chosen_ids": datasets.Sequence(datasets.Value("int32")),
+        "rejected_ids": datasets.Sequence(datasets.Value("int32")),
+        "chosen_reward": datasets.Value("float32"),
+        "rejected_reward": datasets.Value("float32"),
+        "line_no": datasets.Value("int64"),
+    }
+)
+
+_STAT_COUNTERS = ("num_lines", "num_pairs", "num_truncated", "num_dropped")
+
+_TOKENIZER_PROBE = "The quick brown fox. 123 \n\nHuman:"
+
+
+@dataclass
+class PreferenceExample:
+    """One preference pair, before tokenisation.
+
+    Attributes:
+        prompt: plain text, or the chat messages preceding the responses (possibly multi-turn).
+        chosen: the preferred response: plain text, or the assistant message(s) that follow ``prompt``.
+        rejected: the dispreferred response, same kinds as ``chosen``.
+        chosen_reward: optional scalar reward of ``chosen`` (None when the data has none).
+        rejected_reward: optional scalar reward of ``rejected``.
+    """
+
+    prompt: Turns
+    chosen: Turns
+    rejected: Turns
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------
+
+
+def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int) -> PreferenceExample:
+    """Turn one JSON record into a :class:`PreferenceExample`, whatever its (supported) format.
+
+    Supported formats (detected from the keys, in this order):
+
+    * NeMo-Aligner: ``{"prompt": str, "chosen_response": str, "rejected_response": str}``.
+    * TRL explicit prompt: ``{"prompt", "chosen", "rejected"}``, each a string or a list of
+      ``{"role", "content"}`` messages (``chosen``/``rejected`` being the assistant turn(s)).
+    * TRL implicit prompt: ``{"chosen": [messages], "rejected": [messages]}``; the prompt is the
+      longest common prefix of the two lists, the responses are the remaining messages.
+    * Anthropic HH-RLHF: ``{"chosen": str, "rejected": str}`` full transcripts, split at the last
+      ``"\\n\\nAssistant:"``; the prompt keeps that marker, the response keeps its leading space.
+
+    Any format may carry optional numeric ``chosen_reward`` / ``rejected_reward``.
+
+    Args:
+        record: the parsed JSON object.
+        path, line_no: where the record comes from; used only in error messages.
+
+    Raises:
+        DataFormatError: naming the offending field, for a missing field, a wrong type, an empty
+            response, a message without string ``role``/``content``, a non-numeric reward, HH-RLHF
+            transcripts without an assistant turn or whose prompts differ, or an unknown format
+            (the message then lists the accepted formats).
+    """
+    error = functools.partial(DataFormatError, path, line_no)
+    if not isinstance(record, dict):
+        raise error(None, f"expected a JSON object, got {type(record).__name__}")
+
+    if "chosen_response" in record or "rejected_response" in record:
+        prompt = _require_turns(record, "prompt", error, allow_messages=False, allow_empty=True)
+        chosen = _require_turns(record, "chosen_response", error, allow_messages=False)
+        rejected = _require_turns(record, "rejected_response", error, allow_messages=False)
+    elif "prompt" in record:
+        prompt = _require_turns(record, "prompt", error, allow_empty=True)
+        chosen = _require_turns(record, "chosen", error)
+        rejected = _require_turns(record, "rejected", error)
+    elif "chosen" in record or "rejected" in record:
+        prompt, chosen, rejected = _split_implicit_prompt(record, error)
+    else:
+        accepted = "".join(f"\n  - {fmt}" for fmt in ACCEPTED_FORMATS)
+        raise error(None, f"unrecognised preference record with keys {sorted(record)}; accepted formats:{accepted}")
+
+    return PreferenceExample(
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        chosen_reward=_optional_reward(record, "chosen_reward", error),
+        rejected_reward=_optional_reward(record, "rejected_reward", error),
+    )
+
+
+def _require_turns(record: dict, field: str, error, allow_messages: bool = True, allow_empty: bool = False) -> Turns:
+    """Return ``record[field]`` after checking it is a string (or a message list when allowed)."""
+    if field not in record:
+        raise error(field, "missing required field")
+    value = record[field]
+    if isinstance(value, list) and allow_messages:
+        _check_messages(value, field, error)
+    elif not isinstance(value, str):
+        expected = "a string or a list of chat messages" if allow_messages else "a string"
+        raise error(field, f"expected {expected}, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise error(field, "must not be empty")
+    return value
+
+
+def _check_messages(messages: list, field: str, error) -> None:
+    for i, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {message!r}")
+
+
+def _split_implicit_prompt(record: dict, error) -> tuple[Turns, Turns, Turns]:
+    """Split ``chosen``/``rejected`` (without an explicit prompt) into (prompt, chosen, rejected)."""
+    chosen = _require_turns(record, "chosen", error)
+    rejected = _require_turns(record, "rejected", error)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return _split_hh_pair(chosen, rejected, error)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return _split_common_prefix(chosen, rejected, error)
+    raise error(
+        "rejected",
+        f"is a {type(rejected).__name__} but 'chosen' is a {type(chosen).__name__}; without a 'prompt' field both "
+        "must be strings (HH-RLHF transcripts) or both message lists (TRL implicit prompt)",
+    )
+
+
+def _split_hh_transcript(text: str, field: str, error) -> tuple[str, str]:
+    """Split an HH-RLHF transcript at its last assistant turn: (prompt incl. marker, response)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise error(field, f"HH-RLHF transcript has no {HH_ASSISTANT!r} turn")
+    cut += len(HH_ASSISTANT)
+    if cut == len(text):
+        raise error(field, f"empty response after the last {HH_ASSISTANT!r}")
+    return text[:cut], text[cut:]
+
+
+def _split_hh_pair(chosen: str, rejected: str, error) -> tuple[str, str, str]:
+    """Split two HH-RLHF transcripts into (shared prompt, chosen response, rejected response).
+
+    Normally both split at their last ``"\n\nAssistant:"`` into the same prompt. A few HH-RLHF responses contain
+    the marker themselves (e.g. ``"Assistant: Human: ..."`` role-play), which makes the two last-marker prompts
+    differ; then the prompt is the longest common prefix of the two transcripts cut back to the last marker inside
+    it, and each response is the rest of its transcript.
+    """
+    chosen_prompt, chosen_response = _split_hh_transcript(chosen, "chosen", error)
+    rejected_prompt, rejected_response = _split_hh_transcript(rejected, "rejected", error)
+    if chosen_prompt == rejected_prompt:
+        return chosen_prompt, chosen_response, rejected_response
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise error(
+            "rejected",
+            f"HH-RLHF transcripts of 'chosen' and 'rejected' share no conversation up to an {HH_ASSISTANT!r} turn "
+            f"(they differ from character {len(common)}); both must continue the same conversation",
+        )
+    cut += len(HH_ASSISTANT)
+    if cut == len(chosen) or cut == len(rejected):
+        raise error("chosen" if cut == len(chosen) else "rejected", f"empty response after the shared {HH_ASSISTANT!r}")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _split_common_prefix(chosen: list, rejected: list, error) -> tuple[list, list, list]:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise error(
+            "chosen",
+            "'chosen' and 'rejected' share no leading messages, so no prompt can be inferred; add a 'prompt' field",
+        )
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if shared == len(messages):
+            raise error(field, "no messages left after the prompt (the common prefix of 'chosen' and 'rejected')")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _optional_reward(record: dict, field: str, error) -> float | None:
+    value = record.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(field, f"expected a number, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------
+# Tokenisation and truncation
+# --------------------------------------------------------------------------------------
+
+
+def tokenize_example(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Tokenise a pair into ``(prompt_ids, chosen_ids, rejected_ids)`` (token ids, unpadded).
+
+    * Conversational (any of prompt/chosen/rejected is a message list; a plain string prompt
+      becomes one user message, a string response one assistant message): the prompt is
+      ``apply_chat_template(prompt, add_generation_prompt=True)`` and each response is what
+      ``apply_chat_template(prompt + response)`` adds after it (if the rendering does not start
+      with the prompt text, the common prefix of the renderings with ``add_generation_prompt=False``
+      is used as the prompt instead). All pieces are tokenised with ``add_special_tokens=False``
+      and no EOS is appended: the template closes the turn itself.
+    * Plain text: ``prompt_ids = tokenizer(prompt)`` with special tokens (e.g. BOS), each response
+      tokenised without special tokens followed by ``tokenizer.eos_token_id`` (when it has one).
+
+    Raises:
+        ValueError: conversational data with a tokenizer that has no chat template; a prompt that
+            gives no tokens (empty prompt and no BOS); a response that gives no tokens.
+    """
+    if any(isinstance(turns, list) for turns in (example.prompt, example.chosen, example.rejected)):
+        texts = _render_chat(example, tokenizer)
+        prompt_ids, chosen_ids, rejected_ids = (_encode(tokenizer, text, add_special_tokens=False) for text in texts)
+        _check_non_empty(chosen_ids, rejected_ids)
+    else:
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        prompt_ids = _encode(tokenizer, example.prompt, add_special_tokens=True)
+        chosen_ids, rejected_ids = (
+            _encode(tokenizer, response, add_special_tokens=False) for response in (example.chosen, example.rejected)
+        )
+        _check_non_empty(chosen_ids, rejected_ids)
+        chosen_ids, rejected_ids = chosen_ids + eos, rejected_ids + eos
+    if not prompt_ids:
+        raise ValueError("prompt gives no tokens (empty prompt and the tokenizer adds no BOS token)")
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _check_non_empty(chosen_ids: list[int], rejected_ids: list[int]) -> None:
+    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        if not ids:
+            raise ValueError(f"{name} response gives no tokens")
+
+
+def _as_messages(turns: Turns, role: str) -> list[Message]:
+    if isinstance(turns, list):
+        return turns
+    return [{"role": role, "content": turns}] if turns else []
+
+
+def _render_chat(example: PreferenceExample, tokenizer) -> tuple[str, str, str]:
+    """Render a conversational pair with the chat template: (prompt_text, chosen_text, rejected_text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template, but the data is conversational (lists of chat messages); "
+            "use a tokenizer with a chat_template or convert the data to a plain-text format such as "
+            "{'prompt': str, 'chosen_response': str, 'rejected_response': str}"
+        )
+    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    prompt = _as_messages(example.prompt, "user")
+    prompt_text = render(prompt, add_generation_prompt=True)
+    full_texts = [render(prompt + _as_messages(response, "assistant")) for response in (example.chosen, example.rejected)]
+    if not all(full.startswith(prompt_text) for full in full_texts):
+        prompt_text = os.path.commonprefix([render(prompt, add_generation_prompt=False), *full_texts])
+    chosen_text, rejected_text = (full[len(prompt_text) :] for full in full_texts)
+    return prompt_text, chosen_text, rejected_text
+
+
+def _check_truncation_args(max_seq_length: int, mode: str) -> None:
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}")
+
+
+def truncate_pair(
+    prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_seq_length: int, mode: str
+) -> tuple[list[int], list[int], list[int]] | None:
+    """Fit a tokenised pair so that prompt+chosen and prompt+rejected each have <= ``max_seq_length`` tokens.
+
+    A pair that already fits is returned unchanged. Otherwise, with ``mode``:
+
+    * ``"drop"``: return None (the caller skips the pair).
+    * ``"truncate"``: let ``L = max(len(chosen_ids), len(rejected_ids))`` and ``M = max_seq_length``.
+      If ``M - L >= M // 2``, keep the LAST ``M - L`` prompt tokens and both responses whole.
+      Otherwise keep the last ``M // 2`` prompt tokens (all of them if the prompt is shorter) and
+      cut each response at its end to ``M - len(kept prompt)`` tokens. Left-truncating the prompt
+      keeps the turn closest to the responses; it can remove a leading BOS, and cutting a
+      response can remove its EOS / end-of-turn tokens.
+
+    Example (M = 8): prompt 6, chosen 3, rejected 2 -> prompt's last 5, responses whole;
+    prompt 6, chosen 7, rejected 2 -> prompt's last 4, chosen's first 4, rejected whole.
+
+    Args:
+        prompt_ids, chosen_ids, rejected_ids: token ids.
+        max_seq_length: the limit per side, in tokens (at least 2).
+        mode: ``"truncate"`` or ``"drop"``.
+
+    Returns:
+        ``(prompt_ids, chosen_ids, rejected_ids)`` or None (dropped).
+
+    Raises:
+        ValueError: unknown ``mode`` or ``max_seq_length < 2``.
+    """
+    _check_truncation_args(max_seq_length, mode)
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_seq_length:
+        return prompt_ids, chosen_ids, rejected_ids
+    if mode == "drop":
+        return None
+    prompt_budget = max_seq_length - longest
+    if prompt_budget >= max_seq_length // 2:
+        return prompt_ids[-prompt_budget:], chosen_ids, rejected_ids
+    kept_prompt = prompt_ids[-(max_seq_length // 2) :]
+    response_budget = max_seq_length - len(kept_prompt)
+    return kept_prompt, chosen_ids[:response_budget], rejected_ids[:response_budget]
+
+
+# --------------------------------------------------------------------------------------
+# Cached Arrow dataset
+# --------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$NEMO_ALIGNER_CACHE/data``, by default ``~/.cache/nemo_aligner/data``."""
+    return Path(os.environ.get("NEMO_ALIGNER_CACHE", Path.home() / ".cache" / "nemo_aligner")).expanduser() / "data"
+
+
+def _tokenizer_fingerprint(tokenizer) -> dict:
+    probe_ids = list(tokenizer(_TOKENIZER_PROBE)["input_ids"])
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "len": len(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "probe_sha256": hashlib.sha256(json.dumps(probe_ids).encode()).hexdigest(),
+    }
+
+
+def _cache_key(path: Path, tokenizer, max_seq_length: int, truncation: str) -> str:
+    stat = path.stat()
+    inputs = {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_seq_length": max_seq_length,
+        "truncation": truncation,
+        "format_version": FORMAT_VERSION,
+    }
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_preference_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    max_seq_length: int,
+    truncation: str = "truncate",
+    cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, dict]:
+    """Tokenise a preference JSON-lines file once into a cached, memory-mapped Arrow dataset.
+
+    The file is streamed line by line (never held in memory), each line goes through
+    :func:`parse_preference_record`, :func:`tokenize_example` and :func:`truncate_pair`, and the
+    rows are written to ``<cache_dir>/<file stem>-<key>/`` through a temporary directory that is
+    renamed into place only once complete. ``key`` (16 hex chars of a sha256) covers the absolute
+    path, size and mtime of the file, the tokenizer (name, vocabulary size, chat template, BOS/EOS
+    ids, ids of a probe sentence), ``max_seq_length``, ``truncation`` and :data:`FORMAT_VERSION`;
+    a later call with the same inputs loads the directory with ``datasets.load_from_disk``.
+
+    Columns (one row per kept pair, in file order):
+        ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: int32 token id sequences;
+        ``chosen_reward``, ``rejected_reward``: float32, NaN when the data has none;
+        ``line_no``: int64, 1-based line of the pair in the source file.
+
+    Args:
+        path: ``.jsonl`` / ``.jsonl.gz`` file in one of the formats of :func:`parse_preference_record`.
+        tokenizer: a Hugging Face tokenizer (see :func:`tokenize_example`).
+        max_seq_length: limit in tokens for prompt+chosen and for prompt+rejected.
+        truncation: ``"truncate"`` or ``"drop"`` (see :func:`truncate_pair`).
+        cache_dir: where cached datasets live; default :func:`default_cache_dir`.
+        num_proc: tokenise with this many processes (each reads the file, keeps every
+            ``num_proc``-th line); None or 1 for a single process.
+
+    Returns:
+        ``(dataset, stats)`` with ``stats`` = ``{"num_lines": records read, "num_pairs": rows,
+        "num_truncated": rows shortened, "num_dropped": pairs skipped as too long, "path": source
+        file, "cache_path": dataset directory}`` (also saved as ``stats.json`` in that directory).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataFormatError: a malformed line (``file:line: field '...': ...``); no cache is left behind.
+        ValueError: bad ``truncation``/``max_seq_length``, or the file yields no pair at all.
+    """
+    _check_truncation_args(max_seq_length, truncation)
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"preference data file not found: {path}")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = _cache_key(path, tokenizer, max_seq_length, truncation)
+    final_dir = cache_root / f"{path.name.split('.')[0]}-{key}"
+
+    if not (final_dir / STATS_FILE).is_file():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
+        try:
+            _write_dataset(path, tokenizer, max_seq_length, truncation, num_proc, work_dir, final_dir)
+            _publish(work_dir / "dataset", final_dir)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return _load_cached(final_dir)
+
+
+def _write_dataset(
+    path: Path, tokenizer, max_seq_length: int, truncation: str, num_proc: int | None, work_dir: Path, final_dir: Path
+) -> None:
+    """Tokenise ``path`` into ``work_dir/dataset`` (Arrow files + stats.json)."""
+    num_shards = max(1, num_proc or 1)
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _generate_rows,
+            features=_FEATURES,
+            cache_dir=str(work_dir / "generator"),
+            fingerprint=f"{final_dir.name}-{uuid.uuid4().hex}",
+            num_proc=num_shards if num_shards > 1 else None,
+            gen_kwargs={
+                "shard_ids": list(range(num_shards)),
+                "num_shards": num_shards,
+                "path": path,
+                "tokenizer": tokenizer,
+                "max_seq_length": max_seq_length,
+                "truncation": truncation,
+                "stats_dir": str(work_dir),
+            },
+        )
+    except Exception:  # datasets wraps (and, across processes, stringifies) errors raised by the generator
+        data_error = _first_shard_error(work_dir)
+        if data_error is not None:
+            raise data_error from None
+        _check_has_pairs(_sum_shard_stats(work_dir, num_shards), path, max_seq_length)  # empty splits fail in datasets
+        raise
+
+    stats = _sum_shard_stats(work_dir, num_shards)
+    _check_has_pairs(stats, path, max_seq_length)
+    if num_shards > 1:  # shards hold interleaved lines: restore file order
+        line_numbers = np.asarray(dataset.with_format("numpy")["line_no"])
+        dataset = dataset.select(np.argsort(line_numbers, kind="stable"))
+    dataset.save_to_disk(str(work_dir / "dataset"))
+    stats.update(path=str(path), cache_path=str(final_dir))
+    (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
+
+
+def _check_has_pairs(stats: dict, path: Path, max_seq_length: int) -> None:
+    if stats and stats["num_pairs"] == 0:
+        raise ValueError(
+            f"{path}: no preference pairs ({stats['num_lines']} records read, {stats['num_dropped']} dropped as "
+            f"longer than max_seq_length={max_seq_length})"
+        )
+
+
+def _sum_shard_stats(work_dir: Path, num_shards: int) -> dict:
+    """Add up the per-shard counters written by :func:`_generate_rows` ({} if a shard did not finish)."""
+    shard_files = [work_dir / f"shard-{shard}.json" for shard in range(num_shards)]
+    if not all(shard_file.is_file() for shard_file in shard_files):
+        return {}
+    stats = {name: 0 for name in _STAT_COUNTERS}
+    for shard_file in shard_files:
+        for name, count in json.loads(shard_file.read_text()).items():
+            stats[name] += count
+    return stats
+
+
+def _generate_rows(shard_ids, num_shards, path, tokenizer, max_seq_length, truncation, stats_dir):
+    """Yield dataset rows for the lines with ``line_no % num_shards`` in ``shard_ids``.
+
+    Writes ``shard-<id>.json`` (counters) into ``stats_dir`` when a shard is done, or
+    ``error-<id>.json`` for a malformed line, so the parent process sees both even when
+    this runs in a worker process.
+    """
+    for shard in shard_ids:
+        counts = {name: 0 for name in _STAT_COUNTERS}
+        try:
+            for line_no, record in iter_jsonl(path):
+                if line_no % num_shards != shard:
+                    continue
+                counts["num_lines"] += 1
+                row = _tokenize_row(record, path, line_no, tokenizer, max_seq_length, truncation)
+                if row is None:
+                    counts["num_dropped"] += 1
+                    continue
+                counts["num_pairs"] += 1
+                counts["num_truncated"] += row.pop("truncated")
+                yield row
+        except DataFormatError as err:
+            error = {"path": str(err.path), "line_no": err.line_no, "field": err.field, "message": err.message}
+            (Path(stats_dir) / f"error-{shard}.json").write_text(json.dumps(error))
+            raise
+        (Path(stats_dir) / f"shard-{shard}.json").write_text(json.dumps(counts))
+
+
+def _tokenize_row(record: dict, path, line_no: int, tokenizer, max_seq_length: int, truncation: str) -> dict | None:
+    """One dataset row (plus a ``truncated`` flag) for a record, or None when the pair is dropped."""
+    example = parse_preference_record(record, path, line_no)
+    try:
+        token_ids = tokenize_example(example, tokenizer)
+    except ValueError as err:
+        raise DataFormatError(path, line_no, None, str(err)) from err
+    kept = truncate_pair(*token_ids, max_seq_length, truncation)
+    if kept is None:
+        return None
+    prompt_ids, chosen_ids, rejected_ids = kept
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "chosen_reward": _reward_or_nan(example.chosen_reward),
+        "rejected_reward": _reward_or_nan(example.rejected_reward),
+        "line_no": line_no,
+        "truncated": kept != token_ids,
+    }
+
+
+def _reward_or_nan(reward: float | None) -> float:
+    return math.nan if reward is None else reward
+
+
+def _first_shard_error(work_dir: Path) -> DataFormatError | None:
+    """The malformed line (lowest line number) recorded by the generator shards, if any."""
+    errors = [json.loads(error_file.read_text()) for error_file in work_dir.glob("error-*.json")]
+    if not errors:
+        return None
+    first = min(errors, key=lambda error: error["line_no"])
+    return DataFormatError(first["path"], first["line_no"], first["field"], first["message"])
+
+
+def _publish(built_dir: Path, final_dir: Path) -> None:
+    """Atomically move a complete dataset directory into place (another process may have won the race)."""
+    try:
+        os.replace(built_dir, final_dir)
+    except OSError:
+        if not (final_dir / STATS_FILE).is_file():
+            raise
+
+
+def _load_cached(final_dir: Path) -> tuple[datasets.Dataset, dict]:
+    dataset = datasets.load_from_disk(str(final_dir))
+    stats = json.loads((final_dir / STATS_FILE).read_text())
+    stats["cache_path"] = str(final_dir)
+    return dataset, stats
+
+
+def load_preference_datasets(
+    paths: list[str | os.PathLike],
+    tokenizer,
+    max_seq_length: int,
+    truncation: str = "truncate",
+    cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, list[dict]]:
+    """Build (or load from cache) one dataset per file with :func:`build_preference_dataset` and concatenate them.
+
+    Returns:
+        ``(dataset, stats)``: the rows of all files in order (``line_no`` refers to each row's own
+        file), and the per-file stats dicts in the order of ``paths``.
+
+    Raises:
+        ValueError: ``paths`` is empty; plus everything :func:`build_preference_dataset` raises.
+    """
+    if not paths:
+        raise ValueError("no preference data files given")
+    built = [build_preference_dataset(p, tokenizer, max_seq_length, truncation, cache_dir, num_proc) for p in paths]
+    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]

@@ -1,0 +1,123 @@
+"""The alignable interface: the only surface algorithm trainers call.
+
+Trainers in ``nemo_aligner/algorithms`` never touch transformers, peft or Fabric objects; they drive a model through
+these methods. A backend (today :class:`nemo_aligner.models.hf_causal_lm.HFCausalLM`; later e.g. Megatron) owns the
+weights, the optimizer, the learning-rate schedule, mixed precision and data-parallel gradient reduction.
+
+A training step looks like::
+
+    model.prepare_for_training_step()
+    for i, micro_batch in enumerate(micro_batches):
+        with model.accumulate(is_last=(i == len(micro_batches) - 1)):
+            logprobs = model.get_logprobs(micro_batch)                    # with grad
+            ref_logprobs = model.get_logprobs(micro_batch, reference=True)  # no grad
+            loss = ...
+            model.backward(loss / len(micro_batches))
+    step_metrics = model.finish_training_step()                           # clip, optimizer and scheduler step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+import torch
+
+
+class AlignableModel(ABC):
+    """Abstract policy model that alignment trainers drive."""
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_for_training_step(self) -> None:
+        """Put the policy in training mode and clear gradients."""
+
+    @abstractmethod
+    def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context wrapping the forward and backward of one micro-batch.
+
+        Gradients are reduced across data-parallel ranks only when ``is_last`` is True (the last micro-batch of the
+        global batch); earlier micro-batches accumulate locally.
+        """
+
+    @abstractmethod
+    def get_logprobs(self, batch: Any, reference: bool = False) -> torch.Tensor:
+        """Log-probabilities of the response tokens of ``batch``.
+
+        Args:
+            batch: a :class:`nemo_aligner.data.packing.PreferenceBatch` (or another packed batch with ``pred_row``,
+                ``pred_col``, ``targets``).
+            reference: use the frozen reference policy (no gradient) instead of the trained policy.
+
+        Returns:
+            ``[N]`` float32 natural-log probabilities, one per response token, in the batch's packed order.
+        """
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate a scalar ``loss`` (already divided by the number of micro-batches)."""
+
+    @abstractmethod
+    def finish_training_step(self) -> dict[str, float]:
+        """Clip gradients, step the optimizer and the LR scheduler; return ``{"grad_norm", "lr"}``."""
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_for_inference(self) -> None:
+        """Evaluation mode (no dropout) for validation or generation."""
+
+    @abstractmethod
+    def finish_inference(self) -> None:
+        """Return to training mode after :meth:`prepare_for_inference`."""
+
+    # ---- distributed helpers ----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device the model's inputs must live on."""
+
+    @property
+    @abstractmethod
+    def data_parallel_rank(self) -> int:
+        """This process's rank among the data-parallel replicas."""
+
+    @property
+    @abstractmethod
+    def data_parallel_size(self) -> int:
+        """Number of data-parallel replicas."""
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Reduce ``tensor`` (``op`` = ``mean`` or ``sum``) over data-parallel ranks; identity on one rank."""
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar metrics over data-parallel ranks."""
+        if self.data_parallel_size == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], device=self.device, dtype=torch.float64)
+        return {k: float(v) for k, v in zip(keys, self.all_reduce(tensor, "mean").tolist())}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, path: str, extra_state: dict) -> None:
+        """Write model (or adapters), optimizer and scheduler state plus ``extra_state`` to ``path`` atomically."""
+
+    @abstractmethod
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; return its ``extra_state``."""
+
+    @abstractmethod
+    def export_hf(self, path: str) -> None:
+        """Write a Hugging Face ``save_pretrained`` directory (LoRA merged; adapters beside it) atomically."""
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """``prepare_for_inference`` / ``finish_inference`` as a context manager, with gradients off."""
+        self.prepare_for_inference()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.finish_inference()

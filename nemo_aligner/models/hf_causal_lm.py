@@ -1,0 +1,364 @@
+"""Alignable policy backed by a Hugging Face ``transformers`` causal LM, run through lightning Fabric.
+
+Supports full-parameter training with a frozen reference copy, or LoRA through peft where the reference policy is
+the same weights with the adapters disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from lightning.fabric import Fabric
+
+from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.utils.fs import atomic_directory, atomic_write_text
+from nemo_aligner.utils.scheduler import build_cosine_scheduler
+
+# NeMo-Aligner LoRA target names -> module-name suffixes of the HF model families we support.
+_LORA_TARGETS = {
+    "attention_qkv": ["q_proj", "k_proj", "v_proj", "c_attn", "query_key_value"],
+    "attention_dense": ["o_proj", "c_proj", "dense"],
+    "mlp_fc1": ["gate_proj", "up_proj", "c_fc"],
+    "mlp_fc2": ["down_proj"],
+}
+
+
+class ResponseLogprobs(nn.Module):
+    """Wraps a causal LM so one ``forward`` returns the log-probabilities of the response tokens only.
+
+    The LM head runs only on the ``N`` hidden states that predict a response token, not on every position, so the
+    ``[tokens, vocab]`` logits of the prompt are never materialised. Being a single module's ``forward`` keeps
+    DDP/FSDP gradient hooks intact.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pred_row: torch.Tensor,
+        pred_col: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Shapes: ids/positions ``[R, T]``; mask ``[R, 1, T, T]`` bool or ``[R, T]``; pred/targets ``[N]``.
+
+        Returns ``[N]`` float32 log p(target | prefix), computed as ``logit[target] - logsumexp(logits)``.
+        """
+        config = self.lm.config
+        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            impl = getattr(config, "_attn_implementation", "sdpa")
+            if impl == "eager":  # eager attention adds the mask to the scores
+                mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+                attention_mask = mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+            elif impl != "sdpa":
+                raise ValueError(
+                    f"attention implementation {impl!r} cannot take the shared-prefix 4-D mask; "
+                    "set model.dpo.shared_prefix=false or model.attn_implementation=sdpa"
+                )
+        hidden = self.lm.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        logits = self.lm.get_output_embeddings()(hidden[pred_row, pred_col]).float()
+        softcap = getattr(config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _lora_target_modules(lm: nn.Module, names) -> list[str] | str:
+    names = list(names)
+    if names in (["all"], ["all-linear"]):
+        return "all-linear"
+    present = {n.split(".")[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    targets: list[str] = []
+    for name in names:
+        candidates = _LORA_TARGETS.get(name, [name])
+        found = [c for c in candidates if c in present]
+        if not found:
+            raise ValueError(
+                f"model.peft.lora_tuning.target_modules: {name!r} matches no linear layer of this model; "
+                f"its linear layers are {sorted(present)}"
+            )
+        targets.extend(found)
+    return sorted(set(targets))
+
+
+def _auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP wrap policy: one FSDP unit per transformer block."""
+    if recurse:
+        return True
+    name = type(module).__name__
+    return name.endswith("DecoderLayer") or name in {"GPT2Block", "Block"}
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state as plain Python values (loadable by ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
+
+
+class HFCausalLM(AlignableModel):
+    """A transformers causal LM as an :class:`AlignableModel`.
+
+    Args:
+        fabric: a launched ``lightning.fabric.Fabric``.
+        model_cfg: the ``model`` config section: ``optim``, ``peft``, ``gradient_checkpointing``,
+            ``attn_implementation``.
+        restore_from_path: local directory, ``.gguf`` file, hub id or alias (see
+            :func:`nemo_aligner.models.pretrained.resolve_pretrained`).
+        max_steps: optimizer steps of the run (for the LR schedule).
+        gradient_clip_val: max global grad norm; ``0`` or ``None`` disables clipping (the norm is still reported).
+        need_reference: keep a reference policy (frozen copy, or adapters-off for LoRA).
+        precision: the Fabric precision string; ``bf16-true``/``16-true`` load the weights in that dtype.
+
+    Raises:
+        ValueError: unknown ``peft_scheme`` or LoRA target, unsupported optimizer name.
+    """
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        model_cfg: Any,
+        restore_from_path: str,
+        max_steps: int,
+        gradient_clip_val: float | None = 1.0,
+        need_reference: bool = True,
+        precision: str = "32-true",
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.fabric = fabric
+        self.cfg = model_cfg
+        self.gradient_clip_val = gradient_clip_val or 0.0
+        self.source = resolve_pretrained(str(restore_from_path))
+
+        dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        lm = AutoModelForCausalLM.from_pretrained(
+            self.source, dtype=dtype, attn_implementation=model_cfg.get("attn_implementation", "sdpa")
+        )
+        lm.config.use_cache = False
+        if model_cfg.get("gradient_checkpointing", False):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        peft_cfg = model_cfg.get("peft", {}) or {}
+        scheme = str(peft_cfg.get("peft_scheme", "none")).lower()
+        self.use_lora = scheme == "lora"
+        self._reference: nn.Module | None = None
+        if scheme not in ("none", "lora"):
+            raise ValueError(f"model.peft.peft_scheme={scheme!r}: supported values are 'none' and 'lora'")
+        if self.use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = peft_cfg.get("lora_tuning", {}) or {}
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=int(lora.get("adapter_dim", 32)),
+                    lora_alpha=float(lora.get("alpha", 32)),
+                    lora_dropout=float(lora.get("adapter_dropout", 0.0)),
+                    target_modules=_lora_target_modules(lm, lora.get("target_modules", ["attention_qkv"])),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        elif need_reference:
+            reference = copy.deepcopy(lm).eval().requires_grad_(False)
+            self._reference = ResponseLogprobs(reference)
+
+        self._lm = lm
+        module = ResponseLogprobs(lm)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optim_cfg = model_cfg.optim
+        name = str(optim_cfg.get("name", "adamw")).lower()
+        if name not in ("adamw", "adam", "distributed_fused_adam", "fused_adam"):
+            raise ValueError(f"model.optim.name={name!r}: supported are adamw (and NeMo's fused/distributed adam aliases)")
+        self.lr = float(optim_cfg.lr)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=self.lr,
+            weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+            betas=tuple(optim_cfg.get("betas", (0.9, 0.98))),
+            eps=float(optim_cfg.get("eps", 1e-8)),
+        )
+        self.module, self.optimizer = fabric.setup(module, optimizer)
+        self.scheduler = build_cosine_scheduler(self.optimizer, max_steps, self.lr, optim_cfg.get("sched", {}) or {})
+        if self._reference is not None:
+            if fabric.strategy.__class__.__name__.startswith("FSDP"):
+                self._reference = fabric.setup_module(self._reference)
+            else:
+                self._reference = fabric.to_device(self._reference)
+
+    # ---- properties -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.fabric.global_rank
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.fabric.world_size
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def num_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        total = sum(p.numel() for p in self._lm.parameters())
+        trainable = sum(p.numel() for p in self._lm.parameters() if p.requires_grad)
+        return trainable, total
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def prepare_for_training_step(self) -> None:
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def accumulate(self, is_last: bool):
+        return self.fabric.no_backward_sync(self.module, enabled=not is_last)
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        batch = batch.to(self.device)
+        return batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_row, batch.pred_col, batch.targets
+
+    def get_logprobs(self, batch, reference: bool = False) -> torch.Tensor:
+        inputs = self._inputs(batch)
+        if not reference:
+            return self.module(*inputs)
+        with torch.no_grad():
+            if self._reference is not None:
+                with self.fabric.autocast():
+                    return self._reference(*inputs)
+            if not self.use_lora:
+                raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+            with self._lm.disable_adapter():
+                return self.module(*inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.fabric.backward(loss)
+
+    def finish_training_step(self) -> dict[str, float]:
+        if self.gradient_clip_val > 0:
+            grad_norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=self.gradient_clip_val)
+        else:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": float(lr)}
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        self.module.eval()
+
+    def finish_inference(self) -> None:
+        self.module.train()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        if self.fabric.world_size == 1:
+            return tensor
+        return self.fabric.all_reduce(tensor, reduce_op=op)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _trainable_filter(self):
+        names = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        return {"model": lambda key, value: key in names} if self.use_lora else None
+
+    def save_checkpoint(self, path: str, extra_state: dict) -> None:
+        """Save ``model`` (trainable weights only with LoRA), ``optimizer``, ``scheduler``, RNG and ``extra_state``.
+
+        All ranks must call this. Written to a temporary directory and renamed by rank 0 once complete.
+        """
+        final = Path(path)
+        tmp = final.parent / f".{final.name}.tmp"
+        if self.fabric.is_global_zero:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.fabric.barrier()
+        state = {
+            "model": self.module,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "extra_state": extra_state,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": _numpy_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
+        self.fabric.barrier()
+        if self.fabric.is_global_zero:
+            atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
+            old = final.parent / f".{final.name}.old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        self.fabric.barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        state = {"model": self.module, "optimizer": self.optimizer, "scheduler": None, "extra_state": None, "rng": None}
+        remainder = self.fabric.load(Path(path) / "state.pt", state, strict=not self.use_lora)
+        scheduler_state = state["scheduler"] if state["scheduler"] is not None else remainder.get("scheduler")
+        self.scheduler.load_state_dict(scheduler_state)
+        rng = state["rng"] or remainder.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return state["extra_state"] or remainder.get("extra_state") or {}
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self._lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return None
+
+    def export_hf(self, path: str) -> None:
+        """Write ``save_pretrained`` output (safetensors + tokenizer) to ``path``; LoRA adapters are merged and also
+        saved unmerged to ``<path>_adapter``. All ranks must call this; rank 0 writes."""
+        full_state = self._full_state_dict()
+        if self.fabric.is_global_zero:
+            with atomic_directory(path) as tmp:
+                if self.use_lora:
+                    merged = copy.deepcopy(self._lm).merge_and_unload()
+                    merged.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    self._lm.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            if self.use_lora:
+                with atomic_directory(f"{path}_adapter") as tmp:
+                    self._lm.save_pretrained(tmp)
+        self.fabric.barrier()

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo_aligner",
+    version="0.1.0",
+    description="Align causal language models with human preferences: SFT, reward models, PPO, DPO/IPO/RPO.",
+    packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "lightning>=2.4",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "datasets>=3.0",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "gguf>=0.10",
+        "accelerate>=1.0",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "bench": ["trl>=0.19"],
+        "wandb": ["wandb"],
+    },
+)
