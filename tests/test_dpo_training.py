@@ -134,6 +134,13 @@ def test_reference_is_base_model_and_export_round_trips(tmp_path, tiny_model_dir
         trainable, total = policy.num_trainable_parameters()
         assert trainable < total / 5
 
+    # checkpoint round trip: a fresh model restored from it gives the trained log-probs
+    policy.save_checkpoint(str(tmp_path / "ckpt"), {"step": 3})
+    restored = _policy(fabric, tiny_model_dir, peft={"peft_scheme": scheme, "lora_tuning": {"target_modules": ["attention_qkv", "mlp_fc1"], "adapter_dim": 4, "alpha": 8}})
+    assert restored.load_checkpoint(str(tmp_path / "ckpt")) == {"step": 3}
+    with restored.inference():
+        assert torch.allclose(restored.get_logprobs(batch), trained, atol=1e-6)
+
     export = tmp_path / "export"
     policy.export_hf(str(export))
     reloaded = _base_logprobs(export, batch)
@@ -200,3 +207,41 @@ def test_kill_and_resume_reproduces_the_loss_sequence(tmp_path, tiny_model_dir, 
     # top-k pruning kept at most save_top_k + the latest checkpoint
     kept = [p for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert 1 <= len(kept) <= 3
+
+
+def test_precomputed_reference_gives_the_same_losses(tmp_path, tiny_model_dir, dpo_script):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = ["trainer.dpo.max_epochs=3", "trainer.dpo.max_steps=3", "model.global_batch_size=4",
+              "model.micro_batch_size=2", "model.optim.lr=1e-3", "exp_manager.export_hf=false"]
+    live = dpo_script.run(dpo_cfg(tmp_path / "live", tiny_model_dir, data, data, *common))
+    cached = dpo_script.run(dpo_cfg(tmp_path / "cached", tiny_model_dir, data, data, *common,
+                                    "model.dpo.precompute_ref_log_probs=true"))
+    assert (Path(cached["log_dir"]) / "ref_logprobs" / "ref_logprobs.pt").is_file()
+    assert [h["loss"] for h in cached["history"]] == pytest.approx([h["loss"] for h in live["history"]], abs=1e-5)
+    assert cached["val"]["loss"] == pytest.approx(live["val"]["loss"], abs=1e-5)
+
+
+def _csv_losses(run_dir):
+    rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
+    """Data-parallel over 2 CPU processes (gloo) reproduces the single-process losses for the same global batch."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    base = [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_dpo.py"),
+            f"pretrained_checkpoint.restore_from_path={tiny_model_dir}", f"model.data.data_prefix.train=[{data}]",
+            f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
+            "trainer.accelerator=cpu", "model.encoder_seq_length=64", "trainer.dpo.max_epochs=3",
+            "trainer.dpo.max_steps=3", "model.global_batch_size=4", "model.micro_batch_size=1", "model.optim.lr=1e-3",
+            "exp_manager.export_hf=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(base + [f"exp_manager.explicit_log_dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run(base + [f"exp_manager.explicit_log_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "2 rank(s)" in ddp.stderr
+    one, two = _csv_losses(tmp_path / "one"), _csv_losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, abs=1e-5)

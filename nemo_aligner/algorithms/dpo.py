@@ -192,6 +192,23 @@ class DPOTrainerConfig:
     seed: int = 1234
 
 
+def compute_max_steps(num_samples: int, cfg: DPOTrainerConfig) -> int:
+    """Optimizer steps of a run: ``max_epochs`` epochs of ``num_samples // global_batch_size`` steps, capped by
+    ``max_steps`` unless it is negative (NeMo-Aligner's convention).
+
+    Raises:
+        ValueError: the result is 0 (too few samples for one global batch, or ``max_steps=0``).
+    """
+    epoch_steps = cfg.max_epochs * (num_samples // cfg.global_batch_size)
+    steps = epoch_steps if cfg.max_steps < 0 else min(cfg.max_steps, epoch_steps)
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {num_samples} pairs, global_batch_size={cfg.global_batch_size}, "
+            f"max_epochs={cfg.max_epochs}, max_steps={cfg.max_steps} give 0 optimizer steps"
+        )
+    return steps
+
+
 class DPOTrainer:
     """The DPO training loop: rollout-free, so just batches -> loss -> optimizer step, with validation,
     checkpoints, resume and HF export. Talks to the model only through :class:`AlignableModel`.
@@ -247,10 +264,7 @@ class DPOTrainer:
             world_size=model.data_parallel_size,
             seed=cfg.seed,
         )
-        epochs_steps = cfg.max_epochs * self.sampler.steps_per_epoch
-        self.max_steps = epochs_steps if cfg.max_steps < 0 else min(cfg.max_steps, epochs_steps)
-        if self.max_steps < 1:
-            raise ValueError("nothing to train: trainer.dpo.max_steps and max_epochs give 0 optimizer steps")
+        self.max_steps = compute_max_steps(len(train_dataset), cfg)
         self.step = 0
         self.last_val_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ class HFCausalLM(AlignableModel):
             self._reference = ResponseLogprobs(reference)
 
         self._lm = lm
-        module = ResponseLogprobs(lm)
+        module = self._unwrapped = ResponseLogprobs(lm)
         params = [p for p in module.parameters() if p.requires_grad]
         optim_cfg = model_cfg.optim
         name = str(optim_cfg.get("name", "adamw")).lower()
@@ -282,7 +283,7 @@ class HFCausalLM(AlignableModel):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _trainable_filter(self):
-        names = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        names = {n for n, p in self._unwrapped.named_parameters() if p.requires_grad}
         return {"model": lambda key, value: key in names} if self.use_lora else None
 
     def save_checkpoint(self, path: str, extra_state: dict) -> None:
@@ -293,8 +294,6 @@ class HFCausalLM(AlignableModel):
         final = Path(path)
         tmp = final.parent / f".{final.name}.tmp"
         if self.fabric.is_global_zero:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.fabric.barrier()
@@ -319,8 +318,6 @@ class HFCausalLM(AlignableModel):
                 os.replace(final, old)
             os.replace(tmp, final)
             if old.exists():
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         self.fabric.barrier()
 

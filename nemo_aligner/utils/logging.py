@@ -14,6 +14,7 @@ _LOG = logging.getLogger("nemo_aligner")
 
 def get_logger() -> logging.Logger:
     """The package logger, printing ``[nemo_aligner] message`` lines to stderr once configured."""
+    _LOG.disabled = False  # logging.config with disable_existing_loggers (Hydra's) must not silence us
     if not _LOG.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[nemo_aligner] %(message)s"))

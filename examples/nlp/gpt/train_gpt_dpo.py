@@ -22,6 +22,7 @@ from nemo_aligner.algorithms.dpo import (
     DPOLossConfig,
     DPOTrainer,
     DPOTrainerConfig,
+    compute_max_steps,
     load_reference_logprobs,
     precompute_reference_logprobs,
     save_reference_logprobs,
@@ -109,16 +110,14 @@ def run(cfg: DictConfig) -> dict:
         micro_batch_size=int(cfg.model.micro_batch_size),
         seed=int(cfg.model.seed),
     )
-    steps_per_epoch = len(train_ds) // trainer_cfg.global_batch_size
-    epoch_steps = trainer_cfg.max_epochs * steps_per_epoch
-    max_steps = epoch_steps if trainer_cfg.max_steps < 0 else min(trainer_cfg.max_steps, epoch_steps)
+    max_steps = compute_max_steps(len(train_ds), trainer_cfg)
 
     precompute = bool(cfg.model.dpo.precompute_ref_log_probs)
     model = HFCausalLM(
         fabric,
         cfg.model,
         source,
-        max_steps=max(1, max_steps),
+        max_steps=max_steps,
         gradient_clip_val=trainer_cfg.gradient_clip_val,
         need_reference=True,
         precision=normalize_precision(cfg.trainer.precision),
