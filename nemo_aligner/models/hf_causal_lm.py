@@ -184,21 +184,22 @@ class HFCausalLM(AlignableModel):
             self._reference = ResponseLogprobs(reference)
 
         self._lm = lm
-        module = self._unwrapped = ResponseLogprobs(lm)
-        params = [p for p in module.parameters() if p.requires_grad]
+        self._unwrapped = ResponseLogprobs(lm)
         optim_cfg = model_cfg.optim
         name = str(optim_cfg.get("name", "adamw")).lower()
         if name not in ("adamw", "adam", "distributed_fused_adam", "fused_adam"):
             raise ValueError(f"model.optim.name={name!r}: supported are adamw (and NeMo's fused/distributed adam aliases)")
         self.lr = float(optim_cfg.lr)
+        # Module first, optimizer over the wrapped parameters second: the order FSDP needs, valid for every strategy.
+        self.module = fabric.setup_module(self._unwrapped)
         optimizer = torch.optim.AdamW(
-            params,
+            [p for p in self.module.parameters() if p.requires_grad],
             lr=self.lr,
             weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
             betas=tuple(optim_cfg.get("betas", (0.9, 0.98))),
             eps=float(optim_cfg.get("eps", 1e-8)),
         )
-        self.module, self.optimizer = fabric.setup(module, optimizer)
+        self.optimizer = fabric.setup_optimizers(optimizer)
         self.scheduler = build_cosine_scheduler(self.optimizer, max_steps, self.lr, optim_cfg.get("sched", {}) or {})
         if self._reference is not None:
             if fabric.strategy.__class__.__name__.startswith("FSDP"):

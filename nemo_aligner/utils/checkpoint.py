@@ -36,6 +36,7 @@ class CheckpointManager:
         self.mode = mode
 
     def path_for(self, step: int) -> Path:
+        """Directory of the checkpoint taken after optimizer step ``step``."""
         return self.directory / f"step={step:07d}"
 
     def checkpoints(self) -> list[tuple[Path, dict]]:

@@ -12,6 +12,7 @@ Configuration: conf/gpt_dpo.yaml (NeMo-Aligner key names). Multi-GPU: ``trainer.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     if fabric.is_global_zero:
         for stats in train_stats:
             log.info(
-                f"train data {stats['path']}: {stats['num_pairs']} pairs "
+                f"train data {os.path.normpath(stats['path'])}: {stats['num_pairs']} pairs "
                 f"({stats['num_truncated']} truncated, {stats['num_dropped']} dropped, max {cfg.model.encoder_seq_length} tokens)"
             )
 
