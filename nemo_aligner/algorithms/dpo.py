@@ -18,7 +18,6 @@ The optional SFT loss is the negative log-likelihood of the chosen response (sum
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,11 +25,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
+from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.models.alignable import AlignableModel
-from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.fs import atomic_directory
-from nemo_aligner.utils.logging import format_metrics, get_logger
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
 
@@ -177,107 +174,23 @@ def dpo_loss_and_metrics(
     return loss, metrics
 
 
-@dataclass
-class DPOTrainerConfig:
-    """The ``trainer.dpo`` section plus batch sizes (NeMo-Aligner key names)."""
-
-    max_epochs: int = 1
-    max_steps: int = -1
-    val_check_interval: int = 100
-    save_interval: int = 100
-    limit_val_batches: int | float = 1.0
-    gradient_clip_val: float = 1.0
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seed: int = 1234
-
-
-def compute_max_steps(num_samples: int, cfg: DPOTrainerConfig) -> int:
-    """Optimizer steps of a run: ``max_epochs`` epochs of ``num_samples // global_batch_size`` steps, capped by
-    ``max_steps`` unless it is negative (NeMo-Aligner's convention).
-
-    Raises:
-        ValueError: the result is 0 (too few samples for one global batch, or ``max_steps=0``).
-    """
-    epoch_steps = cfg.max_epochs * (num_samples // cfg.global_batch_size)
-    steps = epoch_steps if cfg.max_steps < 0 else min(cfg.max_steps, epoch_steps)
-    if steps < 1:
-        raise ValueError(
-            f"nothing to train: {num_samples} pairs, global_batch_size={cfg.global_batch_size}, "
-            f"max_epochs={cfg.max_epochs}, max_steps={cfg.max_steps} give 0 optimizer steps"
-        )
-    return steps
-
-
-class DPOTrainer:
-    """The DPO training loop: rollout-free, so just batches -> loss -> optimizer step, with validation,
-    checkpoints, resume and HF export. Talks to the model only through :class:`AlignableModel`.
+class DPOTrainer(BaseTrainer):
+    """DPO/IPO/RPO: the shared offline loop with the preference loss of :func:`dpo_loss_and_metrics`.
 
     Args:
-        model: the policy (holds the reference policy too).
-        train_dataset, val_dataset: indexable datasets of tokenised pairs (dicts with ``prompt_ids``...).
-        collate_fn: ``list[dict] -> PreferenceBatch``.
-        loss_cfg, cfg: configuration.
-        log_dir: where ``checkpoints/`` and ``hf_export/`` go.
-        checkpoints: top-k bookkeeping.
-        log_metrics: ``(dict, step) -> None`` sink for TensorBoard/CSV (rank 0 only is fine).
+        loss_cfg: the ``model.dpo`` loss settings.
         ref_logprobs: optional ``[len(train_dataset), 2]`` precomputed reference sums (chosen, rejected); when given
-            the reference policy is not run during training.
-        resume: restore the latest checkpoint in ``checkpoints`` if there is one.
-        is_global_zero: whether this process prints and shows progress.
+            the reference policy is not run on training batches.
+        **kwargs: see :class:`~nemo_aligner.algorithms.base.BaseTrainer`.
     """
 
-    def __init__(
-        self,
-        model: AlignableModel,
-        train_dataset: Sequence[dict],
-        val_dataset: Sequence[dict] | None,
-        collate_fn: Callable[[list[dict]], Any],
-        loss_cfg: DPOLossConfig,
-        cfg: DPOTrainerConfig,
-        log_dir: str | Path,
-        checkpoints: CheckpointManager,
-        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-        ref_logprobs: torch.Tensor | None = None,
-        resume: bool = True,
-        export_hf: bool = True,
-        is_global_zero: bool = True,
-    ):
-        self.model = model
-        self.train_dataset = train_dataset
-        self.val_dataset = val_dataset
-        self.collate_fn = collate_fn
-        self.loss_cfg = loss_cfg
-        self.cfg = cfg
-        self.log_dir = Path(log_dir)
-        self.checkpoints = checkpoints
-        self.log_metrics = log_metrics
-        self.ref_logprobs = ref_logprobs
-        self.resume = resume
-        self.export_hf = export_hf
-        self.is_global_zero = is_global_zero
-        self.sampler = GlobalBatchSampler(
-            len(train_dataset),
-            cfg.global_batch_size,
-            cfg.micro_batch_size,
-            rank=model.data_parallel_rank,
-            world_size=model.data_parallel_size,
-            seed=cfg.seed,
-        )
-        self.max_steps = compute_max_steps(len(train_dataset), cfg)
-        self.step = 0
-        self.last_val_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-        self.log = get_logger()
+    name = "DPO"
+    summary_keys = ["loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean", "reward_margin"]
 
-    # ---- batches ----------------------------------------------------------------------------------------------
-    def _collate(self, dataset: Sequence[dict], indices: list[int]) -> Any:
-        examples = []
-        for i in indices:
-            example = dict(dataset[i])
-            example["index"] = i
-            examples.append(example)
-        return self.collate_fn(examples)
+    def __init__(self, *args, loss_cfg: DPOLossConfig, ref_logprobs: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss_cfg
+        self.ref_logprobs = ref_logprobs
 
     def _ref_seq_logprobs(self, batch: Any, use_cache: bool) -> torch.Tensor:
         if use_cache and self.ref_logprobs is not None:
@@ -286,119 +199,10 @@ class DPOTrainer:
         ref_tokens = self.model.get_logprobs(batch, reference=True)
         return sequence_logprobs(ref_tokens, batch.seq_id.to(ref_tokens.device), 2 * batch.num_pairs)
 
-    # ---- steps ------------------------------------------------------------------------------------------------
-    def train_step(self, micro_batch_indices: list[list[int]]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns metrics averaged over the global batch."""
-        start = time.perf_counter()
-        self.model.prepare_for_training_step()
-        sums: dict[str, float] = {}
-        num_tokens = 0
-        n = len(micro_batch_indices)
-        for i, indices in enumerate(micro_batch_indices):
-            batch = self._collate(self.train_dataset, indices)
-            num_tokens += batch.num_tokens
-            with self.model.accumulate(is_last=i == n - 1):
-                logprobs = self.model.get_logprobs(batch)
-                ref = self._ref_seq_logprobs(batch, use_cache=True)
-                loss, metrics = dpo_loss_and_metrics(logprobs, ref, batch, self.loss_cfg)
-                self.model.backward(loss / n)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / n
-        step_info = self.model.finish_training_step()
-        metrics = self.model.all_reduce_mean(sums)
-        elapsed = time.perf_counter() - start
-        metrics.update(step_info)
-        metrics["tokens_per_sec"] = num_tokens * self.model.data_parallel_size / max(elapsed, 1e-9)
-        metrics["step_time"] = elapsed
-        return metrics
-
-    def validate(self) -> dict[str, float]:
-        """Average the metrics over ``limit_val_batches`` validation batches (weighted by pairs, all ranks)."""
-        if not self.val_dataset:
-            return {}
-        sums: dict[str, float] = {}
-        pairs = 0
-        with self.model.inference():
-            for indices in sequential_batches(
-                len(self.val_dataset),
-                self.cfg.micro_batch_size,
-                self.model.data_parallel_rank,
-                self.model.data_parallel_size,
-                self.cfg.limit_val_batches,
-            ):
-                if not indices:
-                    continue
-                batch = self._collate(self.val_dataset, indices)
-                logprobs = self.model.get_logprobs(batch)
-                ref = self._ref_seq_logprobs(batch, use_cache=False)
-                _, metrics = dpo_loss_and_metrics(logprobs, ref, batch, self.loss_cfg)
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
-                pairs += len(indices)
-        reduced = self.model.all_reduce_mean({**sums, "__pairs": float(pairs)})
-        total = reduced.pop("__pairs")
-        return {k: v / total for k, v in reduced.items()} if total > 0 else {}
-
-    # ---- loop -------------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        metrics = {f"val_{k}": v for k, v in self.last_val_metrics.items()}
-        extra = {
-            "step": self.step,
-            "epoch": self.step // self.sampler.steps_per_epoch,
-            "consumed_samples": self.step * self.cfg.global_batch_size,
-            "metrics": metrics,
-        }
-        self.model.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
-        if self.is_global_zero:
-            self.checkpoints.prune()
-
-    def _maybe_resume(self) -> None:
-        latest = self.checkpoints.latest() if self.resume else None
-        if latest is None:
-            return
-        extra = self.model.load_checkpoint(str(latest))
-        self.step = int(extra["step"])
-        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
-        if self.is_global_zero:
-            self.log.info(f"resumed from {latest} at step {self.step} (consumed_samples={extra.get('consumed_samples')})")
-
-    def _run_validation(self) -> None:
-        self.last_val_metrics = self.validate()
-        if self.last_val_metrics:
-            self.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, self.step)
-            if self.is_global_zero:
-                keys = ["loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean", "reward_margin"]
-                self.log.info(f"validation step {self.step}/{self.max_steps}: {format_metrics(self.last_val_metrics, keys)}")
-
-    def fit(self) -> list[dict[str, float]]:
-        """Train to ``max_steps``; returns the per-step training metrics of this call (also logged)."""
-        from tqdm.auto import tqdm
-
-        self._maybe_resume()
-        progress = tqdm(
-            total=self.max_steps, initial=self.step, desc="DPO", disable=not self.is_global_zero, dynamic_ncols=True
-        )
-        val_every, save_every = int(self.cfg.val_check_interval), int(self.cfg.save_interval)
-        while self.step < self.max_steps:
-            metrics = self.train_step(self.sampler.micro_batches(self.step))
-            self.step += 1
-            metrics["epoch"] = (self.step - 1) // self.sampler.steps_per_epoch
-            metrics["consumed_samples"] = self.step * self.cfg.global_batch_size
-            self.history.append(metrics)
-            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
-            is_last = self.step == self.max_steps
-            if (val_every > 0 and self.step % val_every == 0) or is_last:
-                self._run_validation()
-            if (save_every > 0 and self.step % save_every == 0) or is_last:
-                self._save()
-        progress.close()
-        if self.export_hf:
-            self.model.export_hf(str(self.log_dir / "hf_export"))
-            if self.is_global_zero:
-                self.log.info(f"Hugging Face export written to {self.log_dir / 'hf_export'}")
-        return self.history
+    def loss_and_metrics(self, batch: Any, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs = self.model.get_logprobs(batch)
+        ref = self._ref_seq_logprobs(batch, use_cache=training)
+        return dpo_loss_and_metrics(logprobs, ref, batch, self.loss_cfg)
 
 
 @torch.no_grad()
@@ -418,8 +222,7 @@ def precompute_reference_logprobs(
     with model.inference():
         for start in range(rank * micro_batch_size, n, micro_batch_size * world):
             indices = list(range(start, min(start + micro_batch_size, n)))
-            examples = [dict(dataset[i], index=i) for i in indices]
-            batch = collate_fn(examples)
+            batch = collate_fn([dict(dataset[i], index=i) for i in indices])
             tokens = model.get_logprobs(batch, reference=True)
             seq = sequence_logprobs(tokens, batch.seq_id.to(tokens.device), 2 * len(indices))
             table[indices, 0] = seq[: len(indices)].float()

@@ -41,18 +41,29 @@ class AlignableModel(ABC):
         global batch); earlier micro-batches accumulate locally.
         """
 
-    @abstractmethod
     def get_logprobs(self, batch: Any, reference: bool = False) -> torch.Tensor:
-        """Log-probabilities of the response tokens of ``batch``.
+        """Log-probabilities of the target tokens of ``batch`` (policies; SFT, DPO, PPO actor).
 
         Args:
-            batch: a :class:`nemo_aligner.data.packing.PreferenceBatch` (or another packed batch with ``pred_row``,
-                ``pred_col``, ``targets``).
+            batch: a packed batch with ``pred_row``, ``pred_col``, ``targets`` (e.g.
+                :class:`nemo_aligner.data.packing.PreferenceBatch`).
             reference: use the frozen reference policy (no gradient) instead of the trained policy.
 
         Returns:
-            ``[N]`` float32 natural-log probabilities, one per response token, in the batch's packed order.
+            ``[N]`` float32 natural-log probabilities, one per target token, in the batch's packed order.
+
+        Raises:
+            NotImplementedError: the model is not a policy.
         """
+        raise NotImplementedError(f"{type(self).__name__} does not produce token log-probabilities")
+
+    def get_rewards(self, batch: Any) -> torch.Tensor:
+        """One scalar per sequence of ``batch`` (reward models, critics): ``[num_sequences]`` float32.
+
+        Raises:
+            NotImplementedError: the model has no scalar head.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not produce rewards")
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:

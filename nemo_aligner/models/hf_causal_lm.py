@@ -113,85 +113,100 @@ def _numpy_rng_state() -> tuple:
     return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
 
 
-class HFCausalLM(AlignableModel):
-    """A transformers causal LM as an :class:`AlignableModel`.
+def load_tokenizer(source: str):
+    """``AutoTokenizer`` for ``source``; a tokenizer without a pad token pads with EOS (padding is never attended)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: str, model_cfg: Any, precision: str = "32-true") -> nn.Module:
+    """``AutoModelForCausalLM`` for ``source`` with ``model.{attn_implementation,gradient_checkpointing}`` applied.
+
+    ``bf16-true``/``16-true`` precision loads the weights in that dtype, anything else in float32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=model_cfg.get("attn_implementation", "sdpa")
+    )
+    lm.config.use_cache = False
+    if model_cfg.get("gradient_checkpointing", False):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def apply_peft(lm: nn.Module, peft_cfg: Any, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """Wrap ``lm`` with LoRA adapters per ``model.peft`` (NeMo key names); return ``(model, use_lora)``.
+
+    Raises:
+        ValueError: ``peft_scheme`` other than ``none``/``lora``, or a target module the model lacks.
+    """
+    peft_cfg = peft_cfg or {}
+    scheme = str(peft_cfg.get("peft_scheme", "none")).lower()
+    if scheme not in ("none", "lora"):
+        raise ValueError(f"model.peft.peft_scheme={scheme!r}: supported values are 'none' and 'lora'")
+    if scheme == "none":
+        return lm, False
+    from peft import LoraConfig, get_peft_model
+
+    lora = peft_cfg.get("lora_tuning", {}) or {}
+    config = LoraConfig(
+        r=int(lora.get("adapter_dim", 32)),
+        lora_alpha=float(lora.get("alpha", 32)),
+        lora_dropout=float(lora.get("adapter_dropout", 0.0)),
+        target_modules=_lora_target_modules(lm, lora.get("target_modules", ["attention_qkv"])),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(lm, config), True
+
+
+class HFModel(AlignableModel):
+    """Fabric machinery shared by every transformers-backed model: optimizer, LR schedule, gradient accumulation,
+    clipping, checkpoints and the HF export.
 
     Args:
         fabric: a launched ``lightning.fabric.Fabric``.
-        model_cfg: the ``model`` config section: ``optim``, ``peft``, ``gradient_checkpointing``,
-            ``attn_implementation``.
-        restore_from_path: local directory, ``.gguf`` file, hub id or alias (see
-            :func:`nemo_aligner.models.pretrained.resolve_pretrained`).
+        module: the ``nn.Module`` whose ``forward`` the algorithm calls (set up by Fabric here).
+        lm: the transformers (or peft) model inside ``module``; what :meth:`export_hf` saves.
+        tokenizer: saved with the export.
+        optim_cfg: ``model.optim`` (``name``, ``lr``, ``weight_decay``, ``betas``, ``eps``, ``sched``).
         max_steps: optimizer steps of the run (for the LR schedule).
-        gradient_clip_val: max global grad norm; ``0`` or ``None`` disables clipping (the norm is still reported).
-        need_reference: keep a reference policy (frozen copy, or adapters-off for LoRA).
-        precision: the Fabric precision string; ``bf16-true``/``16-true`` load the weights in that dtype.
+        gradient_clip_val: max global grad norm; ``0``/``None`` disables clipping (the norm is still reported).
+        use_lora: ``lm`` is a peft model; checkpoints then hold only the trainable (adapter) weights.
 
     Raises:
-        ValueError: unknown ``peft_scheme`` or LoRA target, unsupported optimizer name.
+        ValueError: unsupported optimizer name.
     """
 
     def __init__(
         self,
         fabric: Fabric,
-        model_cfg: Any,
-        restore_from_path: str,
+        module: nn.Module,
+        lm: nn.Module,
+        tokenizer: Any,
+        optim_cfg: Any,
         max_steps: int,
         gradient_clip_val: float | None = 1.0,
-        need_reference: bool = True,
-        precision: str = "32-true",
+        use_lora: bool = False,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.fabric = fabric
-        self.cfg = model_cfg
+        self.tokenizer = tokenizer
         self.gradient_clip_val = gradient_clip_val or 0.0
-        self.source = resolve_pretrained(str(restore_from_path))
-
-        dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        lm = AutoModelForCausalLM.from_pretrained(
-            self.source, dtype=dtype, attn_implementation=model_cfg.get("attn_implementation", "sdpa")
-        )
-        lm.config.use_cache = False
-        if model_cfg.get("gradient_checkpointing", False):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-        peft_cfg = model_cfg.get("peft", {}) or {}
-        scheme = str(peft_cfg.get("peft_scheme", "none")).lower()
-        self.use_lora = scheme == "lora"
-        self._reference: nn.Module | None = None
-        if scheme not in ("none", "lora"):
-            raise ValueError(f"model.peft.peft_scheme={scheme!r}: supported values are 'none' and 'lora'")
-        if self.use_lora:
-            from peft import LoraConfig, get_peft_model
-
-            lora = peft_cfg.get("lora_tuning", {}) or {}
-            lm = get_peft_model(
-                lm,
-                LoraConfig(
-                    r=int(lora.get("adapter_dim", 32)),
-                    lora_alpha=float(lora.get("alpha", 32)),
-                    lora_dropout=float(lora.get("adapter_dropout", 0.0)),
-                    target_modules=_lora_target_modules(lm, lora.get("target_modules", ["attention_qkv"])),
-                    task_type="CAUSAL_LM",
-                ),
-            )
-        elif need_reference:
-            reference = copy.deepcopy(lm).eval().requires_grad_(False)
-            self._reference = ResponseLogprobs(reference)
-
+        self.use_lora = use_lora
         self._lm = lm
-        self._unwrapped = ResponseLogprobs(lm)
-        optim_cfg = model_cfg.optim
+        self._unwrapped = module
         name = str(optim_cfg.get("name", "adamw")).lower()
         if name not in ("adamw", "adam", "distributed_fused_adam", "fused_adam"):
             raise ValueError(f"model.optim.name={name!r}: supported are adamw (and NeMo's fused/distributed adam aliases)")
         self.lr = float(optim_cfg.lr)
         # Module first, optimizer over the wrapped parameters second: the order FSDP needs, valid for every strategy.
-        self.module = fabric.setup_module(self._unwrapped)
+        self.module = fabric.setup_module(module)
         optimizer = torch.optim.AdamW(
             [p for p in self.module.parameters() if p.requires_grad],
             lr=self.lr,
@@ -201,11 +216,12 @@ class HFCausalLM(AlignableModel):
         )
         self.optimizer = fabric.setup_optimizers(optimizer)
         self.scheduler = build_cosine_scheduler(self.optimizer, max_steps, self.lr, optim_cfg.get("sched", {}) or {})
-        if self._reference is not None:
-            if fabric.strategy.__class__.__name__.startswith("FSDP"):
-                self._reference = fabric.setup_module(self._reference)
-            else:
-                self._reference = fabric.to_device(self._reference)
+
+    def setup_frozen(self, module: nn.Module) -> nn.Module:
+        """Place a frozen helper module (e.g. a reference policy) on the device; sharded too under FSDP."""
+        if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
+            return self.fabric.setup_module(module)
+        return self.fabric.to_device(module)
 
     # ---- properties -------------------------------------------------------------------------------------------
     @property
@@ -241,19 +257,6 @@ class HFCausalLM(AlignableModel):
     def _inputs(self, batch) -> tuple[torch.Tensor, ...]:
         batch = batch.to(self.device)
         return batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_row, batch.pred_col, batch.targets
-
-    def get_logprobs(self, batch, reference: bool = False) -> torch.Tensor:
-        inputs = self._inputs(batch)
-        if not reference:
-            return self.module(*inputs)
-        with torch.no_grad():
-            if self._reference is not None:
-                with self.fabric.autocast():
-                    return self._reference(*inputs)
-            if not self.use_lora:
-                raise RuntimeError("this model was built without a reference policy (need_reference=False)")
-            with self._lm.disable_adapter():
-                return self.module(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.fabric.backward(loss)
@@ -360,3 +363,59 @@ class HFCausalLM(AlignableModel):
                 with atomic_directory(f"{path}_adapter") as tmp:
                     self._lm.save_pretrained(tmp)
         self.fabric.barrier()
+
+
+class HFCausalLM(HFModel):
+    """A transformers causal LM policy as an :class:`AlignableModel` (with its reference policy).
+
+    Args:
+        fabric: a launched ``lightning.fabric.Fabric``.
+        model_cfg: the ``model`` config section: ``optim``, ``peft``, ``gradient_checkpointing``,
+            ``attn_implementation``.
+        restore_from_path: local directory, ``.gguf`` file, hub id or alias (see
+            :func:`nemo_aligner.models.pretrained.resolve_pretrained`).
+        max_steps: optimizer steps of the run (for the LR schedule).
+        gradient_clip_val: max global grad norm; ``0`` or ``None`` disables clipping.
+        need_reference: keep a reference policy (frozen copy, or adapters-off for LoRA).
+        precision: the Fabric precision string; ``bf16-true``/``16-true`` load the weights in that dtype.
+
+    Raises:
+        ValueError: unknown ``peft_scheme`` or LoRA target, unsupported optimizer name.
+    """
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        model_cfg: Any,
+        restore_from_path: str,
+        max_steps: int,
+        gradient_clip_val: float | None = 1.0,
+        need_reference: bool = True,
+        precision: str = "32-true",
+    ):
+        self.cfg = model_cfg
+        self.source = resolve_pretrained(str(restore_from_path))
+        lm = load_causal_lm(self.source, model_cfg, precision)
+        lm, use_lora = apply_peft(lm, model_cfg.get("peft"))
+        reference = None
+        if need_reference and not use_lora:
+            reference = ResponseLogprobs(copy.deepcopy(lm).eval().requires_grad_(False))
+        super().__init__(
+            fabric, ResponseLogprobs(lm), lm, load_tokenizer(self.source), model_cfg.optim, max_steps,
+            gradient_clip_val, use_lora,
+        )
+        self._reference = self.setup_frozen(reference) if reference is not None else None
+        self._has_reference = need_reference
+
+    def get_logprobs(self, batch, reference: bool = False) -> torch.Tensor:
+        inputs = self._inputs(batch)
+        if not reference:
+            return self.module(*inputs)
+        if not self._has_reference:
+            raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+        with torch.no_grad():
+            if self._reference is not None:
+                with self.fabric.autocast():
+                    return self._reference(*inputs)
+            with self._lm.disable_adapter():
+                return self.module(*inputs)

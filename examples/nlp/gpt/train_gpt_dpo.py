@@ -19,11 +19,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.algorithms.dpo import (
     DPOLossConfig,
     DPOTrainer,
-    DPOTrainerConfig,
-    compute_max_steps,
     load_reference_logprobs,
     precompute_reference_logprobs,
     save_reference_logprobs,
@@ -100,17 +99,7 @@ def run(cfg: DictConfig) -> dict:
                 f"({stats['num_truncated']} truncated, {stats['num_dropped']} dropped, max {cfg.model.encoder_seq_length} tokens)"
             )
 
-    trainer_cfg = DPOTrainerConfig(
-        max_epochs=int(cfg.trainer.dpo.max_epochs),
-        max_steps=int(cfg.trainer.dpo.max_steps),
-        val_check_interval=int(cfg.trainer.dpo.val_check_interval),
-        save_interval=int(cfg.trainer.dpo.save_interval),
-        limit_val_batches=cfg.trainer.dpo.limit_val_batches,
-        gradient_clip_val=float(cfg.trainer.dpo.gradient_clip_val),
-        global_batch_size=int(cfg.model.global_batch_size),
-        micro_batch_size=int(cfg.model.micro_batch_size),
-        seed=int(cfg.model.seed),
-    )
+    trainer_cfg = TrainerConfig.from_cfg(cfg.trainer.dpo, cfg.model)
     max_steps = compute_max_steps(len(train_ds), trainer_cfg)
 
     precompute = bool(cfg.model.dpo.precompute_ref_log_probs)

@@ -1,0 +1,252 @@
+"""The training loop every offline algorithm shares (DPO, SFT, reward models).
+
+A subclass only says how a micro-batch becomes a loss and metrics (:meth:`BaseTrainer.loss_and_metrics`); the loop
+owns micro-batching and gradient accumulation, validation, checkpoints, exact resume, logging and the HF export.
+It talks to the model only through :class:`~nemo_aligner.models.alignable.AlignableModel`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
+from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.logging import format_metrics, get_logger
+
+
+@dataclass
+class TrainerConfig:
+    """The ``trainer.<algorithm>`` section plus batch sizes (NeMo-Aligner key names)."""
+
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 100
+    save_interval: int = 100
+    limit_val_batches: int | float = 1.0
+    gradient_clip_val: float = 1.0
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seed: int = 1234
+
+    @classmethod
+    def from_cfg(cls, trainer_section: Any, model_section: Any) -> "TrainerConfig":
+        """From ``trainer.<algorithm>`` (epochs, steps, intervals, clipping) and ``model`` (batch sizes, seed)."""
+        return cls(
+            max_epochs=int(trainer_section.max_epochs),
+            max_steps=int(trainer_section.max_steps),
+            val_check_interval=int(trainer_section.val_check_interval),
+            save_interval=int(trainer_section.save_interval),
+            limit_val_batches=trainer_section.limit_val_batches,
+            gradient_clip_val=float(trainer_section.gradient_clip_val),
+            global_batch_size=int(model_section.global_batch_size),
+            micro_batch_size=int(model_section.micro_batch_size),
+            seed=int(model_section.get("seed", 1234)),
+        )
+
+
+def compute_max_steps(num_samples: int, cfg: TrainerConfig) -> int:
+    """Optimizer steps of a run: ``max_epochs`` epochs of ``num_samples // global_batch_size`` steps, capped by
+    ``max_steps`` unless it is negative (NeMo-Aligner's convention).
+
+    Raises:
+        ValueError: the result is 0 (too few samples for one global batch, or ``max_steps=0``).
+    """
+    epoch_steps = cfg.max_epochs * (num_samples // cfg.global_batch_size)
+    steps = epoch_steps if cfg.max_steps < 0 else min(cfg.max_steps, epoch_steps)
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {num_samples} samples, global_batch_size={cfg.global_batch_size}, "
+            f"max_epochs={cfg.max_epochs}, max_steps={cfg.max_steps} give 0 optimizer steps"
+        )
+    return steps
+
+
+class BaseTrainer:
+    """Offline training loop: batches -> loss -> optimizer step, with validation, checkpoints, resume, export.
+
+    Args:
+        model: the model being trained.
+        train_dataset, val_dataset: indexable datasets of tokenised examples (dicts).
+        collate_fn: ``list[dict] -> batch``; each example gets an ``index`` key (its dataset index). The batch
+            must expose ``num_tokens`` (int, the throughput unit).
+        cfg: loop configuration.
+        log_dir: where ``hf_export/`` goes.
+        checkpoints: checkpoint naming and top-k bookkeeping.
+        log_metrics: ``(dict, step) -> None`` sink for TensorBoard/CSV.
+        resume: restore the latest checkpoint in ``checkpoints`` if there is one.
+        export_hf: write ``<log_dir>/hf_export`` at the end.
+        is_global_zero: whether this process prints and shows progress.
+    """
+
+    #: Progress-bar label and the metrics shown in the one-line validation summary.
+    name = "train"
+    summary_keys: list[str] = ["loss"]
+
+    def __init__(
+        self,
+        model: AlignableModel,
+        train_dataset: Sequence[dict],
+        val_dataset: Sequence[dict] | None,
+        collate_fn: Callable[[list[dict]], Any],
+        cfg: TrainerConfig,
+        log_dir: str | Path,
+        checkpoints: CheckpointManager,
+        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+        resume: bool = True,
+        export_hf: bool = True,
+        is_global_zero: bool = True,
+    ):
+        self.model = model
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.collate_fn = collate_fn
+        self.cfg = cfg
+        self.log_dir = Path(log_dir)
+        self.checkpoints = checkpoints
+        self.log_metrics = log_metrics
+        self.resume = resume
+        self.export_hf = export_hf
+        self.is_global_zero = is_global_zero
+        self.sampler = GlobalBatchSampler(
+            len(train_dataset),
+            cfg.global_batch_size,
+            cfg.micro_batch_size,
+            rank=model.data_parallel_rank,
+            world_size=model.data_parallel_size,
+            seed=cfg.seed,
+        )
+        self.max_steps = compute_max_steps(len(train_dataset), cfg)
+        self.step = 0
+        self.last_val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.log = get_logger()
+
+    # ---- what a subclass provides -----------------------------------------------------------------------------
+    def loss_and_metrics(self, batch: Any, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss (mean over the micro-batch) and scalar metrics for one micro-batch.
+
+        Called inside the model's gradient-accumulation context when ``training``, under ``no_grad`` otherwise.
+        """
+        raise NotImplementedError
+
+    # ---- batches ----------------------------------------------------------------------------------------------
+    def collate(self, dataset: Sequence[dict], indices: list[int]) -> Any:
+        """Collate dataset rows ``indices`` (each tagged with its ``index``) into a batch."""
+        return self.collate_fn([dict(dataset[i], index=i) for i in indices])
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batch_indices: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns metrics averaged over the global batch."""
+        start = time.perf_counter()
+        self.model.prepare_for_training_step()
+        sums: dict[str, float] = {}
+        num_tokens = 0
+        n = len(micro_batch_indices)
+        for i, indices in enumerate(micro_batch_indices):
+            batch = self.collate(self.train_dataset, indices)
+            num_tokens += batch.num_tokens
+            with self.model.accumulate(is_last=i == n - 1):
+                loss, metrics = self.loss_and_metrics(batch, training=True)
+                self.model.backward(loss / n)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / n
+        step_info = self.model.finish_training_step()
+        metrics = self.model.all_reduce_mean(sums)
+        elapsed = time.perf_counter() - start
+        metrics.update(step_info)
+        metrics["tokens_per_sec"] = num_tokens * self.model.data_parallel_size / max(elapsed, 1e-9)
+        metrics["step_time"] = elapsed
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Average the metrics over ``limit_val_batches`` validation batches (weighted by examples, all ranks)."""
+        if not self.val_dataset:
+            return {}
+        sums: dict[str, float] = {}
+        count = 0
+        with self.model.inference():
+            for indices in sequential_batches(
+                len(self.val_dataset),
+                self.cfg.micro_batch_size,
+                self.model.data_parallel_rank,
+                self.model.data_parallel_size,
+                self.cfg.limit_val_batches,
+            ):
+                if not indices:
+                    continue
+                batch = self.collate(self.val_dataset, indices)
+                _, metrics = self.loss_and_metrics(batch, training=False)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
+                count += len(indices)
+        reduced = self.model.all_reduce_mean({**sums, "__count": float(count)})
+        total = reduced.pop("__count")
+        return {k: v / total for k, v in reduced.items()} if total > 0 else {}
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        metrics = {f"val_{k}": v for k, v in self.last_val_metrics.items()}
+        extra = {
+            "step": self.step,
+            "epoch": self.step // self.sampler.steps_per_epoch,
+            "consumed_samples": self.step * self.cfg.global_batch_size,
+            "metrics": metrics,
+        }
+        self.model.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
+        if self.is_global_zero:
+            self.checkpoints.prune()
+
+    def _maybe_resume(self) -> None:
+        latest = self.checkpoints.latest() if self.resume else None
+        if latest is None:
+            return
+        extra = self.model.load_checkpoint(str(latest))
+        self.step = int(extra["step"])
+        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
+        if self.is_global_zero:
+            self.log.info(f"resumed from {latest} at step {self.step} (consumed_samples={extra.get('consumed_samples')})")
+
+    def _run_validation(self) -> None:
+        self.last_val_metrics = self.validate()
+        if self.last_val_metrics:
+            self.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, self.step)
+            if self.is_global_zero:
+                summary = format_metrics(self.last_val_metrics, self.summary_keys)
+                self.log.info(f"validation step {self.step}/{self.max_steps}: {summary}")
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train to ``max_steps``; returns the per-step training metrics of this call (also logged)."""
+        from tqdm.auto import tqdm
+
+        self._maybe_resume()
+        progress = tqdm(
+            total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero, dynamic_ncols=True
+        )
+        val_every, save_every = int(self.cfg.val_check_interval), int(self.cfg.save_interval)
+        while self.step < self.max_steps:
+            metrics = self.train_step(self.sampler.micro_batches(self.step))
+            self.step += 1
+            metrics["epoch"] = (self.step - 1) // self.sampler.steps_per_epoch
+            metrics["consumed_samples"] = self.step * self.cfg.global_batch_size
+            self.history.append(metrics)
+            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            progress.update(1)
+            shown = {k: f"{metrics[k]:.4g}" for k in self.summary_keys[:2] if k in metrics}
+            progress.set_postfix(**shown, tok_s=f"{metrics['tokens_per_sec']:.0f}")
+            is_last = self.step == self.max_steps
+            if (val_every > 0 and self.step % val_every == 0) or is_last:
+                self._run_validation()
+            if (save_every > 0 and self.step % save_every == 0) or is_last:
+                self._save()
+        progress.close()
+        if self.export_hf:
+            self.model.export_hf(str(self.log_dir / "hf_export"))
+            if self.is_global_zero:
+                self.log.info(f"Hugging Face export written to {self.log_dir / 'hf_export'}")
+        return self.history
