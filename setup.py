@@ -21,6 +21,9 @@ setup(
         "accelerate>=1.0",
         "tensorboard",
         "tqdm",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
     ],
     extras_require={
         "dev": ["pytest>=8"],

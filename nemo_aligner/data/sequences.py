@@ -1,0 +1,225 @@
+"""Single sequences (SFT examples, reward-model inputs, PPO rollouts) laid out for one forward pass.
+
+Every algorithm that is not pairwise (SFT, reward models, the PPO actor and critic, rejection sampling) feeds the
+model a :class:`SequenceBatch`. A sequence is ``input_ids`` plus a ``loss_mask`` marking its *target* tokens (the
+response or assistant tokens): the policy is asked for the log-probability of each target token, the critic for a
+value at each position that predicts one, and a reward model reads one scalar at the sequence's last token.
+
+Two layouts:
+
+* ``pack=False`` (default): one sequence per row, right-padded, with a 2-D ``[R, T]`` padding mask, so every
+  attention kernel works.
+* ``pack=True``: sequences are packed first-fit into rows of at most ``max_row_length`` tokens; a 4-D
+  block-diagonal causal mask keeps them apart and position ids restart at 0 for each one, so every log-prob equals
+  the unpacked one (needs SDPA or eager attention).
+
+In both layouts only the positions predicting a target token are listed (``pred_row``/``pred_col``), so the LM head
+never runs on prompt positions (see :class:`nemo_aligner.models.hf_causal_lm.ResponseLogprobs`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    """``S`` sequences in ``R`` rows of length ``T``; ``N`` target tokens over all sequences.
+
+    * ``input_ids``, ``position_ids``: ``[R, T]`` int64.
+    * ``attention_mask``: ``[R, T]`` int64 padding mask (1 = real token), or ``[R, 1, T, T]`` bool (True = may
+      attend) when packed.
+    * ``pred_row``, ``pred_col``: ``[N]`` int64, the position whose hidden state predicts each target token
+      (the token just before it).
+    * ``targets``: ``[N]`` int64 target token ids; ``seq_id``: ``[N]`` int64 in ``[0, S)``, sequences in input
+      order; within a sequence the targets are in token order.
+    * ``last_row``, ``last_col``: ``[S]`` int64, where each sequence's last token sits (a reward model reads its
+      scalar there).
+    * ``seq_lengths``: ``[S]`` int64 tokens per sequence; ``target_lengths``: ``[S]`` int64 target tokens per
+      sequence (may be 0 for a reward-model input).
+    * ``sample_index``: ``[S]`` int64 dataset index of each sequence (``-1`` if unknown).
+    * ``num_tokens``: ``int``, real (non-pad) tokens in the batch, the throughput unit.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pred_row: torch.Tensor
+    pred_col: torch.Tensor
+    targets: torch.Tensor
+    seq_id: torch.Tensor
+    last_row: torch.Tensor
+    last_col: torch.Tensor
+    seq_lengths: torch.Tensor
+    target_lengths: torch.Tensor
+    sample_index: torch.Tensor
+    num_tokens: int
+    packed: bool = False
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_lengths.numel())
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        """A copy with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SequenceBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
+
+
+def loss_mask_from_prompt_length(num_tokens: int, prompt_length: int) -> list[int]:
+    """``[0] * prompt_length + [1] * (num_tokens - prompt_length)``: every token after the prompt is a target.
+
+    Raises:
+        ValueError: ``prompt_length`` outside ``[0, num_tokens]``.
+    """
+    if not 0 <= prompt_length <= num_tokens:
+        raise ValueError(f"prompt_length={prompt_length} outside [0, {num_tokens}]")
+    return [0] * prompt_length + [1] * (num_tokens - prompt_length)
+
+
+def _example_mask(example: dict, n: int) -> list[int]:
+    if "loss_mask" in example and example["loss_mask"] is not None:
+        mask = [int(bool(m)) for m in example["loss_mask"]]
+        if len(mask) != n:
+            raise ValueError(f"loss_mask has {len(mask)} entries for {n} tokens")
+        return mask
+    if "prompt_length" in example and example["prompt_length"] is not None:
+        return loss_mask_from_prompt_length(n, int(example["prompt_length"]))
+    return [0] + [1] * (n - 1)  # plain language modelling: every token but the first is a target
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Pack sequence indices into rows of total length <= ``capacity`` (first-fit decreasing, stable order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        for r, free in enumerate(space):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                space[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            space.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def collate_sequences(
+    examples: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    pack: bool = False,
+    max_row_length: int | None = None,
+    pad_to_multiple_of: int = 1,
+) -> SequenceBatch:
+    """Lay out tokenised sequences as a :class:`SequenceBatch`.
+
+    Args:
+        examples: dicts with ``input_ids`` (list of ints, non-empty) and the targets given by either
+            ``loss_mask`` (0/1 per token) or ``prompt_length`` (tokens after it are targets); with neither, every
+            token but the first is a target. Token 0 of a sequence can never be a target (nothing predicts it) and
+            is silently not one. Optional ``index`` (int) is kept in ``sample_index``.
+        pad_token_id: written into padding (never attended to, never a target).
+        pack: pack several sequences per row (see the module docstring).
+        max_row_length: row capacity when packing; default the longest sequence. Ignored without ``pack``.
+        pad_to_multiple_of: round the row length up to a multiple of this.
+
+    Raises:
+        ValueError: no examples, an empty sequence, a ``loss_mask`` of the wrong length, or a sequence longer
+            than ``max_row_length``.
+    """
+    if not examples:
+        raise ValueError("collate_sequences needs at least one sequence")
+    ids_list = [list(ex["input_ids"]) for ex in examples]
+    for k, ids in enumerate(ids_list):
+        if not ids:
+            raise ValueError(f"sequence {examples[k].get('index', k)} is empty")
+    masks = [_example_mask(ex, len(ids)) for ex, ids in zip(examples, ids_list)]
+    lengths = [len(ids) for ids in ids_list]
+
+    if pack:
+        capacity = max_row_length or max(lengths)
+        if max(lengths) > capacity:
+            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit max_row_length={capacity}")
+        rows = _first_fit(lengths, capacity)
+    else:
+        rows = [[k] for k in range(len(examples))]
+
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
+    num_rows = len(rows)
+    input_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    segment = torch.full((num_rows, width), -1, dtype=torch.long)  # which sequence each slot holds, -1 = pad
+    where = [(0, 0)] * len(examples)  # (row, start column) of each sequence
+    for r, row in enumerate(rows):
+        col = 0
+        for k in row:
+            n = lengths[k]
+            input_ids[r, col : col + n] = torch.tensor(ids_list[k], dtype=torch.long)
+            position_ids[r, col : col + n] = torch.arange(n)
+            segment[r, col : col + n] = k
+            where[k] = (r, col)
+            col += n
+
+    pred_row, pred_col, targets, seq_id = [], [], [], []
+    for k, (ids, mask) in enumerate(zip(ids_list, masks)):
+        r, start = where[k]
+        for t in range(1, len(ids)):
+            if mask[t]:
+                pred_row.append(r)
+                pred_col.append(start + t - 1)
+                targets.append(ids[t])
+                seq_id.append(k)
+
+    if pack:
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril_()
+        attention_mask = (same & causal & (segment >= 0)[:, :, None])[:, None]
+        attention_mask |= torch.eye(width, dtype=torch.bool)  # padding attends itself (no all-masked softmax rows)
+    else:
+        attention_mask = (segment >= 0).long()
+
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return SequenceBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        pred_row=as_long(pred_row),
+        pred_col=as_long(pred_col),
+        targets=as_long(targets),
+        seq_id=as_long(seq_id),
+        last_row=as_long([where[k][0] for k in range(len(examples))]),
+        last_col=as_long([where[k][1] + lengths[k] - 1 for k in range(len(examples))]),
+        seq_lengths=as_long(lengths),
+        target_lengths=as_long([sum(m[1:]) for m in masks]),
+        sample_index=as_long([int(ex.get("index", -1)) for ex in examples]),
+        num_tokens=sum(lengths),
+        packed=pack,
+    )
+
+
+def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Sum per-token ``values`` ``[N]`` into ``[num_sequences]`` by ``seq_id`` ``[N]`` (float32 result)."""
+    out = torch.zeros(num_sequences, dtype=torch.float32, device=values.device)
+    return out.index_add_(0, seq_id.to(values.device), values.float())
+
+
+def tokenize_prompt_response(prompt, response, tokenizer) -> tuple[list[int], list[int]]:
+    """Tokenise one (prompt, response) as the preference data does: ``(prompt_ids, response_ids)``.
+
+    ``prompt`` and ``response`` are plain strings or lists of chat messages; the rules (chat template, BOS, EOS)
+    are those of :func:`nemo_aligner.data.preference.tokenize_example`, so a reward model, a PPO actor and DPO see
+    the same tokens for the same text.
+
+    Raises:
+        ValueError: as :func:`~nemo_aligner.data.preference.tokenize_example`.
+    """
+    from nemo_aligner.data.preference import PreferenceExample, tokenize_example
+
+    prompt_ids, response_ids, _ = tokenize_example(PreferenceExample(prompt, response, response), tokenizer)
+    return prompt_ids, response_ids
