@@ -65,6 +65,30 @@ class AlignableModel(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not produce rewards")
 
+    def get_values(self, batch: Any) -> torch.Tensor:
+        """Critic values ``[N]`` float32, one per target token of ``batch``, read at the position that predicts it
+        (the state before that action), in the batch's packed order (PPO critics).
+
+        Raises:
+            NotImplementedError: the model is not a critic.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not produce values")
+
+    def generate(self, prompt_ids: list[list[int]], sampling_params: Any, length_params: Any, seed: int | None = None):
+        """Sample responses to tokenised prompts (policies): a
+        :class:`nemo_aligner.generation.GenerationOutput` with one response per prompt.
+
+        Args:
+            prompt_ids: ``B`` prompts as lists of token ids.
+            sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` /
+                :class:`~nemo_aligner.generation.LengthParams`.
+            seed: makes the sampling reproducible when given.
+
+        Raises:
+            NotImplementedError: the model cannot generate.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate a scalar ``loss`` (already divided by the number of micro-batches)."""
