@@ -419,3 +419,67 @@ class HFCausalLM(HFModel):
                     return self._reference(*inputs)
             with self._lm.disable_adapter():
                 return self.module(*inputs)
+
+    def _eos_token_ids(self) -> list[int]:
+        """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""
+        ids = [self.tokenizer.eos_token_id]
+        generation_config = getattr(self._lm, "generation_config", None)
+        extra = getattr(generation_config, "eos_token_id", None)
+        ids.extend(extra if isinstance(extra, (list, tuple)) else [extra])
+        return sorted({int(i) for i in ids if i is not None})
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        sampling_params,
+        length_params,
+        seed: int | None = None,
+        seeds: list[int] | None = None,
+    ):
+        """Sample one response per prompt with the policy weights (LoRA adapters on) through
+        :func:`nemo_aligner.generation.generate`.
+
+        Runs the unwrapped transformers model (no DDP hooks, so ranks may generate different numbers of tokens) in
+        eval mode under ``torch.no_grad`` and Fabric's autocast, on the model's device (CPU or CUDA); the previous
+        train/eval mode is restored afterwards, also on error.
+
+        Args:
+            prompt_ids: ``B`` prompts as lists of token ids.
+            sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` /
+                :class:`~nemo_aligner.generation.LengthParams`.
+            seed: seeds a ``torch.Generator`` that draws the per-row sampling keys (same seed, same responses).
+            seeds: one seed per prompt instead (each response then depends only on its prompt and its seed, not on
+                the rest of the batch); takes precedence over ``seed``.
+
+        Returns:
+            :class:`nemo_aligner.generation.GenerationOutput`.
+
+        Raises:
+            NotImplementedError: under FSDP (sharded parameters would need every rank in the same forward at every
+                step; generate with ``trainer.strategy=ddp`` instead).
+            ValueError: as :func:`nemo_aligner.generation.generate`.
+        """
+        from nemo_aligner.generation import generate
+
+        if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
+            raise NotImplementedError(
+                "generation under FSDP is not supported (parameters are sharded); use trainer.strategy=ddp"
+            )
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None and seeds is None else None
+        was_training = self._unwrapped.training
+        self._unwrapped.eval()
+        try:
+            with torch.no_grad(), self.fabric.autocast():
+                return generate(
+                    self._lm,
+                    prompt_ids,
+                    sampling_params,
+                    length_params,
+                    eos_token_ids=self._eos_token_ids(),
+                    pad_token_id=self.pad_token_id,
+                    tokenizer=self.tokenizer,
+                    generator=generator,
+                    seeds=seeds,
+                )
+        finally:
+            self._unwrapped.train(was_training)

@@ -1,0 +1,65 @@
+"""Serve the frozen initial policy of a served-mode PPO run (default http://127.0.0.1:5556).
+
+    python examples/nlp/gpt/serve_initial_policy.py \
+        pretrained_checkpoint.restore_from_path=smollm2-135m-instruct inference.port=5556
+
+``POST /logprobs`` ``{"token_ids": [[...]], "prompt_lengths": [...]}`` -> ``{"logprobs": [[...]]}`` (the
+response-token log-probabilities the actor's KL penalty needs). Configuration: conf/inference_initial_policy.yaml.
+See docs/user-guide/ppo.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from nemo_aligner.servers.app import check_host, run_server
+from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.runtime import normalize_precision
+
+USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
+
+
+def build(cfg: DictConfig):
+    """Check ``cfg``, load the policy and build the app: ``(app, serve_kwargs)``.
+
+    Raises:
+        ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``.
+    """
+    check_keys(cfg, load_schema("inference_initial_policy"), source="inference_initial_policy config")
+    inf = cfg.inference
+    host, allow_remote = str(inf.host), bool(inf.allow_remote)
+    check_host(host, allow_remote)
+    from nemo_aligner.servers.initial_policy_server import InitialPolicyScorer, build_initial_policy_app
+
+    accelerator = str(cfg.trainer.accelerator)
+    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    precision = normalize_precision(cfg.trainer.precision)
+    scorer = InitialPolicyScorer.from_pretrained(
+        str(cfg.pretrained_checkpoint.restore_from_path), cfg.model, "bf16-true" if precision.startswith("bf16") else "32-true", device
+    )
+    app = build_initial_policy_app(scorer, int(inf.micro_batch_size), float(inf.max_wait_ms), inf.api_token)
+    get_logger().info(f"initial policy {scorer.source} on {device}; auth {'on' if app.state.api_token else 'off'}")
+    return app, {"host": host, "port": int(inf.port), "allow_remote": allow_remote, "log_level": str(inf.log_level)}
+
+
+def _ready(url: str) -> None:
+    print(f"initial policy server ready at {url} (POST /logprobs; GET /health, /info)", flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="inference_initial_policy", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        app, serve_kwargs = build(cfg)
+        run_server(app, on_ready=_ready, **serve_kwargs)
+    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Serve the PPO critic over HTTP for a served-mode PPO run (default http://127.0.0.1:5557).
+
+    python examples/nlp/gpt/serve_ppo_critic.py \
+        pretrained_checkpoint.restore_from_path=results/rm_quickstart trainer.ppo.port=5557
+
+The critic is initialised from the reward-model export (or any causal-LM checkpoint), infers values
+(``POST /infer``), trains with the clipped value loss (``POST /train``) and checkpoints (``POST /save``/``/load``)
+when the actor (train_gpt_ppo_actor.py with ``remote_critic_rm.enable=true``) asks. It resumes from the checkpoint
+the actor asks for. Configuration: conf/gpt_ppo_critic.yaml. See docs/user-guide/ppo.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from nemo_aligner.servers.app import check_host, run_server
+from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.runtime import build_fabric, normalize_precision
+
+USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
+
+
+def build(cfg: DictConfig):
+    """Check ``cfg``, load the critic and build the app: ``(app, serve_kwargs)`` for
+    :func:`nemo_aligner.servers.app.run_server`.
+
+    Raises:
+        ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``, or more than one
+            device.
+    """
+    check_keys(cfg, load_schema("gpt_ppo_critic"), source="gpt_ppo_critic config")
+    ppo = cfg.trainer.ppo
+    host, allow_remote = str(ppo.host), bool(ppo.allow_remote)
+    check_host(host, allow_remote)
+    if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
+        raise ValueError("the critic server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1")
+    from nemo_aligner.models.critic import HFCritic
+    from nemo_aligner.servers.critic_server import build_critic_app
+
+    fabric = build_fabric(cfg.trainer, seed=int(cfg.model.seed))
+    critic = HFCritic(
+        fabric, cfg.model, str(cfg.pretrained_checkpoint.restore_from_path),
+        max_steps=int(ppo.max_steps), gradient_clip_val=float(ppo.gradient_clip_val),
+        loss_clip_val=float(cfg.model.loss_clip_val), precision=normalize_precision(cfg.trainer.precision),
+    )
+    log_dir = Path(cfg.exp_manager.explicit_log_dir)
+    app = build_critic_app(
+        critic, log_dir / "checkpoints",
+        forward_micro_batch_size=int(cfg.model.forward_micro_batch_size),
+        global_batch_size=int(cfg.model.global_batch_size),
+        micro_batch_size=int(cfg.model.micro_batch_size),
+        epochs=int(ppo.ppo_epochs),
+        max_wait_ms=float(ppo.max_queue_delay_microseconds) / 1000.0,
+        api_token=ppo.api_token,
+    )
+    if bool(cfg.exp_manager.get("export_hf", True)):
+        app.state.on_shutdown.append(lambda: critic.export_hf(str(log_dir / "hf_export")))
+    get_logger().info(f"critic {critic.source} on {fabric.device}; checkpoints in {log_dir / 'checkpoints'}; "
+                      f"auth {'on' if app.state.api_token else 'off'}")
+    return app, {"host": host, "port": int(ppo.port), "allow_remote": allow_remote, "log_level": str(ppo.log_level)}
+
+
+def _ready(url: str) -> None:
+    print(f"critic server ready at {url} (POST /infer, /train, /save, /load; GET /health, /info)", flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="gpt_ppo_critic", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        app, serve_kwargs = build(cfg)
+        run_server(app, on_ready=_ready, **serve_kwargs)
+    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

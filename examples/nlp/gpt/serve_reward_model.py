@@ -1,0 +1,124 @@
+"""Serve a trained reward model over HTTP (default http://127.0.0.1:5555).
+
+    python examples/nlp/gpt/serve_reward_model.py rm_model_file=results/rm/export \
+        inference.micro_batch_size=8 inference.port=5555
+
+    curl -s http://127.0.0.1:5555/score -H 'Content-Type: application/json' \
+        -d '{"prompts": ["What is 2+2?"], "responses": ["4."]}'
+
+Configuration: conf/inference_rm.yaml (NeMo-Aligner key names). The server listens on loopback only unless
+``inference.allow_remote=true``; set ``inference.api_token`` (or ``$NEMO_ALIGNER_API_TOKEN``) to require a bearer
+token. See docs/user-guide/rm_server.md for the API and the error codes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from nemo_aligner.servers.app import check_host, run_server
+from nemo_aligner.servers.reward_model_server import build_reward_model_app
+from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.runtime import normalize_precision
+
+USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
+
+
+def _device(accelerator: str) -> str:
+    accelerator = str(accelerator).lower()
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+        return "cuda"
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise ValueError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
+
+
+def _dtype(precision, device: str) -> torch.dtype:
+    name = normalize_precision(precision)
+    if name.startswith("bf16"):
+        return torch.bfloat16
+    if name.startswith("16"):
+        return torch.bfloat16 if device == "cpu" else torch.float16  # CPU kernels lack float16 for many ops
+    return torch.float32
+
+
+def build(cfg: DictConfig):
+    """Check ``cfg``, load the reward model and build the app.
+
+    Returns:
+        ``(app, serve_kwargs)`` where ``serve_kwargs`` holds ``host``, ``port``, ``allow_remote`` and ``log_level``
+        for :func:`nemo_aligner.servers.app.run_server`.
+
+    Raises:
+        ConfigKeyError: an unknown key. FileNotFoundError: no model path or no export there. ValueError: bad values
+            (e.g. a non-loopback host without ``inference.allow_remote``, ``trainer.devices != 1``).
+    """
+    check_keys(cfg, load_schema("inference_rm"), source="inference_rm config")
+    inf = cfg.inference
+    host, allow_remote = str(inf.host), bool(inf.allow_remote)
+    check_host(host, allow_remote)  # fail before the (slow) model load
+    if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
+        raise ValueError(
+            "the reward-model server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1 "
+            "(start one server per GPU, e.g. with CUDA_VISIBLE_DEVICES and different inference.port values)"
+        )
+    path = cfg.get("rm_model_file") or cfg.pretrained_checkpoint.get("restore_from_path")
+    if not path:
+        raise FileNotFoundError("no reward model given: set rm_model_file=<export dir of train_reward_model.py>")
+    if not Path(str(path)).is_dir():
+        raise FileNotFoundError(f"reward model export {path} is not a directory")
+
+    from nemo_aligner.models.reward_model import RewardScorer
+
+    device = _device(cfg.trainer.accelerator)
+    dtype = _dtype(cfg.model.get("precision", cfg.trainer.precision), device)
+    micro_batch_size = int(inf.micro_batch_size)
+    scorer = RewardScorer.from_pretrained(str(path), device=device, dtype=dtype, micro_batch_size=micro_batch_size)
+    std_cfg = cfg.model.reward_standardization
+    if bool(std_cfg.enable):
+        if std_cfg.mean is None or std_cfg.std is None or not float(std_cfg.std) > 0:
+            raise ValueError("model.reward_standardization.enable=true needs a mean and a std > 0")
+        scorer.mean, scorer.std = float(std_cfg.mean), float(std_cfg.std)
+    app = build_reward_model_app(
+        scorer,
+        micro_batch_size=micro_batch_size,
+        max_wait_ms=float(inf.max_wait_ms),
+        api_token=inf.api_token,
+        max_items_per_request=int(inf.max_items_per_request),
+        model_name=str(path),
+        max_request_bytes=int(inf.max_request_bytes),
+    )
+    log = get_logger()
+    log.info(
+        f"reward model {path} on {device} ({dtype}), max_seq_length {scorer.max_seq_length}, "
+        f"micro-batch {micro_batch_size}, max wait {float(inf.max_wait_ms)} ms, "
+        f"auth {'on' if app.state.api_token else 'off'}"
+    )
+    return app, {"host": host, "port": int(inf.port), "allow_remote": allow_remote, "log_level": str(inf.log_level)}
+
+
+def _ready(url: str) -> None:
+    print(f"reward model server ready at {url} (POST {url}/score, GET {url}/health, GET {url}/info)", flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="inference_rm", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        app, serve_kwargs = build(cfg)
+        run_server(app, on_ready=_ready, **serve_kwargs)
+    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,701 @@
+"""Proximal Policy Optimization for RLHF: actor, critic, reward model and initial policy, colocated or served.
+
+One PPO *step* (NeMo-Aligner's "PPO step"):
+
+1. **Rollout.** ``num_rollout_samples`` prompts are taken (deterministic, resumable order) and the actor samples a
+   response to each, in micro-batches of ``rollout_micro_batch_size`` (``sampling_params``, ``length_params``).
+2. **Inference.** For every response token: the actor's log-probabilities (the "old" policy of the ratio), the
+   initial policy's log-probabilities (KL penalty), the critic's values; per response: one reward-model score.
+3. **Advantages.** Per-token rewards ``-beta * KL_t`` plus the score at the last token (Ouyang et al. 2022 eq. 2;
+   Ziegler et al. 2019), GAE (Schulman et al. 2016 eq. 11-16) with ``discount_factor`` and ``gae_lambda``,
+   optionally whitened (``normalize_advantages``).
+4. **Training.** The critic regresses the returns with the clipped value loss; after ``critic_warmup_steps``
+   steps the actor minimises the clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the
+   entropy, for ``ppo_epochs`` passes over the rollout buffer in global batches of ``model.global_batch_size``.
+
+The trainer sees the four roles through small interfaces, so each can live in this process or behind HTTP:
+
+* actor: an :class:`~nemo_aligner.models.alignable.AlignableModel` policy (always local; the master);
+* critic: :class:`CriticHandle` -- :class:`LocalCritic` (colocated) or
+  :class:`nemo_aligner.servers.critic_server.RemoteCritic`;
+* initial policy: :class:`InitialPolicyHandle` -- :class:`LocalInitialPolicy` (the actor's frozen reference copy,
+  or its LoRA adapters switched off) or :class:`nemo_aligner.servers.initial_policy_server.RemoteInitialPolicy`;
+* reward: any ``reward_fn(prompt_ids, response_ids) -> list[float]`` (:func:`reward_fn_from_scorer` for a local
+  :class:`~nemo_aligner.models.reward_model.RewardScorer`, :func:`reward_fn_from_client` for the RM server, or a
+  programmatic reward in tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from nemo_aligner.data.samplers import GlobalBatchSampler
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.logging import format_metrics, get_logger
+from nemo_aligner.utils.ppo_utils import (
+    calculate_gae,
+    calculate_kl_penalty,
+    entropy_from_logits,
+    flat_to_padded,
+    kl_penalized_token_rewards,
+    padded_to_flat,
+    ppo_policy_loss,
+)
+
+RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PPOConfig:
+    """``trainer.ppo`` and ``model.ppo`` settings plus batch sizes (NeMo-Aligner key names).
+
+    Loop (``trainer.ppo``): ``max_epochs`` (passes over the prompts), ``max_steps`` (-1: all), ``val_check_interval``,
+    ``save_interval``, ``gradient_clip_val``. Advantages (``trainer.ppo``): ``initial_policy_kl_penalty`` (beta),
+    ``use_absolute_kl``, ``discount_factor`` (gamma), ``gae_lambda``, ``normalize_advantages``,
+    ``critic_warmup_steps`` (steps that train only the critic), ``ppo_epochs`` (passes over each rollout buffer).
+    Rollouts (``model.ppo``): ``num_rollout_samples``, ``rollout_micro_batch_size``, ``forward_micro_batch_size``,
+    ``num_val_samples``, ``val_rollout_micro_batch_size``; loss: ``entropy_bonus``, ``ratio_eps``. Actor batches
+    (``model``): ``global_batch_size``, ``micro_batch_size``, ``seed``. Critic batches (colocated ``critic``
+    section): ``critic_global_batch_size``, ``critic_micro_batch_size``.
+    """
+
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 10
+    save_interval: int = 10
+    gradient_clip_val: float = 1.0
+    initial_policy_kl_penalty: float = 0.01
+    use_absolute_kl: bool = True
+    discount_factor: float = 1.0
+    gae_lambda: float = 0.95
+    normalize_advantages: bool = True
+    critic_warmup_steps: int = 0
+    ppo_epochs: int = 1
+    num_rollout_samples: int = 8
+    rollout_micro_batch_size: int = 4
+    forward_micro_batch_size: int = 4
+    num_val_samples: int = 8
+    val_rollout_micro_batch_size: int = 4
+    entropy_bonus: float = 0.0
+    ratio_eps: float = 0.2
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    critic_global_batch_size: int = 8
+    critic_micro_batch_size: int = 1
+    seed: int = 1234
+    num_val_samples_to_show: int = 4
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "PPOConfig":
+        """From a full actor config (``trainer.ppo``, ``model.ppo``, ``model``, optional ``critic``).
+
+        Raises:
+            ValueError: an out-of-range value (see :meth:`check`).
+        """
+        t, p, m = cfg.trainer.ppo, cfg.model.ppo, cfg.model
+        critic = cfg.get("critic") or {}
+        out = cls(
+            max_epochs=int(t.max_epochs),
+            max_steps=int(t.max_steps),
+            val_check_interval=int(t.val_check_interval),
+            save_interval=int(t.save_interval),
+            gradient_clip_val=float(t.gradient_clip_val),
+            initial_policy_kl_penalty=float(t.initial_policy_kl_penalty),
+            use_absolute_kl=bool(t.use_absolute_kl),
+            discount_factor=float(t.discount_factor),
+            gae_lambda=float(t.gae_lambda),
+            normalize_advantages=bool(t.normalize_advantages),
+            critic_warmup_steps=int(t.get("critic_warmup_steps", 0)),
+            ppo_epochs=int(t.get("ppo_epochs", 1)),
+            num_rollout_samples=int(p.num_rollout_samples),
+            rollout_micro_batch_size=int(p.rollout_micro_batch_size),
+            forward_micro_batch_size=int(p.get("forward_micro_batch_size") or p.rollout_micro_batch_size),
+            num_val_samples=int(p.get("num_val_samples") or p.num_rollout_samples),
+            val_rollout_micro_batch_size=int(p.get("val_rollout_micro_batch_size") or p.rollout_micro_batch_size),
+            entropy_bonus=float(p.entropy_bonus),
+            ratio_eps=float(p.ratio_eps),
+            global_batch_size=int(m.global_batch_size),
+            micro_batch_size=int(m.micro_batch_size),
+            critic_global_batch_size=int(critic.get("global_batch_size") or m.global_batch_size),
+            critic_micro_batch_size=int(critic.get("micro_batch_size") or m.micro_batch_size),
+            seed=int(m.get("seed", 1234)),
+            num_val_samples_to_show=int(p.get("num_val_samples_to_show", 4)),
+        )
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the key of the first out-of-range value."""
+        if self.num_rollout_samples < 1 or self.rollout_micro_batch_size < 1 or self.forward_micro_batch_size < 1:
+            raise ValueError("model.ppo.num_rollout_samples, rollout_micro_batch_size, forward_micro_batch_size must be >= 1")
+        if self.num_rollout_samples % self.rollout_micro_batch_size:
+            raise ValueError(
+                f"model.ppo.num_rollout_samples={self.num_rollout_samples} must be a multiple of "
+                f"model.ppo.rollout_micro_batch_size={self.rollout_micro_batch_size}"
+            )
+        if self.global_batch_size < 1 or self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"model.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"model.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.ratio_eps <= 0:
+            raise ValueError(f"model.ppo.ratio_eps must be > 0, got {self.ratio_eps}")
+        if self.initial_policy_kl_penalty < 0:
+            raise ValueError(f"trainer.ppo.initial_policy_kl_penalty must be >= 0, got {self.initial_policy_kl_penalty}")
+        if not (0 <= self.discount_factor <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ValueError("trainer.ppo.discount_factor and gae_lambda must lie in [0, 1]")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"trainer.ppo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+
+    def optimizer_steps_per_ppo_step(self, global_batch_size: int | None = None) -> int:
+        """Optimizer steps made on one rollout buffer: ``ppo_epochs * ceil(num_rollout_samples / gbs)``."""
+        gbs = global_batch_size or self.global_batch_size
+        return self.ppo_epochs * math.ceil(self.num_rollout_samples / gbs)
+
+
+def compute_ppo_max_steps(num_prompts: int, cfg: PPOConfig) -> int:
+    """PPO steps of a run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0.
+
+    Raises:
+        ValueError: the result is 0 (fewer prompts than one rollout batch, or ``max_steps=0``).
+    """
+    per_epoch = num_prompts // cfg.num_rollout_samples
+    steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {num_prompts} prompts, model.ppo.num_rollout_samples={cfg.num_rollout_samples}, "
+            f"trainer.ppo.max_epochs={cfg.max_epochs}, trainer.ppo.max_steps={cfg.max_steps} give 0 PPO steps"
+        )
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# roles
+# ---------------------------------------------------------------------------------------------------------------
+def rollout_examples(rollouts: Sequence[dict]) -> list[dict]:
+    """``{"input_ids", "prompt_length"}`` of each rollout: the :func:`collate_sequences` input whose targets are
+    exactly the response tokens."""
+    return [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts]
+
+
+def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
+    """Cut a flat ``[N]`` tensor into per-sequence lists of the given lengths (summing to ``N``)."""
+    out, start = [], 0
+    values = flat.detach().float().cpu().tolist()
+    for n in lengths:
+        out.append(values[start : start + int(n)])
+        start += int(n)
+    return out
+
+
+class CriticHandle(Protocol):
+    """What the PPO trainer needs from a critic (local or remote)."""
+
+    def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
+        """Values of each response token of each rollout (``{"input_ids", "prompt_length"}``)."""
+
+    def train(self, rollouts: Sequence[dict], seed: int, step: int) -> dict[str, float]:
+        """Critic training of PPO step ``step`` on rollouts with ``values`` and ``returns``; returns metrics."""
+
+    def save(self, step: int) -> None:
+        """Checkpoint the critic as of PPO step ``step``."""
+
+    def load(self, step: int) -> None:
+        """Restore the checkpoint written by :meth:`save` at ``step``."""
+
+
+class InitialPolicyHandle(Protocol):
+    """What the PPO trainer needs from the initial (reference) policy."""
+
+    def logprobs(self, rollouts: Sequence[dict]) -> list[list[float]]:
+        """Log-probabilities (nats) of each response token of each rollout."""
+
+
+class LocalCritic:
+    """A colocated :class:`~nemo_aligner.models.critic.HFCritic` behind :class:`CriticHandle`.
+
+    Args:
+        critic: the model.
+        checkpoint_dir: where :meth:`save` writes ``step=<N>`` directories (kept in step with the actor's).
+        forward_micro_batch_size: inference micro-batch; global/micro_batch_size: training batches; epochs: passes.
+    """
+
+    def __init__(self, critic, checkpoint_dir: str | Path, forward_micro_batch_size: int, global_batch_size: int,
+                 micro_batch_size: int, epochs: int = 1):
+        self.critic = critic
+        self.checkpoints = CheckpointManager(checkpoint_dir, save_top_k=-1)
+        self.forward_micro_batch_size = forward_micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.epochs = epochs
+
+    def infer(self, rollouts):
+        return self.critic.infer_values(rollout_examples(rollouts), self.forward_micro_batch_size)
+
+    def train(self, rollouts, seed, step=0):
+        return self.critic.train_on_rollouts(rollouts, self.global_batch_size, self.micro_batch_size, self.epochs, seed)
+
+    def save(self, step):
+        self.critic.save_checkpoint(str(self.checkpoints.path_for(step)), {"step": step})
+
+    def load(self, step):
+        path = self.checkpoints.path_for(step)
+        if not path.is_dir():
+            raise FileNotFoundError(f"critic checkpoint {path} is missing (the actor checkpoint of step {step} exists)")
+        self.critic.load_checkpoint(str(path))
+
+    def prune(self, keep_steps: set[int]) -> None:
+        """Delete critic checkpoints whose step is not in ``keep_steps`` (mirrors the actor's top-k pruning)."""
+        import shutil
+
+        for path, meta in self.checkpoints.checkpoints():
+            if int(meta.get("step", -1)) not in keep_steps:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+class LocalInitialPolicy:
+    """The actor's reference policy (frozen copy, or LoRA adapters off) as the initial policy."""
+
+    def __init__(self, actor: AlignableModel, forward_micro_batch_size: int):
+        self.actor = actor
+        self.forward_micro_batch_size = forward_micro_batch_size
+
+    def logprobs(self, rollouts):
+        return policy_logprobs(self.actor, rollouts, self.forward_micro_batch_size, reference=True)
+
+
+@torch.no_grad()
+def policy_logprobs(model: AlignableModel, rollouts: Sequence[dict], micro_batch_size: int, reference: bool = False) -> list[list[float]]:
+    """Per-response-token log-probabilities (nats) of ``rollouts`` under ``model`` (or its reference policy)."""
+    out: list[list[float]] = []
+    pad = int(getattr(model, "pad_token_id", 0))
+    with model.inference():
+        for start in range(0, len(rollouts), micro_batch_size):
+            batch = collate_sequences(rollout_examples(rollouts[start : start + micro_batch_size]), pad)
+            out.extend(split_by_lengths(model.get_logprobs(batch, reference=reference), batch.target_lengths.tolist()))
+    return out
+
+
+def reward_fn_from_scorer(scorer, micro_batch_size: int | None = None) -> RewardFn:
+    """A reward function scoring ``prompt + response`` token ids with a local
+    :class:`~nemo_aligner.models.reward_model.RewardScorer` (the actor and RM must share a tokenizer)."""
+
+    def reward_fn(prompt_ids, response_ids):
+        return list(scorer.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], micro_batch_size))
+
+    return reward_fn
+
+
+def reward_fn_from_client(client) -> RewardFn:
+    """A reward function calling the reward-model server (``RewardModelClient.score_token_ids``)."""
+
+    def reward_fn(prompt_ids, response_ids):
+        return list(client.score_token_ids([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]))
+
+    return reward_fn
+
+
+@contextlib.contextmanager
+def capture_entropy(model: AlignableModel, store: list):
+    """While active, append the per-token entropy ``[N]`` (with grad) of every LM-head call of ``model``'s policy.
+
+    :class:`~nemo_aligner.models.hf_causal_lm.ResponseLogprobs` applies the LM head only to the positions that
+    predict a response token, so the hook sees exactly the ``[N, V]`` logits of the response tokens.
+    """
+    lm = getattr(model, "_lm", None)
+    head = lm.get_output_embeddings() if lm is not None else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_hook(lambda module, args, output: store.append(entropy_from_logits(output)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages
+# ---------------------------------------------------------------------------------------------------------------
+def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callable | None = None) -> dict[str, float]:
+    """Fill each rollout's ``advantages`` and ``returns`` (and ``kl``) from its ``logprobs``, ``init_logprobs``,
+    ``values`` and ``reward``; return buffer statistics.
+
+    KL penalty per token (:func:`~nemo_aligner.utils.ppo_utils.calculate_kl_penalty`), KL-penalised token rewards
+    (Ouyang et al. 2022 eq. 2), GAE (Schulman et al. 2016 eq. 11-16) per response; with ``normalize_advantages`` the
+    advantages are whitened over every response token of the buffer (``all_reduce(tensor, "sum")`` makes the
+    moments global across data-parallel ranks when given).
+
+    Returns:
+        ``init_policy_kl`` (mean per-response summed KL, nats; the raw ``log pi - log pi_init`` even with
+        ``use_absolute_kl``), ``advantages_mean``/``std`` (before whitening), ``returns_mean``.
+    """
+    lengths = [len(r["logprobs"]) for r in rollouts]
+    seq_id = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(lengths))
+    cat = lambda key: torch.tensor([v for r in rollouts for v in r[key]], dtype=torch.float32)  # noqa: E731
+    logp, init_logp, values = cat("logprobs"), cat("init_logprobs"), cat("values")
+    rewards = torch.tensor([float(r["reward"]) for r in rollouts], dtype=torch.float32)
+    kl = calculate_kl_penalty(logp, init_logp, cfg.use_absolute_kl)
+    kl_p, mask = flat_to_padded(kl, seq_id, len(rollouts))
+    values_p, _ = flat_to_padded(values, seq_id, len(rollouts))
+    token_rewards = kl_penalized_token_rewards(rewards, kl_p, mask, cfg.initial_policy_kl_penalty)
+    adv_p, ret_p = calculate_gae(token_rewards, values_p, mask, cfg.discount_factor, cfg.gae_lambda)
+    adv, ret = padded_to_flat(adv_p, mask), padded_to_flat(ret_p, mask)
+
+    moments = torch.stack([adv.sum(), (adv**2).sum(), torch.tensor(float(adv.numel()))]).double()
+    if all_reduce is not None:
+        moments = all_reduce(moments, "sum")
+    total, total_sq, count = moments.tolist()
+    mean = total / max(count, 1)
+    var = max(total_sq / max(count, 1) - mean**2, 0.0) * (count / (count - 1) if count > 1 else 1.0)
+    stats = {
+        "advantages_mean": mean,
+        "advantages_std": math.sqrt(var),
+        "returns_mean": float(ret.mean()),
+        "init_policy_kl": float((logp - init_logp).sum() / len(rollouts)),
+    }
+    if cfg.normalize_advantages:
+        adv = (adv - mean) / math.sqrt(var + 1e-8)
+    raw_kl = split_by_lengths(logp - init_logp, lengths)
+    for r, a, rt, k in zip(rollouts, split_by_lengths(adv, lengths), split_by_lengths(ret, lengths), raw_kl):
+        r["advantages"], r["returns"], r["kl"] = a, rt, k
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trainer
+# ---------------------------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """The online PPO loop (rollout -> inference -> advantages -> critic and actor training), with validation,
+    checkpoints of actor + critic + data position, exact resume, logging and the HF export.
+
+    Args:
+        actor: the policy; must implement ``generate`` and ``get_logprobs``.
+        critic: :class:`CriticHandle`.
+        initial_policy: :class:`InitialPolicyHandle`.
+        reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
+        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        cfg: :class:`PPOConfig`.
+        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams``.
+        log_dir: ``hf_export/`` and ``val_samples/`` go here.
+        checkpoints: the actor's checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
+        log_metrics: ``(dict, step) -> None`` sink.
+        resume: restore the latest checkpoint (actor, critic, data position) when there is one.
+        export_hf: write ``<log_dir>/hf_export`` at the end.
+        is_global_zero: whether this process prints.
+        eos_token_id: appended to an empty response (a response needs at least one token).
+
+    Raises:
+        ValueError: too few prompts for one step.
+    """
+
+    name = "PPO"
+    summary_keys = ["rewards_mean", "init_policy_kl", "policy_loss", "value_loss", "clip_fraction", "entropy"]
+
+    def __init__(
+        self,
+        actor: AlignableModel,
+        critic: CriticHandle,
+        initial_policy: InitialPolicyHandle,
+        reward_fn: RewardFn,
+        train_prompts: Sequence[Sequence[int]],
+        val_prompts: Sequence[Sequence[int]] | None,
+        cfg: PPOConfig,
+        sampling_params: Any,
+        length_params: Any,
+        log_dir: str | Path,
+        checkpoints: CheckpointManager,
+        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+        resume: bool = True,
+        export_hf: bool = True,
+        is_global_zero: bool = True,
+        eos_token_id: int | None = None,
+    ):
+        self.actor = actor
+        self.critic = critic
+        self.initial_policy = initial_policy
+        self.reward_fn = reward_fn
+        self.train_prompts = [list(p) for p in train_prompts]
+        self.val_prompts = [list(p) for p in (val_prompts or [])]
+        self.cfg = cfg
+        self.sampling_params = sampling_params
+        self.length_params = length_params
+        self.log_dir = Path(log_dir)
+        self.checkpoints = checkpoints
+        self.log_metrics = log_metrics
+        self.resume = resume
+        self.export_hf = export_hf
+        self.is_global_zero = is_global_zero
+        tokenizer = getattr(actor, "tokenizer", None)
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        world = actor.data_parallel_size
+        if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
+            raise ValueError(
+                f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
+                f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
+            )
+        self.sampler = GlobalBatchSampler(
+            len(self.train_prompts), cfg.num_rollout_samples, cfg.rollout_micro_batch_size,
+            rank=actor.data_parallel_rank, world_size=world, seed=cfg.seed,
+        )
+        self.max_steps = compute_ppo_max_steps(len(self.train_prompts), cfg)
+        self.step = 0
+        self.last_val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.log = get_logger()
+
+    # ---- rollouts ---------------------------------------------------------------------------------------------
+    def generate_rollouts(self, prompts: list[list[int]], micro_batch_size: int, seed: int) -> list[dict]:
+        """Sample one response per prompt (micro-batch ``i`` seeded with ``seed + i``); rollouts without scores."""
+        rollouts = []
+        with self.actor.inference():
+            for i, start in enumerate(range(0, len(prompts), micro_batch_size)):
+                chunk = prompts[start : start + micro_batch_size]
+                out = self.actor.generate(chunk, self.sampling_params, self.length_params, seed=seed + i)
+                for prompt, response, ended in zip(chunk, out.response_ids, out.ended):
+                    response = list(response)
+                    if not response:  # a response needs one token to carry the reward and a value
+                        response = [int(self.eos_token_id if self.eos_token_id is not None else 0)]
+                    rollouts.append({
+                        "prompt_ids": list(prompt),
+                        "response_ids": response,
+                        "input_ids": list(prompt) + response,
+                        "prompt_length": len(prompt),
+                        "ended": bool(ended),
+                    })
+        return rollouts
+
+    def score_rollouts(self, rollouts: list[dict]) -> dict[str, float]:
+        """Fill ``logprobs``, ``init_logprobs``, ``values`` and ``reward`` of each rollout; return timings."""
+        timing = {}
+        start = time.perf_counter()
+        logprobs = policy_logprobs(self.actor, rollouts, self.cfg.forward_micro_batch_size)
+        init_logprobs = self.initial_policy.logprobs(rollouts)
+        values = self.critic.infer(rollouts)
+        timing["time_inference_policy_critic"] = time.perf_counter() - start
+        start = time.perf_counter()
+        rewards = self.reward_fn([r["prompt_ids"] for r in rollouts], [r["response_ids"] for r in rollouts])
+        timing["time_inference_reward"] = time.perf_counter() - start
+        for r, lp, ilp, v, rew in zip(rollouts, logprobs, init_logprobs, values, rewards):
+            n = len(r["response_ids"])
+            if not (len(lp) == len(ilp) == len(v) == n):
+                raise RuntimeError(f"a response of {n} tokens got {len(lp)} logprobs, {len(ilp)} initial, {len(v)} values")
+            r.update(logprobs=lp, init_logprobs=ilp, values=v, reward=float(rew))
+        return timing
+
+    # ---- actor training ---------------------------------------------------------------------------------------
+    def train_actor(self, rollouts: list[dict], seed: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped-surrogate updates over ``rollouts`` (shuffled by ``seed + epoch``).
+
+        Each global batch (``global_batch_size / data-parallel size`` rollouts on this rank) is one optimizer step;
+        the loss is the token-weighted mean over the batch of the clipped surrogate (Schulman et al. 2017 eq. 7)
+        minus ``entropy_bonus`` times the mean token entropy (eq. 9).
+        """
+        cfg = self.cfg
+        per_rank = max(cfg.global_batch_size // self.actor.data_parallel_size, 1)
+        sums: dict[str, float] = {}
+        steps = 0
+        pad = int(getattr(self.actor, "pad_token_id", 0))
+        for epoch in range(cfg.ppo_epochs):
+            order = list(range(len(rollouts)))
+            random.Random(seed + epoch).shuffle(order)
+            for g in range(0, len(order), per_rank):
+                group = [rollouts[i] for i in order[g : g + per_rank]]
+                micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
+                total_tokens = sum(len(r["response_ids"]) for r in group)
+                self.actor.prepare_for_training_step()
+                step_sums: dict[str, float] = {}
+                for i, chunk in enumerate(micro):
+                    batch = collate_sequences(rollout_examples(chunk), pad)
+                    device = self.actor.device
+                    old = torch.tensor([v for r in chunk for v in r["logprobs"]], dtype=torch.float32, device=device)
+                    adv = torch.tensor([v for r in chunk for v in r["advantages"]], dtype=torch.float32, device=device)
+                    weight = old.numel() / total_tokens
+                    entropies: list[torch.Tensor] = []
+                    with self.actor.accumulate(is_last=i == len(micro) - 1):
+                        with capture_entropy(self.actor, entropies):
+                            logprobs = self.actor.get_logprobs(batch)
+                        pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps)
+                        entropy = entropies[-1].mean() if entropies else torch.zeros((), device=device)
+                        loss = pg_loss - cfg.entropy_bonus * entropy
+                        self.actor.backward(loss * weight)
+                    metrics.update(policy_loss=pg_loss.detach(), entropy=entropy.detach(), actor_loss=loss.detach())
+                    for k, v in metrics.items():
+                        step_sums[k] = step_sums.get(k, 0.0) + float(v) * weight
+                info = self.actor.finish_training_step()
+                step_sums.update({f"actor_{k}": v for k, v in info.items()})
+                for k, v in self.actor.all_reduce_mean(step_sums).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out["actor_optimizer_steps"] = float(steps)
+        return out
+
+    # ---- one PPO step -----------------------------------------------------------------------------------------
+    def _step_seed(self, step: int) -> int:
+        return self.cfg.seed + 1_000_003 * (step + 1)
+
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """Run PPO step ``self.step``: rollouts, inference, advantages, critic then actor training."""
+        cfg = self.cfg
+        seed = self._step_seed(self.step)
+        start = time.perf_counter()
+        indices = [i for mb in self.sampler.micro_batches(self.step) for i in mb]
+        prompts = [self.train_prompts[i] for i in indices]
+        rollouts = self.generate_rollouts(prompts, cfg.rollout_micro_batch_size, seed)
+        metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
+        t0 = time.perf_counter()
+        metrics.update(self.score_rollouts(rollouts))
+        metrics["time_inference"] = time.perf_counter() - t0
+        reduce = self.actor.all_reduce if self.actor.data_parallel_size > 1 else None
+        metrics.update(compute_advantages(rollouts, cfg, reduce))
+        metrics.update(rollout_metrics(rollouts))
+        t0 = time.perf_counter()
+        critic_metrics = self.critic.train(rollouts, seed=seed, step=self.step)
+        metrics.update({f"critic_{k}" if k in ("grad_norm", "lr", "returns_mean") else k: v for k, v in critic_metrics.items()})
+        metrics["time_train_critic"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.step >= cfg.critic_warmup_steps:
+            metrics.update(self.train_actor(rollouts, seed))
+        metrics["time_train_actor"] = time.perf_counter() - t0
+        metrics["time_train"] = metrics["time_train_critic"] + metrics["time_train_actor"]
+        metrics["step_time"] = time.perf_counter() - start
+        return self.actor.all_reduce_mean(metrics), rollouts
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Rollouts on the first ``num_val_samples`` validation prompts (fixed seed): ``global_rewards`` (mean
+        reward), ``rewards_std``, ``response_lengths_mean``; writes ``val_samples/step=<N>.md`` with a table of the
+        first ``num_val_samples_to_show`` prompts and responses."""
+        if not self.val_prompts:
+            return {}
+        rank, world = self.actor.data_parallel_rank, self.actor.data_parallel_size
+        prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
+        if not prompts:
+            return {}
+        rollouts = self.generate_rollouts(prompts, self.cfg.val_rollout_micro_batch_size, self.cfg.seed)
+        rewards = self.reward_fn([r["prompt_ids"] for r in rollouts], [r["response_ids"] for r in rollouts])
+        for r, rew in zip(rollouts, rewards):
+            r["reward"] = float(rew)
+        rew_t = torch.tensor(rewards, dtype=torch.float32)
+        metrics = {
+            "global_rewards": float(rew_t.mean()),
+            "rewards_std": float(rew_t.std()) if len(rewards) > 1 else 0.0,
+            "response_lengths_mean": float(sum(len(r["response_ids"]) for r in rollouts) / len(rollouts)),
+        }
+        metrics = self.actor.all_reduce_mean(metrics)
+        if self.is_global_zero:
+            self._write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+        return metrics
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _write_samples(self, rollouts: list[dict]) -> None:
+        cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+        lines = [f"# validation samples, step {self.step}", "", "| # | prompt | response | reward |", "|---|---|---|---|"]
+        for i, r in enumerate(rollouts):
+            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | {cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
+        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        for r in rollouts[:2]:
+            self.log.info(f"sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.critic.save(self.step)  # the critic first: an actor checkpoint never exists without its critic
+        extra = {
+            "step": self.step,
+            "consumed_samples": self.step * self.cfg.num_rollout_samples,
+            "epoch": self.step // self.sampler.steps_per_epoch,
+            "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
+        }
+        self.actor.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
+        if self.is_global_zero:
+            self.checkpoints.prune()
+            if isinstance(self.critic, LocalCritic):
+                kept = {int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()}
+                self.critic.prune(kept)
+
+    def _maybe_resume(self) -> None:
+        latest = self.checkpoints.latest() if self.resume else None
+        if latest is None:
+            return
+        extra = self.actor.load_checkpoint(str(latest))
+        self.step = int(extra["step"])
+        self.critic.load(self.step)
+        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
+        if self.is_global_zero:
+            self.log.info(f"resumed actor and critic from {latest} at PPO step {self.step} "
+                          f"(consumed_samples={extra.get('consumed_samples')})")
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    def _run_validation(self) -> None:
+        self.last_val_metrics = self.validate()
+        if self.last_val_metrics:
+            self.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, self.step)
+            if self.is_global_zero:
+                self.log.info(f"validation step {self.step}/{self.max_steps}: {format_metrics(self.last_val_metrics)}")
+
+    def fit(self) -> list[dict[str, float]]:
+        """Run to ``max_steps`` PPO steps; returns this call's per-step metrics (also logged)."""
+        from tqdm.auto import tqdm
+
+        self._maybe_resume()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
+                        dynamic_ncols=True)
+        val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
+        while self.step < self.max_steps:
+            metrics, _ = self.train_step()
+            self.step += 1
+            metrics["consumed_samples"] = self.step * self.cfg.num_rollout_samples
+            self.history.append(metrics)
+            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['rewards_mean']:.3g}", kl=f"{metrics['init_policy_kl']:.3g}")
+            if self.is_global_zero:
+                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
+                              f"(generation {metrics['time_generation']:.1f}s, inference {metrics['time_inference']:.1f}s, "
+                              f"training {metrics['time_train']:.1f}s)")
+            is_last = self.step == self.max_steps
+            if (val_every > 0 and self.step % val_every == 0) or is_last:
+                self._run_validation()
+            if (save_every > 0 and self.step % save_every == 0) or is_last:
+                self._save()
+        progress.close()
+        if self.export_hf:
+            self.actor.export_hf(str(self.log_dir / "hf_export"))
+            if self.is_global_zero:
+                self.log.info(f"Hugging Face export of the actor written to {self.log_dir / 'hf_export'}")
+        return self.history
+
+
+def rollout_metrics(rollouts: Sequence[dict]) -> dict[str, float]:
+    """``rewards_mean``/``std``, ``response_lengths_mean``/``max`` (tokens), ``ended_fraction`` of a rollout buffer."""
+    rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)
+    lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float32)
+    return {
+        "rewards_mean": float(rewards.mean()),
+        "rewards_std": float(rewards.std()) if len(rollouts) > 1 else 0.0,
+        "response_lengths_mean": float(lengths.mean()),
+        "response_lengths_max": float(lengths.max()),
+        "ended_fraction": float(sum(r["ended"] for r in rollouts) / len(rollouts)),
+    }
+

@@ -1,0 +1,172 @@
+"""Prompt files (PPO, rejection sampling, generation): parsing, located errors and tokenisation.
+
+Accepted JSON-lines records (plain ``.jsonl`` or ``.jsonl.gz``), detected from the keys in this order:
+
+* ``{"prompt": str}`` or ``{"prompt": [chat messages]}``;
+* ``{"messages": [chat messages]}``: the prompt is the messages before the last assistant turn (all of them when
+  there is no assistant turn), as in chat SFT data;
+* Anthropic HH-RLHF / preference data ``{"chosen": str, ...}``: the transcript up to and including its last
+  ``"\\n\\nAssistant:"``; ``{"chosen": [chat messages], ...}``: the messages before the last assistant turn.
+
+Other keys are ignored. Prompts are tokenised with the rules of
+:func:`nemo_aligner.data.sequences.tokenize_prompt_response` (chat template with a generation prompt for messages;
+the tokenizer's special tokens, e.g. BOS, for plain text), so a policy sees the same prompt tokens in DPO, PPO and
+rejection sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _check_messages, _split_hh_transcript
+
+ACCEPTED_PROMPT_FORMATS = (
+    "{'prompt': str or [chat messages]}",
+    "{'messages': [chat messages]} (prompt = the messages before the last assistant turn)",
+    "HH-RLHF / preference data {'chosen': transcript str or [chat messages], ...} "
+    f"(prompt = the transcript up to its last {HH_ASSISTANT!r})",
+)
+
+
+@dataclass
+class PromptExample:
+    """One prompt of a prompt file.
+
+    Attributes:
+        prompt: plain text, or chat messages (``{"role", "content"}`` dicts).
+        path: the file it comes from; line_no: its 1-based line there (for error messages).
+        index: 0-based position among the prompts read (across all files, in order).
+    """
+
+    prompt: Turns
+    path: str
+    line_no: int
+    index: int
+
+
+def _before_last_assistant(messages: list, field: str, error) -> list:
+    _check_messages(messages, field, error)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    prompt = messages[:last]
+    if not prompt:
+        raise error(field, "no messages before the last assistant turn, so there is no prompt")
+    return prompt
+
+
+def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> Turns:
+    """The prompt of one JSON record (see the module docstring for the formats).
+
+    Raises:
+        DataFormatError: naming ``path:line_no`` and the field: an empty or wrongly typed prompt, a malformed chat
+            message, an HH-RLHF transcript without an ``"\\n\\nAssistant:"`` turn, or an unknown format (the message
+            lists the accepted ones).
+    """
+    error = functools.partial(DataFormatError, path, line_no)
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            _check_messages(prompt, "prompt", error)
+        elif not isinstance(prompt, str):
+            raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
+        if not prompt:
+            raise error("prompt", "must not be empty")
+        return prompt
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise error("messages", f"expected a list of chat messages, got {type(messages).__name__}")
+        return _before_last_assistant(messages, "messages", error)
+    if "chosen" in record:
+        chosen = record["chosen"]
+        if isinstance(chosen, list):
+            return _before_last_assistant(chosen, "chosen", error)
+        if not isinstance(chosen, str):
+            raise error("chosen", f"expected a transcript string or chat messages, got {type(chosen).__name__}")
+        cut = chosen.rfind(HH_ASSISTANT)
+        if cut < 0:
+            raise error("chosen", f"HH-RLHF transcript has no {HH_ASSISTANT!r} turn")
+        if cut + len(HH_ASSISTANT) == len(chosen):
+            return chosen  # a transcript that already ends with the open assistant turn
+        return _split_hh_transcript(chosen, "chosen", error)[0]
+    accepted = "".join(f"\n  - {fmt}" for fmt in ACCEPTED_PROMPT_FORMATS)
+    raise error(None, f"unrecognised prompt record with keys {sorted(record)}; accepted formats:{accepted}")
+
+
+def iter_prompts(paths: str | os.PathLike | list) -> Iterator[PromptExample]:
+    """Stream the prompts of one or more JSON-lines files, in file then line order.
+
+    Raises:
+        FileNotFoundError: a missing file (before anything is yielded for it).
+        DataFormatError: a malformed line (see :func:`nemo_aligner.data.jsonl.iter_jsonl` and
+            :func:`parse_prompt_record`).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    index = 0
+    for path in paths:
+        for line_no, record in iter_jsonl(path):
+            yield PromptExample(parse_prompt_record(record, path, line_no), str(path), line_no, index)
+            index += 1
+
+
+def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None) -> list[PromptExample]:
+    """The first ``max_prompts`` prompts (all when ``None`` or negative) of :func:`iter_prompts`.
+
+    Raises:
+        ValueError: no prompt at all; plus what :func:`iter_prompts` raises.
+    """
+    prompts: list[PromptExample] = []
+    for example in iter_prompts(paths):
+        if max_prompts is not None and 0 <= max_prompts <= len(prompts):
+            break
+        prompts.append(example)
+    if not prompts and not (max_prompts is not None and max_prompts == 0):
+        raise ValueError(f"no prompts in {paths}")
+    return prompts
+
+
+def tokenize_prompt(prompt: Turns, tokenizer) -> list[int]:
+    """Token ids of a prompt, the ``prompt_ids`` that :func:`nemo_aligner.data.sequences.tokenize_prompt_response`
+    gives for it.
+
+    * Chat messages: ``apply_chat_template(messages, add_generation_prompt=True)`` tokenised without special tokens
+      (the template writes them).
+    * Plain text: ``tokenizer(prompt)`` with the tokenizer's special tokens (e.g. BOS).
+
+    Raises:
+        ValueError: messages with a tokenizer that has no chat template, or a prompt that gives no tokens.
+    """
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template, but the prompt is a list of chat messages; use a tokenizer "
+                "with a chat_template or plain-text prompts"
+            )
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise ValueError("prompt gives no tokens")
+    return ids
+
+
+def tokenize_prompt_example(example: PromptExample, tokenizer, max_length: int | None = None) -> tuple[list[int], bool]:
+    """:func:`tokenize_prompt` of ``example``, keeping the LAST ``max_length`` tokens when longer (the end holds the
+    open assistant turn). Returns ``(ids, truncated)``.
+
+    Raises:
+        DataFormatError: naming the example's file, line and the ``prompt`` field, for what :func:`tokenize_prompt`
+            rejects.
+    """
+    try:
+        ids = tokenize_prompt(example.prompt, tokenizer)
+    except ValueError as err:
+        raise DataFormatError(example.path, example.line_no, "prompt", str(err)) from None
+    if max_length is not None and 0 < max_length < len(ids):
+        return ids[-max_length:], True
+    return ids, False

@@ -1,0 +1,412 @@
+"""Reward-model data: comparisons of two or more responses to one prompt, tokenised once into an Arrow cache.
+
+Accepted JSON-lines formats (detected per record):
+
+* NeMo-RLHF text pairs: ``{"text": prompt + response}`` on consecutive records, the chosen one first (records
+  ``2k`` and ``2k+1``, counting from 0, are a pair). Each text is tokenised whole (BOS if the tokenizer adds one,
+  EOS appended); the shared leading tokens of the two are the prompt (used only for truncation).
+* llm-on-ray: ``{"instruction": str, "chosen": str, "rejected": str}`` (``instruction`` is the prompt).
+* Every DPO format of :func:`nemo_aligner.data.preference.parse_preference_record`, raw Anthropic HH-RLHF
+  transcripts included.
+* Ranked lists: ``{"prompt": str | [messages], "responses": [r_0, ..., r_{K-1}], "ranking": [...]}`` where
+  ``ranking[i]`` is the rank of ``responses[i]`` (smaller is better, 0 = best, equal ranks are ties), or
+  ``"scores": [...]`` (larger is better). ``K >= 2`` and at least two responses must differ in rank/score.
+
+Every example becomes one row ``{"prompt_ids", "response_ids": [[...] * K], "preferences": [K floats, larger is
+better], "line_no"}``; a pair is ``K = 2`` with preferences ``[1, 0]`` (chosen first). Tokenisation follows
+:func:`nemo_aligner.data.preference.tokenize_example`; truncation follows
+:func:`nemo_aligner.data.preference.truncate_pair` with the longest of the ``K`` responses.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import torch
+
+from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+from nemo_aligner.data.preference import (
+    STATS_FILE,
+    _check_truncation_args,
+    _check_messages,
+    _load_cached,
+    _publish,
+    _tokenizer_fingerprint,
+    default_cache_dir,
+    parse_preference_record,
+    tokenize_example,
+    truncate_pair,
+)
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences, tokenize_prompt_response
+
+REWARD_FORMAT_VERSION = 1
+"""Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches)."""
+
+FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+        "response_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+        "preferences": datasets.Sequence(datasets.Value("float32")),
+        "line_no": datasets.Value("int64"),
+    }
+)
+
+_COUNTERS = ("num_lines", "num_examples", "num_comparisons", "num_truncated", "num_dropped")
+
+
+# --------------------------------------------------------------------------------------
+# Parsing and tokenisation of one example
+# --------------------------------------------------------------------------------------
+
+
+def _as_data_error(path, line_no: int, field: str | None):
+    """Context manager turning a tokenisation ``ValueError`` into a located :class:`DataFormatError`."""
+
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, err, tb):
+            if kind is not None and issubclass(kind, ValueError) and not issubclass(kind, DataFormatError):
+                raise DataFormatError(path, line_no, field, str(err)) from err
+            return False
+
+    return _Ctx()
+
+
+def _tokenize_text(text: str, tokenizer) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def tokenize_text_pair(chosen: str, rejected: str, tokenizer, path="<memory>", line_no: int = 0) -> tuple[list[int], list[list[int]]]:
+    """Tokenise a NeMo-RLHF ``{"text"}`` pair: ``(prompt_ids, [chosen_ids, rejected_ids])``.
+
+    Each full text is tokenised with special tokens plus EOS; ``prompt_ids`` is their longest common token prefix
+    (at most all but one token of the shorter one, so each response keeps at least one token), the responses are
+    the rest.
+
+    Raises:
+        DataFormatError: (field ``text``, at ``line_no`` = the rejected record) the two texts tokenise identically.
+    """
+    a, b = _tokenize_text(chosen, tokenizer), _tokenize_text(rejected, tokenizer)
+    if a == b:
+        raise DataFormatError(path, line_no, "text", "chosen and rejected texts of this pair are identical")
+    shared = 0
+    limit = min(len(a), len(b)) - 1
+    while shared < limit and a[shared] == b[shared]:
+        shared += 1
+    return a[:shared], [a[shared:], b[shared:]]
+
+
+def tokenize_ranked(prompt, responses: Sequence, tokenizer, path="<memory>", line_no: int = 0) -> tuple[list[int], list[list[int]]]:
+    """Tokenise one prompt with ``K`` responses: ``(prompt_ids, [response_ids] * K)`` with the rules of
+    :func:`~nemo_aligner.data.sequences.tokenize_prompt_response` (chat template for message lists).
+
+    Raises:
+        DataFormatError: a response that gives no tokens, or chat data without a chat template.
+    """
+    out, prompt_ids = [], None
+    for k, response in enumerate(responses):
+        with _as_data_error(path, line_no, f"responses[{k}]"):
+            p, r = tokenize_prompt_response(prompt, response, tokenizer)
+        prompt_ids = p if prompt_ids is None else prompt_ids
+        out.append(list(r))
+    return list(prompt_ids), out
+
+
+def _parse_ranked(record: dict, error) -> tuple[Any, list, list[float]]:
+    """``(prompt, responses, preferences)`` of a ranked-list record (preferences: larger is better)."""
+    if "prompt" not in record:
+        raise error("prompt", "missing required field")
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        _check_messages(prompt, "prompt", error)
+    elif not isinstance(prompt, str):
+        raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
+    responses = record["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise error("responses", f"expected a list of at least 2 responses, got {responses!r:.80}")
+    for k, response in enumerate(responses):
+        if isinstance(response, list):
+            _check_messages(response, f"responses[{k}]", error)
+        elif not isinstance(response, str):
+            raise error(f"responses[{k}]", f"expected a string or a list of chat messages, got {type(response).__name__}")
+        if not response:
+            raise error(f"responses[{k}]", "must not be empty")
+    has_rank, has_scores = "ranking" in record, "scores" in record
+    if has_rank == has_scores:
+        raise error(None, "a 'responses' record needs exactly one of 'ranking' (smaller is better) or 'scores' (larger is better)")
+    field = "ranking" if has_rank else "scores"
+    values = record[field]
+    if not isinstance(values, list) or len(values) != len(responses):
+        raise error(field, f"expected a list of {len(responses)} numbers (one per response), got {values!r:.80}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise error(f"{field}[{i}]", f"expected a finite number, got {v!r}")
+        if has_rank and float(v) != int(v):
+            raise error(f"{field}[{i}]", f"ranks are integers, got {v!r}")
+    preferences = [-float(v) for v in values] if has_rank else [float(v) for v in values]
+    if len(set(preferences)) < 2:
+        raise error(field, "all responses are tied: nothing to compare")
+    return prompt, responses, preferences
+
+
+def truncate_responses(
+    prompt_ids: list[int], responses: list[list[int]], max_seq_length: int, mode: str
+) -> tuple[list[int], list[list[int]]] | None:
+    """Fit prompt + each response into ``max_seq_length`` tokens: the rule of
+    :func:`~nemo_aligner.data.preference.truncate_pair` applied with the longest response (left-truncate the
+    prompt, keeping at least ``max_seq_length // 2`` of it if needed, then cut each response at its end).
+
+    Returns:
+        ``(prompt_ids, responses)`` (unchanged when everything fits) or None (``mode="drop"`` and too long).
+
+    Raises:
+        ValueError: unknown ``mode`` or ``max_seq_length < 2``.
+    """
+    longest = max(responses, key=len)
+    kept = truncate_pair(prompt_ids, longest, longest, max_seq_length, mode)
+    if kept is None:
+        return None
+    prompt = kept[0]
+    budget = max_seq_length - len(prompt)
+    return prompt, [r[:budget] for r in responses]
+
+
+def _example_row(prompt_ids, responses, preferences, line_no, max_seq_length, truncation) -> dict | None:
+    kept = truncate_responses(prompt_ids, responses, max_seq_length, truncation)
+    if kept is None:
+        return None
+    return {
+        "prompt_ids": kept[0],
+        "response_ids": kept[1],
+        "preferences": preferences,
+        "line_no": line_no,
+        "truncated": kept != (prompt_ids, responses),
+    }
+
+
+def iter_reward_rows(path: str | os.PathLike, tokenizer, max_seq_length: int, truncation: str = "truncate"):
+    """Stream the rows of a reward-model data file (see the module docstring), each with a ``truncated`` flag;
+    ``None`` is yielded for a dropped example (so callers can count it).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataFormatError: ``file:line: field '...': message`` for a malformed record, an unpaired ``text``
+            record, or a ``text`` record mixed into a pair of another format.
+    """
+    path = Path(path)
+    pending: tuple[int, str] | None = None  # first (chosen) "text" record awaiting its partner
+    for line_no, record in iter_jsonl(path):
+        error = functools.partial(DataFormatError, path, line_no)
+        if "text" in record:
+            text = record["text"]
+            if not isinstance(text, str) or not text:
+                raise error("text", f"expected a non-empty string, got {text!r:.80}")
+            if pending is None:
+                pending = (line_no, text)
+                continue
+            first_line, chosen = pending
+            pending = None
+            prompt_ids, responses = tokenize_text_pair(chosen, text, tokenizer, path, line_no)
+            yield _example_row(prompt_ids, responses, [1.0, 0.0], first_line, max_seq_length, truncation)
+            continue
+        if pending is not None:
+            raise error(
+                None,
+                f"expected the 'text' record pairing with line {pending[0]} (NeMo-RLHF format: chosen and rejected "
+                f"'text' records alternate), got a record with keys {sorted(record)}",
+            )
+        if "responses" in record:
+            prompt, responses, preferences = _parse_ranked(record, error)
+            prompt_ids, response_ids = tokenize_ranked(prompt, responses, tokenizer, path, line_no)
+            yield _example_row(prompt_ids, response_ids, preferences, line_no, max_seq_length, truncation)
+            continue
+        if "instruction" in record:
+            if not isinstance(record["instruction"], str):
+                raise error("instruction", f"expected a string, got {type(record['instruction']).__name__}")
+            record = {"prompt": record["instruction"], **{k: v for k, v in record.items() if k != "instruction"}}
+        example = parse_preference_record(record, path, line_no)
+        with _as_data_error(path, line_no, None):
+            prompt_ids, chosen_ids, rejected_ids = tokenize_example(example, tokenizer)
+        yield _example_row(prompt_ids, [chosen_ids, rejected_ids], [1.0, 0.0], line_no, max_seq_length, truncation)
+    if pending is not None:
+        raise DataFormatError(
+            path, pending[0], "text", "this chosen 'text' record has no rejected partner (odd number of 'text' records)"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Arrow cache
+# --------------------------------------------------------------------------------------
+
+
+def _cache_key(path: Path, tokenizer, max_seq_length: int, truncation: str) -> str:
+    stat = path.stat()
+    inputs = {
+        "kind": "reward",
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_seq_length": max_seq_length,
+        "truncation": truncation,
+        "format_version": REWARD_FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_reward_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    max_seq_length: int,
+    truncation: str = "truncate",
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[datasets.Dataset, dict]:
+    """Tokenise a reward-model JSON-lines file once into a memory-mapped Arrow dataset (cached).
+
+    Streams the file through :func:`iter_reward_rows` into ``<cache_dir>/rm-<file stem>-<key>/`` via a temporary
+    directory renamed into place when complete (``key`` covers the file's path/size/mtime, the tokenizer,
+    ``max_seq_length``, ``truncation`` and :data:`REWARD_FORMAT_VERSION`); later calls load it.
+
+    Returns:
+        ``(dataset, stats)``: columns ``prompt_ids`` (int32), ``response_ids`` (K lists of int32),
+        ``preferences`` (K float32, larger is better), ``line_no`` (int64, line of the example's first record);
+        ``stats`` = ``{"num_lines", "num_examples", "num_comparisons" (ordered response pairs), "num_truncated",
+        "num_dropped", "path", "cache_path"}``.
+
+    Raises:
+        FileNotFoundError: no such file. DataFormatError: a malformed line (no cache is left behind).
+        ValueError: bad ``truncation``/``max_seq_length``, or no example survives.
+    """
+    _check_truncation_args(max_seq_length, truncation)
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"reward-model data file not found: {path}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final_dir = root / f"rm-{path.name.split('.')[0]}-{_cache_key(path, tokenizer, max_seq_length, truncation)}"
+    if not (final_dir / STATS_FILE).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=root))
+        try:
+            _write(path, tokenizer, max_seq_length, truncation, work, final_dir)
+            _publish(work / "dataset", final_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _load_cached(final_dir)
+
+
+def _write(path: Path, tokenizer, max_seq_length: int, truncation: str, work: Path, final_dir: Path) -> None:
+    from datasets.arrow_writer import ArrowWriter
+
+    counts = {name: 0 for name in _COUNTERS}
+    arrow_file = work / "rows.arrow"
+    writer = ArrowWriter(features=FEATURES, path=str(arrow_file))
+    try:
+        for row in iter_reward_rows(path, tokenizer, max_seq_length, truncation):
+            counts["num_lines"] += 1
+            if row is None:
+                counts["num_dropped"] += 1
+                continue
+            counts["num_examples"] += 1
+            counts["num_truncated"] += int(row.pop("truncated"))
+            prefs = row["preferences"]
+            counts["num_comparisons"] += sum(a > b for a in prefs for b in prefs)
+            writer.write(row)
+    finally:
+        writer.finalize()
+    if counts["num_examples"] == 0:
+        raise ValueError(
+            f"{path}: no reward-model examples ({counts['num_lines']} read, {counts['num_dropped']} dropped as longer "
+            f"than max_seq_length={max_seq_length})"
+        )
+    dataset = datasets.Dataset.from_file(str(arrow_file))
+    dataset.save_to_disk(str(work / "dataset"))
+    counts.update(path=str(path), cache_path=str(final_dir))
+    (work / "dataset" / STATS_FILE).write_text(json.dumps(counts, indent=2))
+
+
+def load_reward_datasets(
+    paths: list[str | os.PathLike],
+    tokenizer,
+    max_seq_length: int,
+    truncation: str = "truncate",
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[datasets.Dataset, list[dict]]:
+    """:func:`build_reward_dataset` for each file, concatenated; returns ``(dataset, per-file stats)``.
+
+    Raises:
+        ValueError: ``paths`` is empty; plus everything :func:`build_reward_dataset` raises.
+    """
+    if not paths:
+        raise ValueError("no reward-model data files given")
+    built = [build_reward_dataset(p, tokenizer, max_seq_length, truncation, cache_dir) for p in paths]
+    return datasets.concatenate_datasets([d for d, _ in built]), [s for _, s in built]
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardBatch:
+    """``G`` examples flattened into ``S`` sequences (prompt + one response each), group-major.
+
+    * ``sequences``: the :class:`~nemo_aligner.data.sequences.SequenceBatch` (padded or packed).
+    * ``group``: ``[S]`` int64, which example each sequence belongs to (``0..G-1``).
+    * ``preferences``: ``[S]`` float32, larger is better within a group.
+    * ``num_groups``: ``G``; ``num_tokens``: real tokens (throughput unit).
+    """
+
+    sequences: SequenceBatch
+    group: torch.Tensor
+    preferences: torch.Tensor
+    num_groups: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sequences.num_tokens
+
+    def to(self, device) -> "RewardBatch":
+        return RewardBatch(self.sequences.to(device), self.group.to(device), self.preferences.to(device), self.num_groups)
+
+
+def collate_reward_examples(
+    examples: Sequence[dict], pad_token_id: int, pack: bool = False, max_row_length: int | None = None
+) -> RewardBatch:
+    """Lay out dataset rows (``prompt_ids``, ``response_ids``, ``preferences``, optional ``index``) as a
+    :class:`RewardBatch`: sequence ``prompt_ids + response_ids[k]`` for each response, in row order.
+
+    Raises:
+        ValueError: no examples; as :func:`~nemo_aligner.data.sequences.collate_sequences`.
+    """
+    if not examples:
+        raise ValueError("collate_reward_examples needs at least one example")
+    seqs, group, prefs = [], [], []
+    for g, ex in enumerate(examples):
+        prompt = list(ex["prompt_ids"])
+        for response, pref in zip(ex["response_ids"], ex["preferences"]):
+            ids = prompt + list(response)
+            seqs.append({"input_ids": ids, "loss_mask": [0] * len(ids), "index": int(ex.get("index", -1))})
+            group.append(g)
+            prefs.append(float(pref))
+    return RewardBatch(
+        sequences=collate_sequences(seqs, pad_token_id, pack=pack, max_row_length=max_row_length),
+        group=torch.tensor(group, dtype=torch.long),
+        preferences=torch.tensor(prefs, dtype=torch.float32),
+        num_groups=len(examples),
+    )

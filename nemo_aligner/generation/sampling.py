@@ -1,0 +1,99 @@
+"""Token selection: repetition penalty, temperature, top-k, top-p and counter-based (batch-invariant) sampling.
+
+Sampling uses the Gumbel-max trick (Gumbel 1954; Maddison, Tarlow & Minka 2014, "A* Sampling"): the token
+``argmax_i(logit_i + G_i)`` with ``G_i = -log(-log U_i)`` and ``U_i ~ Uniform(0, 1)`` is distributed as
+``softmax(logits)``. The uniforms are not drawn from a stateful RNG but computed by a hash (SplitMix64, Steele,
+Lea & Flood 2014, "Fast Splittable Pseudorandom Number Generators") of ``(row seed, step, token id)``. So a
+response depends only on its own seed and its own logits: the same prompt with the same seed gives the same
+response whatever else is in the batch, whichever rows were dropped, and on however many data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_aligner.generation.params import SamplingParams
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+_STEP = _signed(0xD1B54A32D192ED03)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bits."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser of int64 tensors (any shape, wrapping arithmetic), Steele et al. 2014.
+
+    Returns an int64 tensor of the same shape whose bits look independent and uniform for distinct inputs.
+    """
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def step_keys(row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """``[b]`` int64 per-row keys for decoding step ``step`` (0-based), from ``[b]`` int64 row keys."""
+    return splitmix64(row_keys + _signed(((step + 1) * _STEP) & ((1 << 64) - 1)))
+
+
+def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise ``[b, k]`` float32 for ``[b]`` int64 step keys and ``[b, k]`` (or ``[1, k]``) token ids.
+
+    ``U = (top 24 bits of splitmix64(key + token * golden) + 0.5) / 2**24`` lies strictly inside (0, 1), and
+    ``G = -log(-log U)``. The value for a given ``(key, token)`` does not depend on which other tokens are asked for.
+    """
+    bits = splitmix64(keys[:, None] + token_ids * _GOLDEN)
+    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(uniform))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL repetition penalty (Keskar et al. 2019, section 4.1) as implemented by most libraries (HF, vLLM):
+    the logit of each token already seen is divided by ``penalty`` if positive, multiplied by it if negative.
+
+    Args:
+        logits: ``[b, V]`` float. seen: ``[b, V]`` bool, True for tokens of the prompt or the response so far.
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None) -> torch.Tensor:
+    """Pick one token per row.
+
+    Args:
+        logits: ``[b, V]`` float32 next-token logits (after the repetition penalty and the EOS ban).
+        params: greedy, or temperature / top-k (Fan et al. 2018) / top-p (Holtzman et al. 2020) sampling; top-k is
+            applied before top-p, both after the temperature, as in Hugging Face transformers.
+        keys: ``[b]`` int64 step keys (:func:`step_keys`); unused when greedy.
+
+    Returns:
+        ``[b]`` int64 token ids.
+    """
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature if params.temperature != 1.0 else logits
+    vocab = logits.shape[-1]
+    index = None
+    if 0 < params.top_k < vocab:
+        logits, index = logits.topk(params.top_k, dim=-1)  # sorted, most likely first
+    elif params.top_p < 1.0:
+        logits, index = logits.sort(dim=-1, descending=True)
+    if params.top_p < 1.0:
+        probs = logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        logits = logits.masked_fill(mass_before >= params.top_p, float("-inf"))  # the top token always survives
+    token_ids = index if index is not None else torch.arange(vocab, device=logits.device)[None, :]
+    choice = (logits + gumbel_noise(keys, token_ids)).argmax(dim=-1)
+    return choice if index is None else index.gather(1, choice[:, None]).squeeze(1)

@@ -1,0 +1,240 @@
+"""PPO critic: a value per response token, from a transformers sequence-classification backbone.
+
+The critic is an ``AutoModelForSequenceClassification(num_labels=1)`` model -- the same architecture as a reward
+model export, so it is normally initialised from the reward model (as in NeMo-Aligner), or from any causal-LM
+checkpoint (its ``score`` head then starts random). Its scalar ``score`` head is applied at every position that
+predicts a response token: the value ``V(s_t)`` of the state just before response token ``t`` is taken.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from lightning.fabric import Fabric
+
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
+from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.utils.ppo_utils import explained_variance, ppo_value_loss
+
+
+def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Convert a packed 4-D bool mask for eager attention (additive float mask); other masks pass through."""
+    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        impl = getattr(config, "_attn_implementation", "sdpa")
+        if impl == "eager":
+            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+            return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        if impl != "sdpa":
+            raise ValueError(f"attention implementation {impl!r} cannot take a packed 4-D mask; use sdpa")
+    return attention_mask
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a transformers sequence-classification model (``score``; ``classifier`` as fallback).
+
+    Raises:
+        ValueError: no such head.
+    """
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__} has no 'score' head; a critic needs a sequence-classification model")
+
+
+class TokenValues(nn.Module):
+    """Wraps a sequence-classification model so ``forward`` returns its head's scalar at chosen positions.
+
+    Only the ``N`` hidden states at ``(pred_row, pred_col)`` go through the head.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pred_row: torch.Tensor,
+        pred_col: torch.Tensor,
+    ) -> torch.Tensor:
+        """Shapes: ids/positions ``[R, T]``; mask ``[R, T]`` or ``[R, 1, T, T]`` bool; ``pred_*`` ``[N]``.
+
+        Returns ``[N]`` float32 head outputs (values, in reward units).
+        """
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=_attention_mask_for(self.model.config, attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        head = score_head(self.model)
+        picked = hidden[pred_row, pred_col]
+        return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def load_value_model(source: str, model_cfg: Any, precision: str = "32-true") -> nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)`` (a reward-model export or a
+    causal-LM checkpoint, whose new ``score`` head is then randomly initialised).
+
+    ``model_cfg`` may set ``attn_implementation`` and ``gradient_checkpointing``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=dtype, attn_implementation=model_cfg.get("attn_implementation", "sdpa")
+    )
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    if model_cfg.get("gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class HFCritic(HFModel):
+    """The PPO critic as an :class:`~nemo_aligner.models.alignable.AlignableModel` (full-parameter training).
+
+    Args:
+        fabric: a launched ``lightning.fabric.Fabric``.
+        model_cfg: ``optim`` (and optionally ``attn_implementation``, ``gradient_checkpointing``).
+        restore_from_path: reward-model export, causal-LM checkpoint, or alias (see
+            :func:`nemo_aligner.models.pretrained.resolve_pretrained`).
+        max_steps: optimizer steps of the run (LR schedule).
+        gradient_clip_val: max global grad norm (0 disables).
+        loss_clip_val: value clipping range ``c`` of :func:`~nemo_aligner.utils.ppo_utils.ppo_value_loss`
+            (NeMo-Aligner ``model.loss_clip_val``).
+        precision: Fabric precision string.
+
+    Raises:
+        ValueError: the checkpoint has no scalar head or an unsupported optimizer.
+    """
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        model_cfg: Any,
+        restore_from_path: str,
+        max_steps: int,
+        gradient_clip_val: float | None = 1.0,
+        loss_clip_val: float | None = 0.2,
+        precision: str = "32-true",
+    ):
+        self.source = resolve_pretrained(str(restore_from_path))
+        model = load_value_model(self.source, model_cfg, precision)
+        score_head(model)
+        self.loss_clip_val = loss_clip_val
+        super().__init__(
+            fabric, TokenValues(model), model, load_tokenizer(self.source), model_cfg.optim, max_steps, gradient_clip_val
+        )
+
+    def get_values(self, batch: SequenceBatch) -> torch.Tensor:
+        """``[N]`` float32 values, one per target (response) token of ``batch``, read at the position predicting it."""
+        b = batch.to(self.device)
+        return self.module(b.input_ids, b.position_ids, b.attention_mask, b.pred_row, b.pred_col)
+
+    def get_rewards(self, batch: SequenceBatch) -> torch.Tensor:
+        """``[S]`` float32 head output at each sequence's last token (what a reward model reads)."""
+        b = batch.to(self.device)
+        return self.module(b.input_ids, b.position_ids, b.attention_mask, b.last_row, b.last_col)
+
+    # ---- PPO helpers ------------------------------------------------------------------------------------------
+    def _collate(self, rollouts: Sequence[dict]) -> SequenceBatch:
+        return collate_sequences(
+            [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts], self.pad_token_id
+        )
+
+    @torch.no_grad()
+    def infer_values(self, rollouts: Sequence[dict], micro_batch_size: int) -> list[list[float]]:
+        """Values of the response tokens of each rollout (``{"input_ids", "prompt_length"}``), one list per rollout.
+
+        Returns:
+            ``S`` lists, rollout ``s`` holding ``len(input_ids) - prompt_length`` floats.
+        """
+        out: list[list[float]] = []
+        with self.inference():
+            for start in range(0, len(rollouts), micro_batch_size):
+                chunk = rollouts[start : start + micro_batch_size]
+                batch = self._collate(chunk)
+                values = self.get_values(batch).float().cpu()
+                for lengths_start, n in _segments(batch.target_lengths.tolist()):
+                    out.append(values[lengths_start : lengths_start + n].tolist())
+        return out
+
+    def train_on_rollouts(
+        self, rollouts: Sequence[dict], global_batch_size: int, micro_batch_size: int, epochs: int = 1, seed: int = 0
+    ) -> dict[str, float]:
+        """Fit the values of the response tokens to their GAE returns with the clipped value loss.
+
+        Each epoch visits the rollouts in an order shuffled by ``random.Random(seed + epoch)``, in global batches of
+        ``global_batch_size`` (one optimizer step each; an incomplete last batch is still a step) cut into
+        micro-batches of ``micro_batch_size``.
+
+        Args:
+            rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
+                (one float per response token each).
+
+        Returns:
+            Averages over optimizer steps of ``value_loss``, ``value_clip_fraction``, ``explained_variance``,
+            ``values_mean``, ``returns_mean``, ``grad_norm``, ``lr``, plus ``critic_optimizer_steps``.
+
+        Raises:
+            ValueError: a rollout's ``values``/``returns`` length differs from its response length.
+        """
+        for r in rollouts:
+            n = len(r["input_ids"]) - int(r["prompt_length"])
+            if len(r["values"]) != n or len(r["returns"]) != n:
+                raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
+        sums: dict[str, float] = {}
+        steps = 0
+        for epoch in range(epochs):
+            order = list(range(len(rollouts)))
+            random.Random(seed + epoch).shuffle(order)
+            for g in range(0, len(order), global_batch_size):
+                group = [rollouts[i] for i in order[g : g + global_batch_size]]
+                micro = [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
+                total_tokens = sum(len(r["values"]) for r in group)
+                self.prepare_for_training_step()
+                step_sums: dict[str, float] = {}
+                for i, chunk in enumerate(micro):
+                    batch = self._collate(chunk)
+                    old = torch.tensor([v for r in chunk for v in r["values"]], dtype=torch.float32, device=self.device)
+                    ret = torch.tensor([v for r in chunk for v in r["returns"]], dtype=torch.float32, device=self.device)
+                    weight = old.numel() / total_tokens  # token-weighted mean over the global batch
+                    with self.accumulate(is_last=i == len(micro) - 1):
+                        values = self.get_values(batch)
+                        loss, metrics = ppo_value_loss(values, old, ret, self.loss_clip_val)
+                        self.backward(loss * weight)
+                    with torch.no_grad():
+                        metrics["value_loss"] = loss.detach()
+                        metrics["values_mean"] = values.detach().mean()
+                        metrics["returns_mean"] = ret.mean()
+                    for k, v in metrics.items():
+                        step_sums[k] = step_sums.get(k, 0.0) + float(v) * weight
+                with torch.no_grad():
+                    all_old = torch.tensor([v for r in group for v in r["values"]])
+                    all_ret = torch.tensor([v for r in group for v in r["returns"]])
+                    step_sums["explained_variance"] = float(explained_variance(all_old, all_ret))
+                step_sums.update(self.finish_training_step())
+                for k, v in step_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out["critic_optimizer_steps"] = float(steps)
+        return out
+
+
+def _segments(lengths: list[int]):
+    """``(start, length)`` of consecutive segments with the given lengths."""
+    start = 0
+    for n in lengths:
+        yield start, int(n)
+        start += int(n)

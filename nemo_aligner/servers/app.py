@@ -1,0 +1,372 @@
+"""Shared FastAPI plumbing for the inference servers (reward model, critic, initial policy).
+
+* :func:`create_app`: a FastAPI app with bearer-token auth, a request-body size limit and JSON error responses
+  ``{"error": "<message>"}`` for every failure (a bad request never stops the server).
+* :func:`run_server`: serve an app with uvicorn on a loopback address unless ``allow_remote`` is set.
+* :class:`BackgroundServer`: run an app in a background thread on a free 127.0.0.1 port (tests, benchmarks,
+  in-process use); a context manager that yields the base URL and stops cleanly.
+
+Auth: when a token is configured (argument, else the environment variable ``NEMO_ALIGNER_API_TOKEN``), every
+request except those to ``public_paths`` (default ``/health``) needs ``Authorization: Bearer <token>``; a missing
+or wrong token is answered 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "API_TOKEN_ENV",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "APIError",
+    "BackgroundServer",
+    "check_host",
+    "create_app",
+    "is_loopback",
+    "read_json",
+    "resolve_api_token",
+    "run_server",
+]
+
+API_TOKEN_ENV = "NEMO_ALIGNER_API_TOKEN"
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+class APIError(HTTPException):
+    """Raise in a handler to answer ``status_code`` with ``{"error": message}``."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(status_code=status_code, detail=message)
+
+
+def resolve_api_token(api_token: str | None = None) -> str | None:
+    """The token to require: ``api_token`` if non-empty, else ``$NEMO_ALIGNER_API_TOKEN`` if non-empty, else None
+    (no auth)."""
+    for value in (api_token, os.environ.get(API_TOKEN_ENV)):
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or ``localhost``) names only this machine (127.0.0.0/8, ::1, localhost).
+
+    ``0.0.0.0``/``::`` (all interfaces) and every other name are not loopback.
+    """
+    host = str(host).strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+async def _send_error(send, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    body = _error_body(message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _GuardMiddleware:
+    """Pure-ASGI middleware: bearer-token check (401), then body size limit (413, body read before the app)."""
+
+    def __init__(self, app, api_token: str | None, max_request_bytes: int, public_paths: tuple[str, ...]):
+        self.app = app
+        self.api_token = api_token
+        self.max_request_bytes = max_request_bytes
+        self.public_paths = public_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.api_token is not None and scope.get("path") not in self.public_paths:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_token.encode()):
+                message = "missing bearer token" if not auth else "invalid bearer token"
+                return await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_request_bytes
+            except ValueError:
+                return await _send_error(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await _send_error(
+                    send, 413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_request_bytes}"
+                )
+        # Read the body (bounded), then replay it to the app: chunked uploads are limited too.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                return await _send_error(send, 413, f"request body exceeds the limit of {self.max_request_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[int, str]:
+    errors = err.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "request body is not valid JSON"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return 422, "; ".join(parts) or "invalid request"
+
+
+def create_app(
+    title: str,
+    api_token: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    public_paths: Iterable[str] = ("/health",),
+    on_shutdown: Iterable[Callable[[], Any]] = (),
+) -> FastAPI:
+    """A FastAPI app with auth, a body size limit and JSON error handlers; add routes to it as usual.
+
+    Args:
+        title: shown in the OpenAPI docs.
+        api_token: bearer token to require; None/empty falls back to ``$NEMO_ALIGNER_API_TOKEN`` (see
+            :func:`resolve_api_token`); neither set = no auth.
+        max_request_bytes: larger request bodies are answered 413 before the handler runs.
+        public_paths: paths served without a token (default only ``/health``).
+        on_shutdown: callables run (in order, errors ignored) when the server shuts down; more can be appended to
+            ``app.state.on_shutdown``.
+
+    Every error is answered ``{"error": "<message>"}``: 400 malformed JSON, 401 auth, 404/405 unknown route or
+    method, 413 too large, 422 invalid fields, 500 an unexpected server-side exception (the server keeps serving).
+
+    Raises:
+        ValueError: ``max_request_bytes < 1``.
+    """
+    if int(max_request_bytes) < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for callback in app.state.on_shutdown:
+            with contextlib.suppress(Exception):
+                callback()
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.on_shutdown = list(on_shutdown)
+    app.state.api_token = resolve_api_token(api_token)
+    app.state.max_request_bytes = int(max_request_bytes)
+    app.add_middleware(
+        _GuardMiddleware,
+        api_token=app.state.api_token,
+        max_request_bytes=int(max_request_bytes),
+        public_paths=tuple(public_paths),
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        status, message = _validation_message(exc)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    return app
+
+
+async def read_json(request: Request) -> Any:
+    """The request body parsed as JSON.
+
+    Raises:
+        APIError: 400 when the body is empty or not valid JSON (UTF-8).
+    """
+    body = await request.body()
+    if not body.strip():
+        raise APIError(400, "request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APIError(400, f"request body is not valid JSON: {err}") from None
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote``.
+
+    Raises:
+        ValueError: ``host`` is not loopback (see :func:`is_loopback`) and ``allow_remote`` is false.
+    """
+    if not allow_remote and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on non-loopback host {host!r}: the server would be reachable from other machines; "
+            "pass allow_remote=True (inference.allow_remote=true) to do so deliberately, ideally with an api_token"
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), int(port)))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn_server(app, log_level: str, on_ready: Callable[[], None] | None = None):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    return _Server(config)
+
+
+def run_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 5555,
+    allow_remote: bool = False,
+    log_level: str = "warning",
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``app`` with uvicorn until interrupted (Ctrl-C / SIGTERM). Blocks.
+
+    Args:
+        host: address to listen on; a non-loopback one (e.g. ``0.0.0.0``) needs ``allow_remote=True``.
+        port: TCP port (0 = any free port).
+        allow_remote: allow listening on a non-loopback address.
+        log_level: uvicorn's log level.
+        on_ready: called with the base URL (e.g. ``http://127.0.0.1:5555``) once the server accepts requests.
+
+    Raises:
+        ValueError: a non-loopback ``host`` without ``allow_remote``.
+        OSError: the address cannot be bound (e.g. the port is in use), naming it.
+    """
+    check_host(host, allow_remote)
+    sock = _bind(host, port)
+    url = _url(host, sock.getsockname()[1])
+    server = _uvicorn_server(app, log_level, (lambda: on_ready(url)) if on_ready else None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class BackgroundServer:
+    """Serve an app in a daemon thread on a free loopback port; ``with BackgroundServer(app) as url: ...``.
+
+    Args:
+        app: an ASGI app.
+        host: a loopback address (default 127.0.0.1); other addresses are refused.
+        port: 0 (default) picks a free port.
+        startup_timeout: seconds to wait for the server to accept requests.
+
+    Attributes:
+        url: the base URL, e.g. ``http://127.0.0.1:40123`` (set by :meth:`start`).
+
+    Raises:
+        ValueError: a non-loopback ``host``; RuntimeError: the server did not start within ``startup_timeout``.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0,
+                 log_level: str = "warning"):
+        check_host(host, allow_remote=False)
+        self.app, self.host, self.port = app, host, port
+        self.startup_timeout = startup_timeout
+        self.log_level = log_level
+        self.url: str | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self) -> str:
+        """Start serving; returns the base URL."""
+        self._sock = _bind(self.host, self.port)
+        self.url = _url(self.host, self._sock.getsockname()[1])
+        self._server = _uvicorn_server(self.app, self.log_level)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="uvicorn-background", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server at {self.url} did not start within {self.startup_timeout} s")
+            time.sleep(0.01)
+        return self.url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the server to exit and wait up to ``timeout`` seconds for the thread. Idempotent."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

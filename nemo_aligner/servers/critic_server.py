@@ -1,0 +1,238 @@
+"""The PPO critic server (served mode): the critic infers values and trains on the actor's rollouts over HTTP.
+
+API (JSON; errors are ``{"error": "<message>"}``, see :func:`nemo_aligner.servers.app.create_app`):
+
+* ``POST /infer`` ``{"token_ids": [[int]], "prompt_lengths": [int]}`` -> ``{"values": [[float]]}``: one value per
+  response token (the tokens after ``prompt_length``), read at the position that predicts it. Items of concurrent
+  requests are gathered into micro-batches by :class:`~nemo_aligner.servers.batching.DynamicBatcher`.
+* ``POST /train`` ``{"step": int, "seed": int, "token_ids", "prompt_lengths", "values": [[float]],
+  "returns": [[float]]}`` -> ``{"metrics": {...}}``: one PPO step of clipped-value-loss training
+  (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``step``: a retried request for
+  the step just trained returns the stored metrics without training again.
+* ``POST /save`` ``{"step": int}`` / ``POST /load`` ``{"step": int}``: checkpoint ``<checkpoint_dir>/step=<N>`` (the
+  actor saves the critic before itself and restores it on resume).
+* ``GET /health`` (no token), ``GET /info``.
+
+Training and inference share one lock, so a request never sees half-updated weights.
+
+:class:`RemoteCritic` is the actor-side client (a :class:`~nemo_aligner.algorithms.ppo.CriticHandle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from fastapi import Request
+
+from nemo_aligner.servers.app import APIError, create_app, read_json
+from nemo_aligner.servers.batching import DynamicBatcher
+from nemo_aligner.servers.client import HTTPClient
+from nemo_aligner.utils.checkpoint import CheckpointManager
+
+__all__ = ["build_critic_app", "RemoteCritic", "parse_sequences"]
+
+
+def parse_sequences(body: dict, vocab_size: int | None = None) -> list[dict]:
+    """``token_ids`` + ``prompt_lengths`` of a request as rollout dicts ``{"input_ids", "prompt_length"}``.
+
+    Raises:
+        APIError: 422 for missing/mismatched fields, non-integer ids, ids outside the vocabulary, or a prompt length
+            that leaves no response token.
+    """
+    ids, lengths = body.get("token_ids"), body.get("prompt_lengths")
+    if not isinstance(ids, list) or not isinstance(lengths, list) or not ids or len(ids) != len(lengths):
+        raise APIError(422, "send non-empty lists 'token_ids' and 'prompt_lengths' of the same length")
+    out = []
+    for i, (seq, n) in enumerate(zip(ids, lengths)):
+        if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise APIError(422, f"token_ids[{i}] must be a list of integers")
+        if vocab_size is not None and any(t < 0 or t >= vocab_size for t in seq):
+            raise APIError(422, f"token_ids[{i}] holds an id outside the vocabulary [0, {vocab_size})")
+        if not isinstance(n, int) or not 1 <= n < len(seq):
+            raise APIError(422, f"prompt_lengths[{i}]={n!r} must be an integer in [1, {len(seq) - 1}]")
+        out.append({"input_ids": seq, "prompt_length": n})
+    return out
+
+
+def _float_lists(body: dict, key: str, rollouts: list[dict]) -> list[list[float]]:
+    values = body.get(key)
+    if not isinstance(values, list) or len(values) != len(rollouts):
+        raise APIError(422, f"'{key}' must be a list with one list of floats per sequence")
+    for i, (v, r) in enumerate(zip(values, rollouts)):
+        n = len(r["input_ids"]) - r["prompt_length"]
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) for x in v):
+            raise APIError(422, f"{key}[{i}] must hold {n} numbers (one per response token)")
+    return values
+
+
+def build_critic_app(
+    critic,
+    checkpoint_dir: str | Path,
+    forward_micro_batch_size: int = 4,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 1,
+    epochs: int = 1,
+    max_wait_ms: float = 2.0,
+    api_token: str | None = None,
+):
+    """A FastAPI app serving an :class:`~nemo_aligner.models.critic.HFCritic` (see the module docstring).
+
+    Args:
+        critic: the critic model (trained in place).
+        checkpoint_dir: where ``/save`` writes.
+        forward_micro_batch_size: sequences per inference forward.
+        global_batch_size, micro_batch_size, epochs: critic training batches per ``/train`` request.
+        max_wait_ms: how long an inference micro-batch waits for more items.
+        api_token: bearer token (None: ``$NEMO_ALIGNER_API_TOKEN`` or no auth).
+
+    Returns:
+        The app (``app.state.batcher``, ``app.state.critic``).
+    """
+    lock = threading.Lock()
+    checkpoints = CheckpointManager(checkpoint_dir, save_top_k=-1)
+    vocab = getattr(getattr(critic, "_lm", None), "config", None)
+    vocab_size = getattr(vocab, "vocab_size", None)
+    last_train: dict[str, Any] = {"step": None, "metrics": None}
+
+    def process(items: list[dict]) -> list[list[float]]:
+        with lock:
+            return critic.infer_values(items, forward_micro_batch_size)
+
+    batcher = DynamicBatcher(process, micro_batch_size=forward_micro_batch_size, max_wait_ms=max_wait_ms)
+    app = create_app("NeMo-Aligner PPO critic server", api_token=api_token, on_shutdown=[batcher.close])
+    app.state.batcher, app.state.critic = batcher, critic
+
+    def _int(body: dict, key: str) -> int:
+        value = body.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise APIError(422, f"'{key}' must be a non-negative integer")
+        return value
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        return {
+            "model": str(getattr(critic, "source", "")),
+            "forward_micro_batch_size": forward_micro_batch_size,
+            "global_batch_size": global_batch_size,
+            "micro_batch_size": micro_batch_size,
+            "last_trained_step": last_train["step"],
+            "checkpoint_dir": str(checkpoint_dir),
+        }
+
+    @app.post("/infer")
+    async def infer(request: Request) -> dict:
+        rollouts = parse_sequences(await read_json(request), vocab_size)
+        return {"values": await batcher.submit(rollouts)}
+
+    def _train(step: int, seed: int, rollouts: list[dict]) -> dict:
+        with lock:
+            if last_train["step"] == step:
+                return last_train["metrics"]
+            metrics = critic.train_on_rollouts(rollouts, global_batch_size, micro_batch_size, epochs, seed)
+            last_train.update(step=step, metrics=metrics)
+            return metrics
+
+    @app.post("/train")
+    async def train(request: Request) -> dict:
+        body = await read_json(request)
+        step, seed = _int(body, "step"), _int(body, "seed")
+        rollouts = parse_sequences(body, vocab_size)
+        for key in ("values", "returns"):
+            for r, v in zip(rollouts, _float_lists(body, key, rollouts)):
+                r[key] = [float(x) for x in v]
+        return {"metrics": await asyncio.to_thread(_train, step, seed, rollouts)}
+
+    def _save(step: int) -> str:
+        with lock:
+            path = checkpoints.path_for(step)
+            critic.save_checkpoint(str(path), {"step": step})
+            return str(path)
+
+    def _load(step: int) -> str:
+        path = checkpoints.path_for(step)
+        if not path.is_dir():
+            raise APIError(404, f"no critic checkpoint {path}")
+        with lock:
+            critic.load_checkpoint(str(path))
+            last_train.update(step=None, metrics=None)
+        return str(path)
+
+    @app.post("/save")
+    async def save(request: Request) -> dict:
+        return {"path": await asyncio.to_thread(_save, _int(await read_json(request), "step"))}
+
+    @app.post("/load")
+    async def load(request: Request) -> dict:
+        return {"path": await asyncio.to_thread(_load, _int(await read_json(request), "step"))}
+
+    return app
+
+
+def _payload(rollouts: Sequence[dict]) -> dict:
+    return {"token_ids": [list(map(int, r["input_ids"])) for r in rollouts],
+            "prompt_lengths": [int(r["prompt_length"]) for r in rollouts]}
+
+
+class RemoteCritic(HTTPClient):
+    """Actor-side client of the critic server; a :class:`~nemo_aligner.algorithms.ppo.CriticHandle`.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:5557``; other arguments as :class:`~nemo_aligner.servers.client.HTTPClient`.
+        max_items_per_request: ``/infer`` requests are split into chunks this big.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:5557", *args, max_items_per_request: int = 256, **kwargs):
+        super().__init__(base_url, *args, **kwargs)
+        self.max_items_per_request = int(max_items_per_request)
+        self._step = 0
+
+    def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(rollouts), self.max_items_per_request):
+            out.extend(self.post("/infer", _payload(rollouts[start : start + self.max_items_per_request]))["values"])
+        return out
+
+    def train(self, rollouts: Sequence[dict], seed: int, step: int | None = None) -> dict[str, float]:
+        """Train on rollouts with ``values`` and ``returns``; ``step`` (default: a counter) makes retries safe."""
+        step = self._step if step is None else step
+        self._step = step + 1
+        payload = _payload(rollouts)
+        payload.update(step=int(step), seed=int(seed), values=[list(r["values"]) for r in rollouts],
+                       returns=[list(r["returns"]) for r in rollouts])
+        return {k: float(v) for k, v in self.post("/train", payload)["metrics"].items()}
+
+    def save(self, step: int) -> None:
+        self.post("/save", {"step": int(step)})
+
+    def load(self, step: int) -> None:
+        self.post("/load", {"step": int(step)})
+        self._step = int(step)
+
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict:
+        """Poll ``/health`` until it answers (bounded by ``timeout`` seconds).
+
+        Raises:
+            ConnectionError: not ready in time.
+        """
+        return _wait(self, timeout, interval)
+
+
+def _wait(client: HTTPClient, timeout: float, interval: float) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            return client._client.get(f"{client.base_url}/health").json()
+        except Exception as err:  # noqa: BLE001 - not up yet
+            last = err
+            time.sleep(interval)
+    raise ConnectionError(f"server at {client.base_url} not ready after {timeout} s: {last}")
