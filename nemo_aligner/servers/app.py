@@ -287,7 +287,7 @@ def run_server(
     log_level: str = "warning",
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve ``app`` with uvicorn until interrupted (Ctrl-C / SIGTERM). Blocks.
+    """Serve ``app`` with uvicorn until interrupted (Ctrl-C / SIGTERM, then a graceful shutdown). Blocks.
 
     Args:
         host: address to listen on; a non-loopback one (e.g. ``0.0.0.0``) needs ``allow_remote=True``.
@@ -306,6 +306,8 @@ def run_server(
     server = _uvicorn_server(app, log_level, (lambda: on_ready(url)) if on_ready else None)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a graceful shutdown: not an error here
+        pass
     finally:
         sock.close()
 

@@ -1,0 +1,563 @@
+"""Rejection sampling (best-of-n fine-tuning) against a reward model.
+
+One RS *step* (NeMo-Aligner's "RS step"):
+
+1. **Rollout.** ``num_rollout_samples`` prompts are taken (deterministic, resumable order; split over
+   data-parallel ranks) and the policy samples ``num_rollouts_per_prompt`` responses to each
+   (``sampling_params``, ``length_params``), in generation calls of ``rollout_micro_batch_size`` responses.
+2. **Scoring.** Every response gets one reward-model score (in calls of ``forward_micro_batch_size`` sequences).
+3. **Selection.** Per prompt, the ``top_n_rollouts`` highest-scored responses are kept (:func:`select_top_n`).
+4. **Training.** The policy is fine-tuned on the kept ``(prompt, response)`` pairs with the SFT loss (negative
+   log-likelihood of the response tokens only, :func:`nemo_aligner.algorithms.supervised.sft_loss_and_metrics`),
+   one pass over them in global batches of ``model.global_batch_size`` (micro-batches of
+   ``model.micro_batch_size``), one optimizer step per global batch.
+
+This is the rejection-sampling fine-tuning of Touvron et al. 2023 ("Llama 2: Open Foundation and Fine-Tuned Chat
+Models", sec. 3.2.3: sample K outputs, keep the best by the reward model, fine-tune on it) and RAFT (Dong et al.
+2023, "RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment": rank samples by reward, keep the
+top ones, SFT on them), run online: each step samples from the current policy.
+
+The trainer drives the policy only through :class:`~nemo_aligner.models.alignable.AlignableModel`
+(``generate``, ``get_logprobs``, ``backward``, ``accumulate``, ``finish_training_step``, ``inference``,
+checkpoints, ``export_hf``). The reward is any ``reward_fn(prompt_ids, response_ids) -> list[float]``:
+:func:`nemo_aligner.algorithms.ppo.reward_fn_from_scorer` (a local
+:class:`~nemo_aligner.models.reward_model.RewardScorer`), :func:`nemo_aligner.algorithms.ppo.reward_fn_from_client`
+(the reward-model server) or a programmatic reward in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nemo_aligner.algorithms.ppo import RewardFn, rollout_examples
+from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
+from nemo_aligner.data.samplers import GlobalBatchSampler
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.logging import format_metrics, get_logger
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RSConfig:
+    """``trainer.rs`` and ``model.rs`` settings plus batch sizes (NeMo-Aligner key names).
+
+    Loop (``trainer.rs``): ``max_epochs`` (passes over the training prompts), ``max_steps`` (RS steps; -1: all),
+    ``val_check_interval``, ``save_interval`` (in RS steps; 0 = only at the end), ``gradient_clip_val``.
+    Rollouts (``model.rs``): ``num_rollout_samples`` (prompts per RS step), ``num_rollouts_per_prompt`` (responses
+    sampled per prompt), ``top_n_rollouts`` (responses kept per prompt), ``rollout_micro_batch_size`` (responses
+    per generation call), ``forward_micro_batch_size`` (sequences per reward-model call),
+    ``val_rollout_micro_batch_size``, ``num_val_samples`` (validation prompts), ``num_val_samples_to_show`` (rows
+    of the sample table). Training batches (``model``): ``global_batch_size``, ``micro_batch_size`` (kept
+    rollouts), ``seed``.
+    """
+
+    max_epochs: int = 1
+    max_steps: int = -1
+    val_check_interval: int = 10
+    save_interval: int = 10
+    gradient_clip_val: float = 1.0
+    num_rollout_samples: int = 8
+    num_rollouts_per_prompt: int = 4
+    top_n_rollouts: int = 1
+    rollout_micro_batch_size: int = 8
+    forward_micro_batch_size: int = 8
+    num_val_samples: int = 8
+    val_rollout_micro_batch_size: int = 8
+    num_val_samples_to_show: int = 4
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seed: int = 1234
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "RSConfig":
+        """From a full RS config (``trainer.rs``, ``model.rs``, ``model``); null micro-batch sizes default to
+        ``rollout_micro_batch_size`` and a null ``num_val_samples`` to ``num_rollout_samples``.
+
+        Raises:
+            ValueError: an out-of-range value (see :meth:`check`).
+        """
+        t, r, m = cfg.trainer.rs, cfg.model.rs, cfg.model
+        rollout_mbs = int(r.rollout_micro_batch_size)
+        out = cls(
+            max_epochs=int(t.max_epochs),
+            max_steps=int(t.max_steps),
+            val_check_interval=int(t.val_check_interval),
+            save_interval=int(t.save_interval),
+            gradient_clip_val=float(t.gradient_clip_val),
+            num_rollout_samples=int(r.num_rollout_samples),
+            num_rollouts_per_prompt=int(r.num_rollouts_per_prompt),
+            top_n_rollouts=int(r.top_n_rollouts),
+            rollout_micro_batch_size=rollout_mbs,
+            forward_micro_batch_size=int(r.get("forward_micro_batch_size") or rollout_mbs),
+            num_val_samples=int(r.get("num_val_samples") or r.num_rollout_samples),
+            val_rollout_micro_batch_size=int(r.get("val_rollout_micro_batch_size") or rollout_mbs),
+            num_val_samples_to_show=int(r.get("num_val_samples_to_show", 4)),
+            global_batch_size=int(m.global_batch_size),
+            micro_batch_size=int(m.micro_batch_size),
+            seed=int(m.get("seed", 1234)),
+        )
+        out.check()
+        return out
+
+    def check(self, data_parallel_size: int = 1) -> None:
+        """Raise ``ValueError`` naming the key of the first out-of-range value."""
+        for key in ("num_rollout_samples", "num_rollouts_per_prompt", "rollout_micro_batch_size",
+                    "forward_micro_batch_size", "val_rollout_micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.rs.{key} must be >= 1, got {getattr(self, key)}")
+        if not 1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt:
+            raise ValueError(
+                f"model.rs.top_n_rollouts={self.top_n_rollouts} must lie in [1, model.rs.num_rollouts_per_prompt="
+                f"{self.num_rollouts_per_prompt}]"
+            )
+        if self.num_rollout_samples % data_parallel_size:
+            raise ValueError(
+                f"model.rs.num_rollout_samples={self.num_rollout_samples} must be a multiple of the data-parallel "
+                f"size {data_parallel_size}"
+            )
+        if (self.global_batch_size < 1 or self.micro_batch_size < 1
+                or self.global_batch_size % (self.micro_batch_size * data_parallel_size)):
+            raise ValueError(
+                f"model.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"model.micro_batch_size={self.micro_batch_size} x data-parallel size {data_parallel_size}"
+            )
+
+    @property
+    def kept_per_step(self) -> int:
+        """Kept rollouts per RS step over all ranks: ``num_rollout_samples * top_n_rollouts``."""
+        return self.num_rollout_samples * self.top_n_rollouts
+
+    def optimizer_steps_per_rs_step(self) -> int:
+        """Optimizer steps on one step's kept rollouts: ``ceil(kept_per_step / global_batch_size)`` (the last
+        global batch may be smaller)."""
+        return math.ceil(self.kept_per_step / self.global_batch_size)
+
+
+def compute_rs_max_steps(num_prompts: int, cfg: RSConfig) -> int:
+    """RS steps of a run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0
+    (the incomplete last prompt batch of an epoch is dropped).
+
+    Raises:
+        ValueError: the result is 0 (fewer prompts than one rollout batch, or ``max_steps=0``).
+    """
+    per_epoch = num_prompts // cfg.num_rollout_samples
+    steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {num_prompts} prompts, model.rs.num_rollout_samples={cfg.num_rollout_samples}, "
+            f"trainer.rs.max_epochs={cfg.max_epochs}, trainer.rs.max_steps={cfg.max_steps} give 0 RS steps"
+        )
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selection and the training batch (pure functions)
+# ---------------------------------------------------------------------------------------------------------------
+def select_top_n(rewards: torch.Tensor | Sequence[Sequence[float]], top_n: int) -> torch.Tensor:
+    """Indices of the ``top_n`` highest rewards of each prompt (the selection of rejection sampling).
+
+    Ties are broken deterministically by sample index: among equal rewards the response sampled first (lower
+    index along ``N``) ranks higher. ``-inf`` is a valid (lowest) reward.
+
+    Args:
+        rewards: ``[P, N]`` rewards, ``N`` responses for each of ``P`` prompts (a tensor or nested lists).
+        top_n: responses kept per prompt, ``1 <= top_n <= N``.
+
+    Returns:
+        ``[P, top_n]`` int64 indices into ``N``, best first in each row.
+
+    Raises:
+        ValueError: ``rewards`` not 2-D, ``top_n`` outside ``[1, N]``, or a NaN reward.
+
+    Source: best-of-n selection of Touvron et al. 2023 (Llama 2, sec. 3.2.3) and RAFT (Dong et al. 2023).
+    """
+    values = torch.as_tensor(rewards, dtype=torch.float64).detach().cpu()
+    if values.dim() != 2:
+        raise ValueError(f"rewards must be [prompts, responses_per_prompt], got shape {tuple(values.shape)}")
+    n = values.shape[1]
+    if not 1 <= int(top_n) <= n:
+        raise ValueError(f"top_n={top_n} must lie in [1, {n}] (responses per prompt)")
+    if torch.isnan(values).any():
+        raise ValueError("rewards contain NaN; the reward model returned an invalid score")
+    # a stable ascending sort of the negated rewards keeps equal rewards in sample order
+    order = torch.sort(-values, dim=1, stable=True).indices
+    return order[:, : int(top_n)].to(torch.long)
+
+
+def build_rs_training_batch(rollouts: Sequence[dict], pad_token_id: int, pack: bool = False,
+                            max_row_length: int | None = None) -> SequenceBatch:
+    """The SFT batch of kept rollouts: ``prompt + response`` tokens with the prompt masked out of the loss.
+
+    Args:
+        rollouts: dicts with ``input_ids`` (prompt then response token ids) and ``prompt_length`` (int).
+        pad_token_id: padding id (never attended to, never a target).
+        pack, max_row_length: as :func:`nemo_aligner.data.sequences.collate_sequences`.
+
+    Returns:
+        :class:`~nemo_aligner.data.sequences.SequenceBatch` whose ``targets`` are exactly the response tokens of each
+        rollout, in rollout then token order (``target_lengths[s] = len(response_s)``).
+
+    Raises:
+        ValueError: as :func:`~nemo_aligner.data.sequences.collate_sequences` (no rollouts, an empty sequence).
+    """
+    return collate_sequences(rollout_examples(rollouts), int(pad_token_id), pack=pack, max_row_length=max_row_length)
+
+
+def rs_rollout_metrics(rewards: torch.Tensor, response_lengths: torch.Tensor, kept: torch.Tensor) -> dict[str, float]:
+    """Statistics of one RS rollout buffer.
+
+    Args:
+        rewards: ``[P, N]`` float rewards; response_lengths: ``[P, N]`` response tokens; kept: ``[P, K]`` indices
+            from :func:`select_top_n`.
+
+    Returns:
+        ``rewards_all_mean``/``rewards_all_std`` (every sample), ``rewards_kept_mean`` (kept samples),
+        ``rewards_best_mean`` (best sample per prompt), ``reward_spread_mean`` (mean over prompts of
+        ``max - min`` reward), ``reward_std_per_prompt_mean`` (mean over prompts of the std over its samples, 0 when
+        ``N = 1``), ``response_lengths_all_mean`` and ``response_lengths_kept_mean`` (tokens).
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    lengths = torch.as_tensor(response_lengths, dtype=torch.float64)
+    kept_rewards = rewards.gather(1, kept)
+    n = rewards.shape[1]
+    return {
+        "rewards_all_mean": float(rewards.mean()),
+        "rewards_all_std": float(rewards.flatten().std()) if rewards.numel() > 1 else 0.0,
+        "rewards_kept_mean": float(kept_rewards.mean()),
+        "rewards_best_mean": float(rewards.max(dim=1).values.mean()),
+        "reward_spread_mean": float((rewards.max(dim=1).values - rewards.min(dim=1).values).mean()),
+        "reward_std_per_prompt_mean": float(rewards.std(dim=1).mean()) if n > 1 else 0.0,
+        "response_lengths_all_mean": float(lengths.mean()),
+        "response_lengths_kept_mean": float(lengths.gather(1, kept).mean()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trainer
+# ---------------------------------------------------------------------------------------------------------------
+class RSTrainer:
+    """The online rejection-sampling loop (rollouts -> rewards -> top-n selection -> SFT on the kept rollouts),
+    with greedy validation, checkpoints of policy + optimizer + step (the data position), exact resume, logging and
+    the HF export.
+
+    Args:
+        policy: an :class:`~nemo_aligner.models.alignable.AlignableModel` with ``generate`` and ``get_logprobs``
+            (no reference policy needed).
+        reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
+        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        cfg: :class:`RSConfig`.
+        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams`` of the
+            training rollouts; validation uses the same with ``use_greedy=True``.
+        log_dir: ``hf_export/`` and ``val_samples/`` go here.
+        checkpoints: checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
+        log_metrics: ``(dict, step) -> None`` sink.
+        resume: restore the latest checkpoint (policy, optimizer, scheduler, RNG, step) when there is one.
+        export_hf: write ``<log_dir>/hf_export`` at the end.
+        is_global_zero: whether this process prints and writes sample tables.
+        eos_token_id: the token given to an empty response (a response needs at least one token).
+
+    Raises:
+        ValueError: too few prompts for one step, or batch sizes that do not divide (see :meth:`RSConfig.check`).
+
+    Source: Touvron et al. 2023 (Llama 2), sec. 3.2.3; Dong et al. 2023 (RAFT).
+    """
+
+    name = "RS"
+    summary_keys = ["rewards_all_mean", "rewards_kept_mean", "reward_spread_mean", "loss", "response_lengths_all_mean"]
+
+    def __init__(
+        self,
+        policy: AlignableModel,
+        reward_fn: RewardFn,
+        train_prompts: Sequence[Sequence[int]],
+        val_prompts: Sequence[Sequence[int]] | None,
+        cfg: RSConfig,
+        sampling_params: Any,
+        length_params: Any,
+        log_dir: str | Path,
+        checkpoints: CheckpointManager,
+        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+        resume: bool = True,
+        export_hf: bool = True,
+        is_global_zero: bool = True,
+        eos_token_id: int | None = None,
+    ):
+        self.policy = policy
+        self.reward_fn = reward_fn
+        self.train_prompts = [list(p) for p in train_prompts]
+        self.val_prompts = [list(p) for p in (val_prompts or [])]
+        self.cfg = cfg
+        self.sampling_params = sampling_params
+        self.greedy_params = dataclasses.replace(sampling_params, use_greedy=True)
+        self.length_params = length_params
+        self.log_dir = Path(log_dir)
+        self.checkpoints = checkpoints
+        self.log_metrics = log_metrics
+        self.resume = resume
+        self.export_hf = export_hf
+        self.is_global_zero = is_global_zero
+        self.tokenizer = getattr(policy, "tokenizer", None)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        world = policy.data_parallel_size
+        cfg.check(world)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_prompts), cfg.num_rollout_samples, 1,
+            rank=policy.data_parallel_rank, world_size=world, seed=cfg.seed,
+        )
+        self.max_steps = compute_rs_max_steps(len(self.train_prompts), cfg)
+        self.step = 0
+        self.optimizer_step = 0
+        self.initial_val_metrics: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.log = get_logger()
+
+    # ---- rollouts ---------------------------------------------------------------------------------------------
+    def generate_rollouts(self, prompts: list[list[int]], num_per_prompt: int, sampling_params: Any,
+                          micro_batch_size: int, seed: int) -> list[dict]:
+        """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses (call
+        ``i`` seeded with ``seed + i``).
+
+        Returns ``len(prompts) * num_per_prompt`` rollouts, prompt-major (rollout ``p * num_per_prompt + j`` is
+        sample ``j`` of prompt ``p``), each ``{"prompt_ids", "response_ids", "input_ids", "prompt_length",
+        "ended", "prompt_index", "sample_index"}``; an empty response becomes ``[eos_token_id]``.
+        """
+        rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
+        rollouts = []
+        with self.policy.inference():
+            for i, start in enumerate(range(0, len(rows), micro_batch_size)):
+                chunk = rows[start : start + micro_batch_size]
+                out = self.policy.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
+                                           seed=seed + i)
+                for (p, j), response, ended in zip(chunk, out.response_ids, out.ended):
+                    response = list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)]
+                    prompt = list(prompts[p])
+                    rollouts.append({
+                        "prompt_ids": prompt, "response_ids": response, "input_ids": prompt + response,
+                        "prompt_length": len(prompt), "ended": bool(ended), "prompt_index": p, "sample_index": j,
+                    })
+        return rollouts
+
+    def score_rollouts(self, rollouts: list[dict]) -> None:
+        """Set each rollout's ``reward`` with ``reward_fn``, in calls of ``forward_micro_batch_size`` rollouts.
+
+        Raises:
+            RuntimeError: the reward function returned the wrong number of scores.
+        """
+        mbs = self.cfg.forward_micro_batch_size
+        for start in range(0, len(rollouts), mbs):
+            chunk = rollouts[start : start + mbs]
+            rewards = list(self.reward_fn([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk]))
+            if len(rewards) != len(chunk):
+                raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
+            for r, value in zip(chunk, rewards):
+                r["reward"] = float(value)
+
+    def select(self, rollouts: list[dict], num_prompts: int) -> tuple[list[dict], dict[str, float]]:
+        """Keep the ``top_n_rollouts`` best of each prompt's ``num_rollouts_per_prompt`` scored rollouts
+        (prompt-major order, as :meth:`generate_rollouts`); returns ``(kept, metrics of rs_rollout_metrics)``,
+        the kept rollouts prompt by prompt, best first."""
+        n = self.cfg.num_rollouts_per_prompt
+        rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float64).view(num_prompts, n)
+        lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float64).view(num_prompts, n)
+        kept_idx = select_top_n(rewards, self.cfg.top_n_rollouts)
+        kept = [rollouts[p * n + j] for p in range(num_prompts) for j in kept_idx[p].tolist()]
+        metrics = rs_rollout_metrics(rewards, lengths, kept_idx)
+        metrics["ended_fraction"] = sum(r["ended"] for r in rollouts) / len(rollouts)
+        return kept, metrics
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def train_on_rollouts(self, kept: list[dict], seed: int) -> dict[str, float]:
+        """One pass of SFT over this rank's kept rollouts (shuffled by ``seed``), one optimizer step per global
+        batch of ``global_batch_size / data-parallel size`` rollouts on this rank, in micro-batches of
+        ``micro_batch_size``. Each micro-batch's loss is its token-mean NLL of the response tokens
+        (:func:`~nemo_aligner.algorithms.supervised.sft_loss_and_metrics`), divided by the number of micro-batches.
+
+        Returns metrics averaged over the optimizer steps (and ranks): ``loss``, ``target_tokens``,
+        ``grad_norm``, ``lr``, plus ``optimizer_steps``.
+        """
+        cfg = self.cfg
+        per_rank = cfg.global_batch_size // self.policy.data_parallel_size
+        order = list(range(len(kept)))
+        random.Random(seed).shuffle(order)
+        pad = int(getattr(self.policy, "pad_token_id", 0))
+        sums: dict[str, float] = {}
+        steps = 0
+        for g in range(0, len(order), per_rank):
+            group = [kept[i] for i in order[g : g + per_rank]]
+            micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
+            self.policy.prepare_for_training_step()
+            step_sums: dict[str, float] = {}
+            for i, chunk in enumerate(micro):
+                batch = build_rs_training_batch(chunk, pad)
+                with self.policy.accumulate(is_last=i == len(micro) - 1):
+                    loss, metrics = sft_loss_and_metrics(self.policy.get_logprobs(batch), batch)
+                    self.policy.backward(loss / len(micro))
+                for k in ("loss", "target_tokens"):
+                    step_sums[k] = step_sums.get(k, 0.0) + float(metrics[k]) / len(micro)
+            step_sums.update(self.policy.finish_training_step())
+            self.optimizer_step += 1
+            for k, v in self.policy.all_reduce_mean(step_sums).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out["optimizer_steps"] = float(steps)
+        return out
+
+    def _step_seed(self, step: int) -> int:
+        return self.cfg.seed + 1_000_003 * (step + 1)
+
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """Run RS step ``self.step``: rollouts, rewards, top-n selection, SFT on the kept rollouts.
+
+        Returns ``(metrics averaged over ranks, this rank's kept rollouts)``.
+        """
+        cfg = self.cfg
+        seed = self._step_seed(self.step)
+        start = time.perf_counter()
+        indices = [i for mb in self.sampler.micro_batches(self.step) for i in mb]
+        prompts = [self.train_prompts[i] for i in indices]
+        rollouts = self.generate_rollouts(prompts, cfg.num_rollouts_per_prompt, self.sampling_params,
+                                          cfg.rollout_micro_batch_size, seed)
+        metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
+        t0 = time.perf_counter()
+        self.score_rollouts(rollouts)
+        metrics["time_reward"] = time.perf_counter() - t0
+        kept, selection = self.select(rollouts, len(prompts))
+        metrics.update(selection)
+        t0 = time.perf_counter()
+        metrics.update(self.train_on_rollouts(kept, seed))
+        metrics["time_train"] = time.perf_counter() - t0
+        metrics["step_time"] = time.perf_counter() - start
+        return self.policy.all_reduce_mean(metrics), kept
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Greedy responses to the first ``num_val_samples`` validation prompts (split over ranks), scored by the
+        reward: ``global_rewards`` (mean reward, the checkpoint monitor ``val_global_rewards``),
+        ``global_response_lengths_mean`` (tokens). Writes ``<log_dir>/val_samples/step=<N>.md``, a table of the
+        first ``num_val_samples_to_show`` prompts, responses and rewards (rank 0's share)."""
+        if not self.val_prompts:
+            return {}
+        rank, world = self.policy.data_parallel_rank, self.policy.data_parallel_size
+        prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
+        rollouts = []
+        if prompts:
+            rollouts = self.generate_rollouts(prompts, 1, self.greedy_params, self.cfg.val_rollout_micro_batch_size,
+                                              self.cfg.seed)
+            self.score_rollouts(rollouts)
+        totals = torch.tensor([
+            sum(r["reward"] for r in rollouts), sum(len(r["response_ids"]) for r in rollouts), float(len(rollouts)),
+        ], dtype=torch.float64, device=self.policy.device)
+        if world > 1:
+            totals = self.policy.all_reduce(totals, "sum")
+        reward_sum, length_sum, count = totals.tolist()
+        if count == 0:
+            return {}
+        if self.is_global_zero:
+            self._write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+        return {"global_rewards": reward_sum / count, "global_response_lengths_mean": length_sum / count}
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _write_samples(self, rollouts: list[dict]) -> None:
+        cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+        lines = [f"# validation samples (greedy), step {self.step}", "",
+                 "| # | prompt | response | reward |", "|---|---|---|---|"]
+        for i, r in enumerate(rollouts):
+            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | "
+                         f"{cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
+        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        for r in rollouts[:2]:
+            self.log.info(f"val sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        extra = {
+            "step": self.step,
+            "optimizer_step": self.optimizer_step,
+            "consumed_samples": self.step * self.cfg.num_rollout_samples,
+            "epoch": self.step // self.sampler.steps_per_epoch,
+            "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
+        }
+        self.policy.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
+        if self.is_global_zero:
+            self.checkpoints.prune()
+
+    def _maybe_resume(self) -> None:
+        latest = self.checkpoints.latest() if self.resume else None
+        if latest is None:
+            return
+        extra = self.policy.load_checkpoint(str(latest))
+        self.step = int(extra["step"])
+        self.optimizer_step = int(extra.get("optimizer_step", self.step * self.cfg.optimizer_steps_per_rs_step()))
+        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
+        if self.is_global_zero:
+            self.log.info(f"resumed from {latest} at RS step {self.step} "
+                          f"(consumed_samples={extra.get('consumed_samples')})")
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    def _run_validation(self) -> dict[str, float]:
+        metrics = self.validate()
+        if metrics:
+            self.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+            if self.is_global_zero:
+                self.log.info(f"validation step {self.step}/{self.max_steps}: {format_metrics(metrics)}")
+        return metrics
+
+    def fit(self) -> list[dict[str, float]]:
+        """Run to ``max_steps`` RS steps; returns this call's per-step metrics (also logged under ``train/``).
+
+        A fresh run (step 0) with validation enabled (``val_check_interval > 0``) validates once before training
+        (``initial_val_metrics``, logged at step 0); validation then runs every ``val_check_interval`` steps and
+        at the end, checkpoints every ``save_interval`` steps and at the end.
+        """
+        from tqdm.auto import tqdm
+
+        self._maybe_resume()
+        val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
+        if self.step == 0 and val_every > 0:
+            self.initial_val_metrics = self._run_validation()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
+                        dynamic_ncols=True)
+        while self.step < self.max_steps:
+            metrics, _ = self.train_step()
+            self.step += 1
+            metrics["consumed_samples"] = self.step * self.cfg.num_rollout_samples
+            metrics["optimizer_step"] = self.optimizer_step
+            self.history.append(metrics)
+            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['rewards_all_mean']:.3g}", kept=f"{metrics['rewards_kept_mean']:.3g}")
+            if self.is_global_zero:
+                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
+                              f"(generation {metrics['time_generation']:.1f}s, reward {metrics['time_reward']:.1f}s, "
+                              f"training {metrics['time_train']:.1f}s)")
+            is_last = self.step == self.max_steps
+            if (val_every > 0 and self.step % val_every == 0) or is_last:
+                self.last_val_metrics = self._run_validation()
+            if (save_every > 0 and self.step % save_every == 0) or is_last:
+                self._save()
+        progress.close()
+        if self.export_hf:
+            self.policy.export_hf(str(self.log_dir / "hf_export"))
+            if self.is_global_zero:
+                self.log.info(f"Hugging Face export of the policy written to {self.log_dir / 'hf_export'}")
+        return self.history
