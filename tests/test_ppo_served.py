@@ -9,7 +9,7 @@ from nemo_aligner.servers.client import HTTPClient, ServerRequestError
 from nemo_aligner.utils.config import CONF_DIR
 
 from conftest import load_example_script
-from test_ppo import ppo_cfg, write_prompts
+from test_ppo import one_torch_thread, ppo_cfg, write_prompts  # noqa: F401 (autouse fixture: one torch thread)
 
 COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean", "value_loss", "explained_variance",
             "policy_loss", "clip_fraction", "approx_kl", "entropy", "response_lengths_mean"]
