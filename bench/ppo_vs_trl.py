@@ -1,7 +1,7 @@
 """PPO step time, split into generation / inference / training: nemo_aligner's PPO vs TRL's closest online trainer.
 
     flock /tmp/smollm2.lock python bench/ppo_vs_trl.py                  # SmolLM2-135M-Instruct, HH-RLHF, CPU
-    python bench/ppo_vs_trl.py --steps 4 --prompts 8 --generations 2 --max-new-tokens 64 --reward results/rm_quickstart
+    python bench/ppo_vs_trl.py --steps 4 --prompts 8 --generations 2 --max-new-tokens 64 --reward results/rm_quickstart/hf_export
 
 TRL 1.x has no ``PPOTrainer`` any more; its online RL trainers are ``GRPOTrainer`` and ``RLOOTrainer``, which share
 the generation / scoring / clipped-loss loop. This bench uses ``GRPOTrainer`` (the one TRL documents and maintains
@@ -15,7 +15,7 @@ tokens, stop at EOS), one optimizer step over all of them, fp32, a frozen refere
 per prompt). Algorithmic differences that stay: PPO also runs and trains a critic (a value model as large as the
 reward model); GRPO has none (group-normalised rewards instead).
 
-Reward (the same for both): ``--reward PATH`` a reward-model export (default ``results/rm_quickstart`` when it
+Reward (the same for both): ``--reward PATH`` a reward-model export (default ``results/rm_quickstart/hf_export`` when it
 exists; nemo_aligner scores with its ``RewardScorer``, TRL with the same export as a sequence-classification reward
 model), or ``--reward length`` (programmatic: response tokens / ``--max-new-tokens``).
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "train.jsonl.gz"
-DEFAULT_RM = REPO / "results" / "rm_quickstart"
+DEFAULT_RM = REPO / "results" / "rm_quickstart" / "hf_export"
 
 
 def select_prompts(data: Path, tokenizer_dir: str, count: int, max_tokens: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Load test of the reward-model server: throughput and latency with dynamic batching on and off.
 
     python bench/rm_server_load.py                                  # tiny random RM, 16 clients, 320 requests
-    flock /tmp/smollm2.lock python bench/rm_server_load.py --model results/rm_quickstart --requests 96
+    flock /tmp/smollm2.lock python bench/rm_server_load.py --model results/rm_quickstart/hf_export --requests 96
 
 For each setting (``--batched-mbs``, default 8, then 1 = batching off) a server process is started on a free
 127.0.0.1 port, ``--clients`` threads each send their share of ``--requests`` single-pair ``/score`` requests back

@@ -6,8 +6,8 @@
 #   bash scripts/quickstart_ppo.sh colocated    # only one mode: colocated | served
 #   bash scripts/quickstart_ppo.sh served trainer.ppo.max_steps=4   # extra args: Hydra overrides for the actor
 #
-# The reward model: results/rm_quickstart (an RM export). When it is missing, a short reward-model training
-# (examples/nlp/gpt/train_reward_model.py, 4 steps) writes it first. The critic starts from the same export.
+# The reward model: results/rm_quickstart/hf_export (the export of scripts/quickstart_rm.sh). When it is missing, a
+# short reward-model training (examples/nlp/gpt/train_reward_model.py, 4 steps) writes it first. The critic starts from the same export.
 # Served mode starts serve_reward_model.py (5555), serve_initial_policy.py (5556) and serve_ppo_critic.py (5557) in
 # the background on 127.0.0.1, waits for their /health, runs the actor with remote_critic_rm.enable=true, and stops
 # the servers on exit (trap). Ports: RM_PORT, POLICY_PORT, CRITIC_PORT. Logs: results/ppo_quickstart_*/.
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 MODE=${1:-both}
 case "$MODE" in colocated|served|both) shift || true ;; *) MODE=both ;; esac
 DATA=${DATA:-../shared/data/hh-rlhf}
-RM=${RM:-results/rm_quickstart}
+RM=${RM:-results/rm_quickstart/hf_export}
 POLICY=${POLICY:-smollm2-135m-instruct}
 RM_PORT=${RM_PORT:-5555} POLICY_PORT=${POLICY_PORT:-5556} CRITIC_PORT=${CRITIC_PORT:-5557}
 STEPS=${STEPS:-2}          # PPO steps
@@ -29,11 +29,10 @@ if [ ! -f "$RM/config.json" ]; then
     pretrained_checkpoint.restore_from_path="$POLICY" \
     "model.data.data_prefix.train=[$DATA/train.jsonl.gz]" \
     "model.data.data_prefix.validation=[$DATA/validation.jsonl.gz]" \
-    exp_manager.explicit_log_dir=results/rm_quickstart_run exp_manager.resume_if_exists=false \
+    exp_manager.explicit_log_dir="$(dirname "$RM")" \
     trainer.rm.max_steps=4 trainer.rm.val_check_interval=4 trainer.rm.limit_val_batches=10 \
     model.global_batch_size=4 model.micro_batch_size=2 model.encoder_seq_length=256 model.optim.lr=3e-5 \
     model.reward_standardization.enable=true model.reward_standardization.num_samples=16
-  mkdir -p "$(dirname "$RM")" && rm -rf "$RM" && cp -r results/rm_quickstart_run/hf_export "$RM"
 fi
 
 # The actor settings both modes share (NeMo-Aligner keys; see conf/gpt_ppo_actor.yaml).

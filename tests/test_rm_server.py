@@ -309,7 +309,7 @@ def test_entry_script_command_line_error_exits_2(tmp_path):
 @pytest.mark.slow
 def test_real_rm_export_end_to_end(no_env_token):
     """The SmolLM2 RM export of the RM quick start (skipped when it has not been produced)."""
-    export = REPO / "results" / "rm_quickstart"
+    export = REPO / "results" / "rm_quickstart" / "hf_export"
     candidates = [p for p in (export, export / "export", export / "hf") if (p / "config.json").is_file()]
     if not candidates:
         pytest.skip(f"no reward-model export under {export}")

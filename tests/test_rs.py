@@ -387,7 +387,7 @@ def test_user_errors(tmp_path, tiny_model_dir, rs_script):
 @pytest.mark.slow
 def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path):
     """Two RS steps of SmolLM2-135M-Instruct against the RM quick-start export (skipped without it)."""
-    export = REPO / "results" / "rm_quickstart"
+    export = REPO / "results" / "rm_quickstart" / "hf_export"
     if not (export / "config.json").is_file():
         pytest.skip(f"no reward-model export at {export}")
     data = REPO.parent / "shared" / "data" / "hh-rlhf"

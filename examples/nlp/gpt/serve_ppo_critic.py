@@ -1,7 +1,7 @@
 """Serve the PPO critic over HTTP for a served-mode PPO run (default http://127.0.0.1:5557).
 
     python examples/nlp/gpt/serve_ppo_critic.py \
-        pretrained_checkpoint.restore_from_path=results/rm_quickstart trainer.ppo.port=5557
+        pretrained_checkpoint.restore_from_path=results/rm_quickstart/hf_export trainer.ppo.port=5557
 
 The critic is initialised from the reward-model export (or any causal-LM checkpoint), infers values
 (``POST /infer``), trains with the clipped value loss (``POST /train``) and checkpoints (``POST /save``/``/load``)

@@ -4,7 +4,7 @@ Colocated (default; actor, critic, reward model and initial policy in this proce
 
     python examples/nlp/gpt/train_gpt_ppo_actor.py \
         pretrained_checkpoint.restore_from_path=smollm2-135m-instruct \
-        reward_model.restore_from_path=results/rm_quickstart \
+        reward_model.restore_from_path=results/rm_quickstart/hf_export \
         trainer.ppo.max_steps=2 model.ppo.num_rollout_samples=4 model.global_batch_size=4
 
 Served (start serve_reward_model.py, serve_ppo_critic.py and serve_initial_policy.py first)::

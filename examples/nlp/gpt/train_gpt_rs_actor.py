@@ -4,7 +4,7 @@ Local reward model (default)::
 
     python examples/nlp/gpt/train_gpt_rs_actor.py \
         pretrained_checkpoint.restore_from_path=smollm2-135m-instruct \
-        reward_model.restore_from_path=results/rm_quickstart \
+        reward_model.restore_from_path=results/rm_quickstart/hf_export \
         trainer.rs.max_steps=2 model.rs.num_rollout_samples=2 model.rs.num_rollouts_per_prompt=2 \
         model.global_batch_size=2
 
