@@ -13,64 +13,10 @@ Requires ``pip install -e .[bench]`` (TRL).
 
 from __future__ import annotations
 
-import argparse
-import csv
-import gzip
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "train.jsonl.gz"
-
-
-def select_pairs(data: Path, tokenizer_dir: str, count: int, max_length: int) -> tuple[list[dict], int]:
-    """The first ``count`` HH-RLHF pairs that fit ``max_length``, as TRL text records, and their token total."""
-    from transformers import AutoTokenizer
-
-    from nemo_aligner.data.preference import parse_preference_record, tokenize_example
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    pairs, tokens = [], 0
-    with gzip.open(data, "rt") if str(data).endswith(".gz") else open(data) as f:
-        for line_no, line in enumerate(f, 1):
-            example = parse_preference_record(json.loads(line), data, line_no)
-            prompt, chosen, rejected = tokenize_example(example, tokenizer)
-            if len(prompt) + max(len(chosen), len(rejected)) > max_length:
-                continue
-            pairs.append({"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected})
-            tokens += 2 * len(prompt) + len(chosen) + len(rejected)
-            if len(pairs) == count:
-                return pairs, tokens
-    raise SystemExit(f"only {len(pairs)} pairs of {data} fit {max_length} tokens; need {count}")
-
-
-def run_nemo_aligner(args, model_dir: str, data_file: Path, work: Path) -> float:
-    """Seconds spent in training steps, read from the run's CSV log (train/step_time)."""
-    log_dir = work / "nemo_aligner_run"
-    cmd = [
-        sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_dpo.py"),
-        f"pretrained_checkpoint.restore_from_path={model_dir}",
-        f"model.data.data_prefix.train=[{data_file}]", "model.data.data_prefix.validation=null",
-        f"model.data.cache_dir={work / 'cache'}", f"exp_manager.explicit_log_dir={log_dir}",
-        "exp_manager.export_hf=false", "exp_manager.resume_if_exists=false",
-        f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else 32}",
-        f"trainer.dpo.max_steps={args.steps}", "trainer.dpo.val_check_interval=0", "trainer.dpo.save_interval=0",
-        f"model.global_batch_size={args.batch_size}", f"model.micro_batch_size={args.batch_size}",
-        f"model.encoder_seq_length={args.max_length}", "model.data.truncation=drop",
-        "++model.dpo.ref_policy_kl_penalty=0.1", "model.optim.lr=5e-7",
-    ]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
-    rows = list(csv.DictReader(open(log_dir / "csv" / "metrics.csv")))
-    times = [float(r["train/step_time"]) for r in rows if r.get("train/step_time")]
-    if len(times) != args.steps:
-        raise SystemExit(f"nemo_aligner logged {len(times)} steps, expected {args.steps}")
-    return sum(times)
-
+from _common import parse_args, prepare_pairs, print_results, run_recipe, run_trl
 
 TRL_CHILD = r"""
 import json, sys, time
@@ -103,45 +49,15 @@ print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step, 
 """
 
 
-def run_trl(args, model_dir: str, data_file: Path, work: Path) -> tuple[float, str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", TRL_CHILD, model_dir, str(data_file), str(work / "trl_run"), str(args.batch_size),
-         str(args.max_length), args.precision],
-        check=True, capture_output=True, text=True,
-    )
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if result["steps"] != args.steps:
-        raise SystemExit(f"TRL ran {result['steps']} steps, expected {args.steps}")
-    return float(result["seconds"]), result["trl"]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf, or alias")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step (one micro-batch)")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
-
-    from nemo_aligner.models.pretrained import resolve_pretrained
-
-    model_dir = resolve_pretrained(args.model)
-    pairs, tokens = select_pairs(Path(args.data), model_dir, args.steps * args.batch_size, args.max_length)
+    args = parse_args(__doc__, steps=6, max_length=512)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data_file = work / "pairs.jsonl"
-        data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        ours = run_nemo_aligner(args, model_dir, data_file, work)
-        trl_seconds, trl_version = run_trl(args, model_dir, data_file, work)
-    device = "cuda" if __import__("torch").cuda.is_available() else f"cpu x{os.cpu_count()}"
-    print(f"model={args.model} pairs={len(pairs)} steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
-          f"precision={args.precision} device={device} tokens={tokens}")
-    print(f"nemo_aligner : {tokens / ours:10.1f} tokens/s  ({ours:.1f} s)")
-    print(f"trl {trl_version:<8} : {tokens / trl_seconds:10.1f} tokens/s  ({trl_seconds:.1f} s)")
-    print(f"ratio nemo_aligner / trl = {trl_seconds / ours:.2f}x")
+        model_dir, data_file, pairs, tokens = prepare_pairs(args, work)
+        extra = ["++model.dpo.ref_policy_kl_penalty=0.1", "model.optim.lr=5e-7"]
+        ours = run_recipe(args, "train_gpt_dpo.py", "dpo", model_dir, data_file, work, extra)
+        trl_seconds, trl_version = run_trl(args, TRL_CHILD, model_dir, data_file, work)
+    print_results(args, pairs, tokens, ours, trl_seconds, trl_version)
 
 
 if __name__ == "__main__":

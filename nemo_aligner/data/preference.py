@@ -12,21 +12,16 @@ with the same file, tokenizer and length settings load it without re-tokenising.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import datasets
-import numpy as np
 
-from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
+from nemo_aligner.data.jsonl import DataFormatError
 
 Message = dict[str, Any]
 """A chat message: ``{"role": str, "content": str}`` (extra keys are passed to the chat template)."""
@@ -51,8 +46,6 @@ ACCEPTED_FORMATS = (
     "Anthropic HH-RLHF: {'chosen': str, 'rejected': str}, full '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
 )
 
-STATS_FILE = "stats.json"
-
 _FEATURES = datasets.Features(
     {
         "prompt_ids": datasets.Sequence(datasets.Value("int32")),
@@ -65,8 +58,6 @@ _FEATURES = datasets.Features(
 )
 
 _STAT_COUNTERS = ("num_lines", "num_pairs", "num_truncated", "num_dropped")
-
-_TOKENIZER_PROBE = "The quick brown fox. 123 \n\nHuman:"
 
 
 @dataclass
@@ -374,38 +365,6 @@ def truncate_pair(
 # --------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$NEMO_ALIGNER_CACHE/data``, by default ``~/.cache/nemo_aligner/data``."""
-    return Path(os.environ.get("NEMO_ALIGNER_CACHE", Path.home() / ".cache" / "nemo_aligner")).expanduser() / "data"
-
-
-def _tokenizer_fingerprint(tokenizer) -> dict:
-    probe_ids = list(tokenizer(_TOKENIZER_PROBE)["input_ids"])
-    return {
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-        "len": len(tokenizer),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "probe_sha256": hashlib.sha256(json.dumps(probe_ids).encode()).hexdigest(),
-    }
-
-
-def _cache_key(path: Path, tokenizer, max_seq_length: int, truncation: str) -> str:
-    stat = path.stat()
-    inputs = {
-        "path": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "max_seq_length": max_seq_length,
-        "truncation": truncation,
-        "format_version": FORMAT_VERSION,
-    }
-    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def build_preference_dataset(
     path: str | os.PathLike,
     tokenizer,
@@ -418,8 +377,9 @@ def build_preference_dataset(
 
     The file is streamed line by line (never held in memory), each line goes through
     :func:`parse_preference_record`, :func:`tokenize_example` and :func:`truncate_pair`, and the
-    rows are written to ``<cache_dir>/<file stem>-<key>/`` through a temporary directory that is
-    renamed into place only once complete. ``key`` (16 hex chars of a sha256) covers the absolute
+    rows are written to ``<cache_dir>/<file stem>-<key>/`` by
+    :func:`~nemo_aligner.data.cache.build_cached_dataset` (through a temporary directory that is
+    renamed into place only once complete). ``key`` (16 hex chars of a sha256) covers the absolute
     path, size and mtime of the file, the tokenizer (name, vocabulary size, chat template, BOS/EOS
     ids, ids of a probe sentence), ``max_seq_length``, ``truncation`` and :data:`FORMAT_VERSION`;
     a later call with the same inputs loads the directory with ``datasets.load_from_disk``.
@@ -434,7 +394,7 @@ def build_preference_dataset(
         tokenizer: a Hugging Face tokenizer (see :func:`tokenize_example`).
         max_seq_length: limit in tokens for prompt+chosen and for prompt+rejected.
         truncation: ``"truncate"`` or ``"drop"`` (see :func:`truncate_pair`).
-        cache_dir: where cached datasets live; default :func:`default_cache_dir`.
+        cache_dir: where cached datasets live; default :func:`~nemo_aligner.data.cache.default_cache_dir`.
         num_proc: tokenise with this many processes (each reads the file, keeps every
             ``num_proc``-th line); None or 1 for a single process.
 
@@ -449,109 +409,28 @@ def build_preference_dataset(
         ValueError: bad ``truncation``/``max_seq_length``, or the file yields no pair at all.
     """
     _check_truncation_args(max_seq_length, truncation)
-    path = Path(path).absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data file not found: {path}")
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(path, tokenizer, max_seq_length, truncation)
-    final_dir = cache_root / f"{path.name.split('.')[0]}-{key}"
-
-    if not (final_dir / STATS_FILE).is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
-        try:
-            _write_dataset(path, tokenizer, max_seq_length, truncation, num_proc, work_dir, final_dir)
-            _publish(work_dir / "dataset", final_dir)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    return _load_cached(final_dir)
-
-
-def _write_dataset(
-    path: Path, tokenizer, max_seq_length: int, truncation: str, num_proc: int | None, work_dir: Path, final_dir: Path
-) -> None:
-    """Tokenise ``path`` into ``work_dir/dataset`` (Arrow files + stats.json)."""
-    num_shards = max(1, num_proc or 1)
-    try:
-        dataset = datasets.Dataset.from_generator(
-            _generate_rows,
-            features=_FEATURES,
-            cache_dir=str(work_dir / "generator"),
-            fingerprint=f"{final_dir.name}-{uuid.uuid4().hex}",
-            num_proc=num_shards if num_shards > 1 else None,
-            gen_kwargs={
-                "shard_ids": list(range(num_shards)),
-                "num_shards": num_shards,
-                "path": path,
-                "tokenizer": tokenizer,
-                "max_seq_length": max_seq_length,
-                "truncation": truncation,
-                "stats_dir": str(work_dir),
-            },
-        )
-    except Exception:  # datasets wraps (and, across processes, stringifies) errors raised by the generator
-        data_error = _first_shard_error(work_dir)
-        if data_error is not None:
-            raise data_error from None
-        _check_has_pairs(_sum_shard_stats(work_dir, num_shards), path, max_seq_length)  # empty splits fail in datasets
-        raise
-
-    stats = _sum_shard_stats(work_dir, num_shards)
-    _check_has_pairs(stats, path, max_seq_length)
-    if num_shards > 1:  # shards hold interleaved lines: restore file order
-        line_numbers = np.asarray(dataset.with_format("numpy")["line_no"])
-        dataset = dataset.select(np.argsort(line_numbers, kind="stable"))
-    dataset.save_to_disk(str(work_dir / "dataset"))
-    stats.update(path=str(path), cache_path=str(final_dir))
-    (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
+    settings = {"max_seq_length": max_seq_length, "truncation": truncation}
+    return build_cached_dataset(
+        path,
+        kind="preference",
+        dir_name="{stem}-{key}",
+        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": FORMAT_VERSION, **settings},
+        features=_FEATURES,
+        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
+        counters=_STAT_COUNTERS,
+        kept="num_pairs",
+        missing_message="preference data file not found: {path}",
+        empty_message="{path}: no preference pairs ({num_lines} records read, {num_dropped} dropped as longer than "
+        f"max_seq_length={max_seq_length})",
+        cache_dir=cache_dir,
+        num_proc=num_proc,
+    )
 
 
-def _check_has_pairs(stats: dict, path: Path, max_seq_length: int) -> None:
-    if stats and stats["num_pairs"] == 0:
-        raise ValueError(
-            f"{path}: no preference pairs ({stats['num_lines']} records read, {stats['num_dropped']} dropped as "
-            f"longer than max_seq_length={max_seq_length})"
-        )
-
-
-def _sum_shard_stats(work_dir: Path, num_shards: int) -> dict:
-    """Add up the per-shard counters written by :func:`_generate_rows` ({} if a shard did not finish)."""
-    shard_files = [work_dir / f"shard-{shard}.json" for shard in range(num_shards)]
-    if not all(shard_file.is_file() for shard_file in shard_files):
-        return {}
-    stats = {name: 0 for name in _STAT_COUNTERS}
-    for shard_file in shard_files:
-        for name, count in json.loads(shard_file.read_text()).items():
-            stats[name] += count
-    return stats
-
-
-def _generate_rows(shard_ids, num_shards, path, tokenizer, max_seq_length, truncation, stats_dir):
-    """Yield dataset rows for the lines with ``line_no % num_shards`` in ``shard_ids``.
-
-    Writes ``shard-<id>.json`` (counters) into ``stats_dir`` when a shard is done, or
-    ``error-<id>.json`` for a malformed line, so the parent process sees both even when
-    this runs in a worker process.
-    """
-    for shard in shard_ids:
-        counts = {name: 0 for name in _STAT_COUNTERS}
-        try:
-            for line_no, record in iter_jsonl(path):
-                if line_no % num_shards != shard:
-                    continue
-                counts["num_lines"] += 1
-                row = _tokenize_row(record, path, line_no, tokenizer, max_seq_length, truncation)
-                if row is None:
-                    counts["num_dropped"] += 1
-                    continue
-                counts["num_pairs"] += 1
-                counts["num_truncated"] += row.pop("truncated")
-                yield row
-        except DataFormatError as err:
-            error = {"path": str(err.path), "line_no": err.line_no, "field": err.field, "message": err.message}
-            (Path(stats_dir) / f"error-{shard}.json").write_text(json.dumps(error))
-            raise
-        (Path(stats_dir) / f"shard-{shard}.json").write_text(json.dumps(counts))
+def _generate_rows(shard: int, num_shards: int, path: Path, tokenizer, max_seq_length: int, truncation: str):
+    """The rows (None for a dropped pair) of the lines of ``path`` in ``shard``."""
+    for line_no, record in iter_jsonl_shard(path, shard, num_shards):
+        yield _tokenize_row(record, path, line_no, tokenizer, max_seq_length, truncation)
 
 
 def _tokenize_row(record: dict, path, line_no: int, tokenizer, max_seq_length: int, truncation: str) -> dict | None:
@@ -578,31 +457,6 @@ def _tokenize_row(record: dict, path, line_no: int, tokenizer, max_seq_length: i
 
 def _reward_or_nan(reward: float | None) -> float:
     return math.nan if reward is None else reward
-
-
-def _first_shard_error(work_dir: Path) -> DataFormatError | None:
-    """The malformed line (lowest line number) recorded by the generator shards, if any."""
-    errors = [json.loads(error_file.read_text()) for error_file in work_dir.glob("error-*.json")]
-    if not errors:
-        return None
-    first = min(errors, key=lambda error: error["line_no"])
-    return DataFormatError(first["path"], first["line_no"], first["field"], first["message"])
-
-
-def _publish(built_dir: Path, final_dir: Path) -> None:
-    """Atomically move a complete dataset directory into place (another process may have won the race)."""
-    try:
-        os.replace(built_dir, final_dir)
-    except OSError:
-        if not (final_dir / STATS_FILE).is_file():
-            raise
-
-
-def _load_cached(final_dir: Path) -> tuple[datasets.Dataset, dict]:
-    dataset = datasets.load_from_disk(str(final_dir))
-    stats = json.loads((final_dir / STATS_FILE).read_text())
-    stats["cache_path"] = str(final_dir)
-    return dataset, stats
 
 
 def load_preference_datasets(

@@ -21,12 +21,8 @@ better], "line_no"}``; a pair is ``K = 2`` with preferences ``[1, 0]`` (chosen f
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,15 +30,11 @@ from typing import Any, Sequence
 import datasets
 import torch
 
+from nemo_aligner.data.cache import build_cached_dataset, tokenizer_fingerprint
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
 from nemo_aligner.data.preference import (
-    STATS_FILE,
-    _check_truncation_args,
     _check_messages,
-    _load_cached,
-    _publish,
-    _tokenizer_fingerprint,
-    default_cache_dir,
+    _check_truncation_args,
     parse_preference_record,
     tokenize_example,
     truncate_pair,
@@ -254,21 +246,6 @@ def iter_reward_rows(path: str | os.PathLike, tokenizer, max_seq_length: int, tr
 # --------------------------------------------------------------------------------------
 
 
-def _cache_key(path: Path, tokenizer, max_seq_length: int, truncation: str) -> str:
-    stat = path.stat()
-    inputs = {
-        "kind": "reward",
-        "path": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "max_seq_length": max_seq_length,
-        "truncation": truncation,
-        "format_version": REWARD_FORMAT_VERSION,
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def build_reward_dataset(
     path: str | os.PathLike,
     tokenizer,
@@ -278,9 +255,10 @@ def build_reward_dataset(
 ) -> tuple[datasets.Dataset, dict]:
     """Tokenise a reward-model JSON-lines file once into a memory-mapped Arrow dataset (cached).
 
-    Streams the file through :func:`iter_reward_rows` into ``<cache_dir>/rm-<file stem>-<key>/`` via a temporary
-    directory renamed into place when complete (``key`` covers the file's path/size/mtime, the tokenizer,
-    ``max_seq_length``, ``truncation`` and :data:`REWARD_FORMAT_VERSION`); later calls load it.
+    Streams the file through :func:`iter_reward_rows` into ``<cache_dir>/rm-<file stem>-<key>/`` with
+    :func:`~nemo_aligner.data.cache.build_cached_dataset`, via a temporary directory renamed into place when
+    complete (``key`` covers the file's path/size/mtime, the tokenizer, ``max_seq_length``, ``truncation`` and
+    :data:`REWARD_FORMAT_VERSION`); later calls load it.
 
     Returns:
         ``(dataset, stats)``: columns ``prompt_ids`` (int32), ``response_ids`` (K lists of int32),
@@ -293,50 +271,35 @@ def build_reward_dataset(
         ValueError: bad ``truncation``/``max_seq_length``, or no example survives.
     """
     _check_truncation_args(max_seq_length, truncation)
-    path = Path(path).absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"reward-model data file not found: {path}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final_dir = root / f"rm-{path.name.split('.')[0]}-{_cache_key(path, tokenizer, max_seq_length, truncation)}"
-    if not (final_dir / STATS_FILE).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=root))
-        try:
-            _write(path, tokenizer, max_seq_length, truncation, work, final_dir)
-            _publish(work / "dataset", final_dir)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return _load_cached(final_dir)
+    settings = {"max_seq_length": max_seq_length, "truncation": truncation}
+    return build_cached_dataset(
+        path,
+        kind="reward",
+        dir_name="rm-{stem}-{key}",
+        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": REWARD_FORMAT_VERSION, **settings},
+        features=FEATURES,
+        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
+        counters=_COUNTERS,
+        kept="num_examples",
+        extra_counts=_count_comparisons,
+        missing_message="reward-model data file not found: {path}",
+        empty_message="{path}: no reward-model examples ({num_lines} read, {num_dropped} dropped as longer than "
+        f"max_seq_length={max_seq_length})",
+        cache_dir=cache_dir,
+    )
 
 
-def _write(path: Path, tokenizer, max_seq_length: int, truncation: str, work: Path, final_dir: Path) -> None:
-    from datasets.arrow_writer import ArrowWriter
+def _generate_rows(shard: int, num_shards: int, path: Path, tokenizer, max_seq_length: int, truncation: str):
+    """:func:`iter_reward_rows` of the whole file (one shard only: NeMo-RLHF pairs span two lines)."""
+    if num_shards != 1:
+        raise ValueError("reward-model data is read by one process (NeMo-RLHF 'text' pairs span two lines)")
+    yield from iter_reward_rows(path, tokenizer, max_seq_length, truncation)
 
-    counts = {name: 0 for name in _COUNTERS}
-    arrow_file = work / "rows.arrow"
-    writer = ArrowWriter(features=FEATURES, path=str(arrow_file))
-    try:
-        for row in iter_reward_rows(path, tokenizer, max_seq_length, truncation):
-            counts["num_lines"] += 1
-            if row is None:
-                counts["num_dropped"] += 1
-                continue
-            counts["num_examples"] += 1
-            counts["num_truncated"] += int(row.pop("truncated"))
-            prefs = row["preferences"]
-            counts["num_comparisons"] += sum(a > b for a in prefs for b in prefs)
-            writer.write(row)
-    finally:
-        writer.finalize()
-    if counts["num_examples"] == 0:
-        raise ValueError(
-            f"{path}: no reward-model examples ({counts['num_lines']} read, {counts['num_dropped']} dropped as longer "
-            f"than max_seq_length={max_seq_length})"
-        )
-    dataset = datasets.Dataset.from_file(str(arrow_file))
-    dataset.save_to_disk(str(work / "dataset"))
-    counts.update(path=str(path), cache_path=str(final_dir))
-    (work / "dataset" / STATS_FILE).write_text(json.dumps(counts, indent=2))
+
+def _count_comparisons(row: dict) -> dict:
+    """``num_comparisons`` of a row: its ordered pairs of responses with different preferences."""
+    prefs = row["preferences"]
+    return {"num_comparisons": sum(a > b for a in prefs for b in prefs)}
 
 
 def load_reward_datasets(

@@ -6,7 +6,7 @@ Pipeline for one JSON-lines file::
 
 :func:`build_sft_dataset` runs it once over the whole file (streaming) and stores ``input_ids`` and ``loss_mask``
 as a memory-mapped Arrow dataset in the same cache as the preference data (see
-:mod:`nemo_aligner.data.preference`), so later runs with the same file, tokenizer and settings load it without
+:mod:`nemo_aligner.data.cache`), so later runs with the same file, tokenizer and settings load it without
 re-tokenising. Rows feed :func:`nemo_aligner.data.sequences.collate_sequences` directly.
 
 The loss mask is 1 exactly on assistant tokens: every assistant turn of a conversation (its content and whatever the
@@ -17,31 +17,16 @@ plain text). System and user turns, and the template's assistant header (``<|im_
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.data.preference import (
-    STATS_FILE,
-    Message,
-    Turns,
-    _check_messages,
-    _load_cached,
-    _publish,
-    _require_turns,
-    _split_hh_transcript,
-    _tokenizer_fingerprint,
-    default_cache_dir,
-)
+from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
+from nemo_aligner.data.jsonl import DataFormatError
+from nemo_aligner.data.preference import Message, Turns, _check_messages, _require_turns, _split_hh_transcript
 from nemo_aligner.data.sequences import tokenize_prompt_response
 
 SFT_FORMAT_VERSION = 1
@@ -304,20 +289,6 @@ def truncate_sequence(
 # --------------------------------------------------------------------------------------
 
 
-def _cache_key(path: Path, tokenizer, settings: dict) -> str:
-    stat = path.stat()
-    inputs = {
-        "kind": "sft",
-        "path": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "format_version": SFT_FORMAT_VERSION,
-        **settings,
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def build_sft_dataset(
     path: str | os.PathLike,
     tokenizer,
@@ -330,10 +301,10 @@ def build_sft_dataset(
     """Tokenise an SFT JSON-lines file once into a cached, memory-mapped Arrow dataset.
 
     The file is streamed (:func:`~nemo_aligner.data.jsonl.iter_jsonl`, ``.gz`` allowed); each line goes through
-    :func:`parse_sft_record`, :func:`tokenize_sft_example` and :func:`truncate_sequence`. Rows are written into a
-    temporary directory under the cache and renamed to ``<cache_dir>/<file stem>-sft-<key>/`` once complete.
-    ``key`` covers the file (absolute path, size, mtime), the tokenizer fingerprint of the preference cache, the
-    settings and :data:`SFT_FORMAT_VERSION`.
+    :func:`parse_sft_record`, :func:`tokenize_sft_example` and :func:`truncate_sequence`. Rows are written by
+    :func:`~nemo_aligner.data.cache.build_cached_dataset` into a temporary directory under the cache and renamed to
+    ``<cache_dir>/<file stem>-sft-<key>/`` once complete. ``key`` covers the file (absolute path, size, mtime), the
+    tokenizer fingerprint, the settings and :data:`SFT_FORMAT_VERSION`.
 
     Columns (one row per kept example, in file order): ``input_ids`` int32 ``[L]``, ``loss_mask`` int8 ``[L]``
     (1 = assistant token), ``line_no`` int64 (1-based source line).
@@ -344,7 +315,7 @@ def build_sft_dataset(
         max_seq_length: token limit per example (at least 2).
         truncation, truncation_method: see :func:`truncate_sequence`.
         chat: see :func:`tokenize_sft_example`.
-        cache_dir: default :func:`nemo_aligner.data.preference.default_cache_dir`.
+        cache_dir: default :func:`nemo_aligner.data.cache.default_cache_dir`.
 
     Returns:
         ``(dataset, stats)``, ``stats`` = ``{"num_lines", "num_examples", "num_truncated", "num_dropped", "path",
@@ -356,85 +327,43 @@ def build_sft_dataset(
         ValueError: bad settings, or no example survives.
     """
     _check_truncation_args(max_seq_length, truncation, truncation_method)
-    path = Path(path).absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file not found: {path}")
     settings = {
         "max_seq_length": int(max_seq_length),
         "truncation": truncation,
         "truncation_method": truncation_method,
         "chat": bool(chat),
     }
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final_dir = cache_root / f"{path.name.split('.')[0]}-sft-{_cache_key(path, tokenizer, settings)}"
-    if not (final_dir / STATS_FILE).is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
+    return build_cached_dataset(
+        path,
+        kind="sft",
+        dir_name="{stem}-sft-{key}",
+        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": SFT_FORMAT_VERSION, **settings},
+        features=_FEATURES,
+        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
+        counters=_STAT_COUNTERS,
+        kept="num_examples",
+        missing_message="SFT data file not found: {path}",
+        empty_message="{path}: no SFT examples ({num_lines} records read, {num_dropped} dropped as longer than "
+        f"max_seq_length={settings['max_seq_length']} or without a target token after truncation)",
+        cache_dir=cache_dir,
+    )
+
+
+def _generate_rows(
+    shard: int, num_shards: int, path: Path, tokenizer, max_seq_length: int, truncation: str, truncation_method: str, chat: bool
+):
+    """The rows (None for a dropped example) of the lines of ``path`` in ``shard``."""
+    for line_no, record in iter_jsonl_shard(path, shard, num_shards):
+        example = parse_sft_record(record, path, line_no)
         try:
-            _write_dataset(path, tokenizer, settings, work_dir, final_dir)
-            _publish(work_dir / "dataset", final_dir)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    return _load_cached(final_dir)
-
-
-def _write_dataset(path: Path, tokenizer, settings: dict, work_dir: Path, final_dir: Path) -> None:
-    try:
-        dataset = datasets.Dataset.from_generator(
-            _generate_rows,
-            features=_FEATURES,
-            cache_dir=str(work_dir / "generator"),
-            fingerprint=f"{final_dir.name}-{uuid.uuid4().hex}",
-            gen_kwargs={"path": path, "tokenizer": tokenizer, "settings": settings, "stats_dir": str(work_dir)},
-        )
-    except Exception:  # datasets wraps errors raised inside the generator: re-raise the data error itself
-        error_file = work_dir / "error.json"
-        if error_file.is_file():
-            raise DataFormatError(**json.loads(error_file.read_text())) from None
-        _check_has_examples(work_dir, path, settings)
-        raise
-    stats = _check_has_examples(work_dir, path, settings)
-    dataset.save_to_disk(str(work_dir / "dataset"))
-    stats.update(path=str(path), cache_path=str(final_dir))
-    (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
-
-
-def _check_has_examples(work_dir: Path, path: Path, settings: dict) -> dict:
-    stats_file = work_dir / "counts.json"
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    if stats and stats["num_examples"] == 0:
-        raise ValueError(
-            f"{path}: no SFT examples ({stats['num_lines']} records read, {stats['num_dropped']} dropped as longer "
-            f"than max_seq_length={settings['max_seq_length']} or without a target token after truncation)"
-        )
-    return stats
-
-
-def _generate_rows(path, tokenizer, settings, stats_dir):
-    """Yield one row per kept example; write ``counts.json`` when done or ``error.json`` for a bad line."""
-    counts = {name: 0 for name in _STAT_COUNTERS}
-    try:
-        for line_no, record in iter_jsonl(path):
-            counts["num_lines"] += 1
-            example = parse_sft_record(record, path, line_no)
-            try:
-                ids, mask = tokenize_sft_example(example, tokenizer, chat=settings["chat"])
-            except ValueError as err:
-                raise DataFormatError(path, line_no, None, str(err)) from err
-            kept = truncate_sequence(
-                ids, mask, settings["max_seq_length"], settings["truncation"], settings["truncation_method"]
-            )
-            if kept is None:
-                counts["num_dropped"] += 1
-                continue
-            counts["num_examples"] += 1
-            counts["num_truncated"] += len(kept[0]) != len(ids)
-            yield {"input_ids": kept[0], "loss_mask": kept[1], "line_no": line_no}
-    except DataFormatError as err:
-        error = {"path": str(err.path), "line_no": err.line_no, "field": err.field, "message": err.message}
-        (Path(stats_dir) / "error.json").write_text(json.dumps(error))
-        raise
-    (Path(stats_dir) / "counts.json").write_text(json.dumps(counts))
+            ids, mask = tokenize_sft_example(example, tokenizer, chat=chat)
+        except ValueError as err:
+            raise DataFormatError(path, line_no, None, str(err)) from err
+        kept = truncate_sequence(ids, mask, max_seq_length, truncation, truncation_method)
+        if kept is None:
+            yield None
+            continue
+        yield {"input_ids": kept[0], "loss_mask": kept[1], "line_no": line_no, "truncated": len(kept[0]) != len(ids)}
 
 
 def load_sft_datasets(

@@ -14,7 +14,6 @@ Exit status 2 with an ``error: ...`` line for a missing file or a malformed data
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from nemo_aligner.algorithms.reward_model import reward_loss_and_metrics
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
 from nemo_aligner.models.reward_model import RewardScorer
+from nemo_aligner.utils.recipe import run_or_exit
 
 RUN_CONFIG = "config.yaml"
 
@@ -98,8 +98,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataFormatError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(main, errors=(DataFormatError, FileNotFoundError))

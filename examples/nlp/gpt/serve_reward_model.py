@@ -24,8 +24,10 @@ from nemo_aligner.servers.app import check_host, run_server
 from nemo_aligner.servers.reward_model_server import build_reward_model_app
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import normalize_precision
 
+#: A user's mistake: ``error: ...`` and exit status 2 instead of a traceback.
 USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
 
 
@@ -110,14 +112,15 @@ def _ready(url: str) -> None:
     print(f"reward model server ready at {url} (POST {url}/score, GET {url}/health, GET {url}/info)", flush=True)
 
 
+def serve(cfg: DictConfig) -> None:
+    """Build the app from ``cfg`` and serve it until interrupted."""
+    app, serve_kwargs = build(cfg)
+    run_server(app, on_ready=_ready, **serve_kwargs)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="inference_rm", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        app, serve_kwargs = build(cfg)
-        run_server(app, on_ready=_ready, **serve_kwargs)
-    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(serve, cfg, errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ Configuration: conf/gpt_dpo.yaml (NeMo-Aligner key names). Multi-GPU: ``trainer.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.algorithms.dpo import (
     DPOLossConfig,
     DPOTrainer,
@@ -27,17 +24,24 @@ from nemo_aligner.algorithms.dpo import (
     precompute_reference_logprobs,
     save_reference_logprobs,
 )
-from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.packing import collate_preference_pairs
 from nemo_aligner.data.preference import load_preference_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
-from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, as_list, check_keys, load_schema
-from nemo_aligner.utils.logging import build_loggers, get_logger
-from nemo_aligner.utils.runtime import build_fabric, normalize_precision
-
-USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError)
+from nemo_aligner.utils.config import CONF_DIR, as_list
+from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.recipe import (
+    check_config,
+    checkpoint_manager,
+    finish,
+    load_pretrained,
+    load_split,
+    log_data_stats,
+    log_model_summary,
+    run_or_exit,
+    setup_fabric,
+    trainer_config,
+)
+from nemo_aligner.utils.runtime import normalize_precision
 
 
 def run(cfg: DictConfig) -> dict:
@@ -46,63 +50,32 @@ def run(cfg: DictConfig) -> dict:
     Raises:
         ConfigKeyError: an unknown key; FileNotFoundError: a missing data file; DataFormatError: a bad data line.
     """
-    check_keys(cfg, load_schema("gpt_dpo"), source="gpt_dpo config")
+    # Config
+    check_config(cfg, "gpt_dpo")
     log = get_logger()
     loss_cfg = DPOLossConfig.from_cfg(cfg.model.dpo)
     exp = cfg.exp_manager
-    log_dir = Path(exp.explicit_log_dir)
-    ckpt_params = exp.checkpoint_callback_params
-    checkpoints = CheckpointManager(
-        log_dir / "checkpoints", ckpt_params.save_top_k, ckpt_params.monitor, ckpt_params.get("mode", "min")
-    )
-    if not exp.resume_if_exists and checkpoints.latest() is not None:
-        raise FileExistsError(
-            f"{log_dir} already holds checkpoints; set exp_manager.resume_if_exists=true to continue that run "
-            "or point exp_manager.explicit_log_dir somewhere else"
-        )
-
-    fabric = build_fabric(cfg.trainer, loggers=build_loggers(log_dir, exp), seed=int(cfg.model.seed))
+    log_dir, checkpoints = checkpoint_manager(exp)
+    fabric = setup_fabric(cfg, log_dir)
 
     # Data: rank 0 tokenises into the on-disk cache first, then every rank memory-maps it.
-    from transformers import AutoTokenizer
-
-    source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path)) if fabric.is_global_zero else None
-    fabric.barrier()
-    source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    source, tokenizer = load_pretrained(fabric, cfg.pretrained_checkpoint.restore_from_path)
     data_cfg = cfg.model.data
+    max_len = int(cfg.model.encoder_seq_length)
     data_kwargs = dict(
-        tokenizer=tokenizer,
-        max_seq_length=int(cfg.model.encoder_seq_length),
-        truncation=str(data_cfg.truncation),
-        cache_dir=data_cfg.cache_dir,
+        tokenizer=tokenizer, max_seq_length=max_len, truncation=str(data_cfg.truncation), cache_dir=data_cfg.cache_dir
     )
-    prefix = data_cfg.data_prefix
-    splits = {}
-    for split in ("train", "validation"):
-        paths = as_list(prefix.get(split))
-        if not paths:
-            splits[split] = (None, None)
-            continue
-        if fabric.is_global_zero:
-            load_preference_datasets(paths, **data_kwargs)
-        fabric.barrier()
-        splits[split] = load_preference_datasets(paths, **data_kwargs)
-    train_ds, train_stats = splits["train"]
-    val_ds, _ = splits["validation"]
-    if train_ds is None:
+    train_paths = as_list(data_cfg.data_prefix.get("train"))
+    if not train_paths:
         raise ValueError("model.data.data_prefix.train names no file")
-    if fabric.is_global_zero:
-        for stats in train_stats:
-            log.info(
-                f"train data {os.path.normpath(stats['path'])}: {stats['num_pairs']} pairs "
-                f"({stats['num_truncated']} truncated, {stats['num_dropped']} dropped, max {cfg.model.encoder_seq_length} tokens)"
-            )
+    train_ds, train_stats = load_split(fabric, load_preference_datasets, train_paths, **data_kwargs)
+    val_ds, _ = load_split(fabric, load_preference_datasets, as_list(data_cfg.data_prefix.get("validation")), **data_kwargs)
+    log_data_stats(
+        fabric, train_stats, f"{{num_pairs}} pairs ({{num_truncated}} truncated, {{num_dropped}} dropped, max {max_len} tokens)"
+    )
 
-    trainer_cfg = TrainerConfig.from_cfg(cfg.trainer.dpo, cfg.model)
-    max_steps = compute_max_steps(len(train_ds), trainer_cfg)
-
-    precompute = bool(cfg.model.dpo.precompute_ref_log_probs)
+    # Model
+    trainer_cfg, max_steps = trainer_config(cfg.trainer.dpo, cfg.model, len(train_ds))
     model = HFCausalLM(
         fabric,
         cfg.model,
@@ -112,22 +85,17 @@ def run(cfg: DictConfig) -> dict:
         need_reference=True,
         precision=normalize_precision(cfg.trainer.precision),
     )
-    if fabric.is_global_zero:
-        trainable, total = model.num_trainable_parameters()
-        log.info(
-            f"policy {source}: {trainable:,} of {total:,} parameters trainable "
-            f"({'LoRA' if model.use_lora else 'full'}; reference = {'adapters off' if model.use_lora else 'frozen copy'})"
-        )
-        log.info(
-            f"{max_steps} steps of {trainer_cfg.global_batch_size} pairs ({model.data_parallel_size} rank(s), "
-            f"micro-batch {trainer_cfg.micro_batch_size}); logs and checkpoints in {log_dir}"
-        )
+    mode = "LoRA" if model.use_lora else "full"
+    reference = "adapters off" if model.use_lora else "frozen copy"
+    log_model_summary(
+        fabric, model, f"policy {source}", f"{mode}; reference = {reference}", max_steps, trainer_cfg, "pairs", log_dir
+    )
 
     def collate(examples):
         return collate_preference_pairs(examples, model.pad_token_id, shared_prefix=bool(cfg.model.dpo.shared_prefix))
 
     ref_table = None
-    if precompute:
+    if bool(cfg.model.dpo.precompute_ref_log_probs):
         fingerprint = hashlib.sha256(
             (str(source) + "".join(s["cache_path"] for s in train_stats) + str(len(train_ds))).encode()
         ).hexdigest()
@@ -141,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
                 save_reference_logprobs(ref_table, ref_dir, fingerprint)
             fabric.barrier()
 
+    # Trainer, fit, export (the trainer writes the Hugging Face export when exp_manager.export_hf is set)
     trainer = DPOTrainer(
         model=model,
         train_dataset=train_ds,
@@ -157,21 +126,13 @@ def run(cfg: DictConfig) -> dict:
         is_global_zero=fabric.is_global_zero,
     )
     history = trainer.fit()
-    for logger in fabric.loggers:
-        logger.finalize("success")
-    if fabric.is_global_zero:
-        best = checkpoints.best()
-        log.info(f"done: last checkpoint {checkpoints.latest()}, best by {checkpoints.monitor}: {best}")
+    finish(fabric, checkpoints)
     return {"history": history, "val": trainer.last_val_metrics, "log_dir": str(log_dir)}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_dpo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

@@ -13,26 +13,30 @@ Configuration: conf/training_rm.yaml (NeMo-Aligner key names). The export ``<exp
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.algorithms.reward_model import RewardModelTrainer, compute_reward_statistics
-from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
-from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import HFRewardModel
-from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, as_list, check_keys, load_schema
+from nemo_aligner.utils.config import CONF_DIR, as_list
 from nemo_aligner.utils.fs import atomic_write_text
-from nemo_aligner.utils.logging import build_loggers, get_logger
-from nemo_aligner.utils.runtime import build_fabric, normalize_precision
-
-USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError)
+from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.recipe import (
+    check_config,
+    checkpoint_manager,
+    finish,
+    load_pretrained,
+    load_split,
+    log_data_stats,
+    log_model_summary,
+    run_or_exit,
+    setup_fabric,
+    trainer_config,
+)
+from nemo_aligner.utils.runtime import normalize_precision
 
 #: The run's resolved config, written next to the checkpoints (``eval_reward_model.py`` rebuilds the model from it).
 RUN_CONFIG = "config.yaml"
@@ -45,58 +49,34 @@ def run(cfg: DictConfig) -> dict:
         ConfigKeyError: an unknown key; FileNotFoundError: a missing data file; DataFormatError: a bad data line;
         FileExistsError: checkpoints exist and ``resume_if_exists`` is false.
     """
-    check_keys(cfg, load_schema("training_rm"), source="training_rm config")
+    # Config
+    check_config(cfg, "training_rm")
     log = get_logger()
     exp = cfg.exp_manager
-    log_dir = Path(exp.explicit_log_dir)
-    ckpt_params = exp.checkpoint_callback_params
-    checkpoints = CheckpointManager(
-        log_dir / "checkpoints", ckpt_params.save_top_k, ckpt_params.monitor, ckpt_params.get("mode", "min")
-    )
-    if not exp.resume_if_exists and checkpoints.latest() is not None:
-        raise FileExistsError(
-            f"{log_dir} already holds checkpoints; set exp_manager.resume_if_exists=true to continue that run "
-            "or point exp_manager.explicit_log_dir somewhere else"
-        )
-
-    fabric = build_fabric(cfg.trainer, loggers=build_loggers(log_dir, exp), seed=int(cfg.model.seed))
+    log_dir, checkpoints = checkpoint_manager(exp)
+    fabric = setup_fabric(cfg, log_dir)
     if fabric.is_global_zero:
         atomic_write_text(log_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
     # Data: rank 0 tokenises into the on-disk cache first, then every rank memory-maps it.
-    from transformers import AutoTokenizer
-
-    source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path)) if fabric.is_global_zero else None
-    fabric.barrier()
-    source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    source, tokenizer = load_pretrained(fabric, cfg.pretrained_checkpoint.restore_from_path)
     data_cfg = cfg.model.data
     max_len = int(cfg.model.encoder_seq_length)
     data_kwargs = dict(tokenizer=tokenizer, max_seq_length=max_len, truncation=str(data_cfg.truncation), cache_dir=data_cfg.cache_dir)
-    splits = {}
-    for split in ("train", "validation"):
-        paths = as_list(data_cfg.data_prefix.get(split))
-        if not paths:
-            splits[split] = (None, None)
-            continue
-        if fabric.is_global_zero:
-            load_reward_datasets(paths, **data_kwargs)
-        fabric.barrier()
-        splits[split] = load_reward_datasets(paths, **data_kwargs)
-    train_ds, train_stats = splits["train"]
-    val_ds, _ = splits["validation"]
-    if train_ds is None:
+    train_paths = as_list(data_cfg.data_prefix.get("train"))
+    if not train_paths:
         raise ValueError("model.data.data_prefix.train names no file")
-    if fabric.is_global_zero:
-        for stats in train_stats:
-            log.info(
-                f"train data {os.path.normpath(stats['path'])}: {stats['num_examples']} examples, "
-                f"{stats['num_comparisons']} comparisons ({stats['num_truncated']} truncated, {stats['num_dropped']} "
-                f"dropped, max {max_len} tokens)"
-            )
+    train_ds, train_stats = load_split(fabric, load_reward_datasets, train_paths, **data_kwargs)
+    val_ds, _ = load_split(fabric, load_reward_datasets, as_list(data_cfg.data_prefix.get("validation")), **data_kwargs)
+    log_data_stats(
+        fabric,
+        train_stats,
+        "{num_examples} examples, {num_comparisons} comparisons ({num_truncated} truncated, {num_dropped} "
+        f"dropped, max {max_len} tokens)",
+    )
 
-    trainer_cfg = TrainerConfig.from_cfg(cfg.trainer.rm, cfg.model)
-    max_steps = compute_max_steps(len(train_ds), trainer_cfg)
+    # Model
+    trainer_cfg, max_steps = trainer_config(cfg.trainer.rm, cfg.model, len(train_ds))
     model = HFRewardModel(
         fabric,
         cfg.model,
@@ -106,22 +86,14 @@ def run(cfg: DictConfig) -> dict:
         precision=normalize_precision(cfg.trainer.precision),
         max_seq_length=max_len,
     )
-    if fabric.is_global_zero:
-        trainable, total = model.num_trainable_parameters()
-        log.info(
-            f"reward model {source}: {trainable:,} of {total:,} parameters trainable "
-            f"({'LoRA + score head' if model.use_lora else 'full'})"
-        )
-        log.info(
-            f"{max_steps} steps of {trainer_cfg.global_batch_size} comparisons ({model.data_parallel_size} rank(s), "
-            f"micro-batch {trainer_cfg.micro_batch_size}); logs and checkpoints in {log_dir}"
-        )
-
+    mode = "LoRA + score head" if model.use_lora else "full"
+    log_model_summary(fabric, model, f"reward model {source}", mode, max_steps, trainer_cfg, "comparisons", log_dir)
     pack = bool(data_cfg.get("pack_sequences", False))
 
     def collate(examples):
         return collate_reward_examples(examples, model.pad_token_id, pack=pack)
 
+    # Trainer, fit
     trainer = RewardModelTrainer(
         model=model,
         train_dataset=train_ds,
@@ -137,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
     )
     history = trainer.fit()
 
+    # Reward standardisation, export
     std_cfg = cfg.model.reward_standardization
     standardization = None
     if std_cfg.enable:
@@ -153,10 +126,7 @@ def run(cfg: DictConfig) -> dict:
         model.export_hf(str(log_dir / "hf_export"))
         if fabric.is_global_zero:
             log.info(f"Hugging Face export written to {log_dir / 'hf_export'}")
-    for logger in fabric.loggers:
-        logger.finalize("success")
-    if fabric.is_global_zero:
-        log.info(f"done: last checkpoint {checkpoints.latest()}, best by {checkpoints.monitor}: {checkpoints.best()}")
+    finish(fabric, checkpoints)
     return {
         "history": history,
         "val": trainer.last_val_metrics,
@@ -167,11 +137,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="training_rm", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Setup steps shared by the training recipes in ``examples/nlp/gpt`` (SFT, DPO, reward model).
+
+Each recipe reads top to bottom as config -> data -> model -> trainer -> fit -> export, calling these small
+functions in order::
+
+    check_config(cfg, "gpt_dpo")
+    log_dir, checkpoints = checkpoint_manager(cfg.exp_manager)
+    fabric = setup_fabric(cfg, log_dir)
+    source, tokenizer = load_pretrained(fabric, cfg.pretrained_checkpoint.restore_from_path)
+    train_ds, train_stats = load_split(fabric, load_preference_datasets, train_paths, tokenizer=tokenizer, ...)
+    trainer_cfg, max_steps = trainer_config(cfg.trainer.dpo, cfg.model, len(train_ds))
+    ...
+    finish(fabric, checkpoints)
+
+and wrap ``run`` with :func:`run_or_exit` in the Hydra ``main``. Every function that logs does so on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig
+
+from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
+from nemo_aligner.data.jsonl import DataFormatError
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.logging import build_loggers, get_logger
+from nemo_aligner.utils.runtime import build_fabric
+
+USER_ERRORS: tuple[type[BaseException], ...] = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError)
+"""Errors that are the user's mistake (bad config key, missing or malformed data file, an occupied log directory):
+:func:`run_or_exit` prints them as one ``error: ...`` line instead of a traceback."""
+
+
+def check_config(cfg: DictConfig, schema: str) -> None:
+    """Reject keys that ``conf/<schema>.yaml`` does not define.
+
+    Raises:
+        ConfigKeyError: naming the unknown key (source ``"<schema> config"``).
+    """
+    check_keys(cfg, load_schema(schema), source=f"{schema} config")
+
+
+def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
+    """The run's log directory (``exp_manager.explicit_log_dir``) and the :class:`CheckpointManager` of its
+    ``checkpoints/`` subdirectory, set up from ``exp_manager.checkpoint_callback_params``.
+
+    Raises:
+        FileExistsError: the directory already holds checkpoints and ``exp_manager.resume_if_exists`` is false.
+    """
+    log_dir = Path(exp.explicit_log_dir)
+    params = exp.checkpoint_callback_params
+    checkpoints = CheckpointManager(log_dir / "checkpoints", params.save_top_k, params.monitor, params.get("mode", "min"))
+    if not exp.resume_if_exists and checkpoints.latest() is not None:
+        raise FileExistsError(
+            f"{log_dir} already holds checkpoints; set exp_manager.resume_if_exists=true to continue that run "
+            "or point exp_manager.explicit_log_dir somewhere else"
+        )
+    return log_dir, checkpoints
+
+
+def setup_fabric(cfg: DictConfig, log_dir: Path):
+    """A launched Fabric for ``cfg.trainer``, logging to ``log_dir`` as ``cfg.exp_manager`` says, seeded with
+    ``cfg.model.seed``."""
+    return build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+
+
+def load_pretrained(fabric, restore_from_path: Any) -> tuple[str, Any]:
+    """Resolve the pretrained model (rank 0 first: it may download or convert it), then on every rank return
+    ``(local_model_dir, tokenizer)``."""
+    from transformers import AutoTokenizer
+
+    from nemo_aligner.models.pretrained import resolve_pretrained
+
+    if fabric.is_global_zero:
+        resolve_pretrained(str(restore_from_path))
+    fabric.barrier()
+    source = resolve_pretrained(str(restore_from_path))
+    return source, AutoTokenizer.from_pretrained(source)
+
+
+def load_split(fabric, load_datasets: Callable, paths: Sequence, *args: Any, **kwargs: Any) -> tuple[Any, list]:
+    """``load_datasets(paths, *args, **kwargs)`` on every rank, rank 0 first so that it alone tokenises the files
+    into the on-disk cache and the other ranks only memory-map the result.
+
+    Returns:
+        ``load_datasets``' ``(dataset, per-file stats)``, or ``(None, [])`` when ``paths`` is empty.
+    """
+    if not paths:
+        return None, []
+    if fabric.is_global_zero:
+        load_datasets(paths, *args, **kwargs)
+    fabric.barrier()
+    return load_datasets(paths, *args, **kwargs)
+
+
+def log_data_stats(fabric, all_stats: list[dict], counts: str) -> None:
+    """Log one line per training file: ``train data <path>: <counts>``, where ``counts`` is a format string
+    filled from that file's stats dict (e.g. ``"{num_pairs} pairs ({num_truncated} truncated, ...)"``)."""
+    if not fabric.is_global_zero:
+        return
+    for stats in all_stats:
+        get_logger().info(f"train data {os.path.normpath(stats['path'])}: {counts.format(**stats)}")
+
+
+def trainer_config(algorithm_cfg: DictConfig, batch_cfg: DictConfig, num_examples: int) -> tuple[TrainerConfig, int]:
+    """:meth:`TrainerConfig.from_cfg` of ``trainer.<algorithm>`` and the batch settings, and the run's number of
+    optimizer steps for ``num_examples`` training examples (:func:`compute_max_steps`).
+
+    Raises:
+        ValueError: too few examples for one global batch, or ``max_steps=0``.
+    """
+    trainer_cfg = TrainerConfig.from_cfg(algorithm_cfg, batch_cfg)
+    return trainer_cfg, compute_max_steps(num_examples, trainer_cfg)
+
+
+def log_model_summary(
+    fabric,
+    model,
+    name: str,
+    mode: str,
+    max_steps: int,
+    trainer_cfg: TrainerConfig,
+    unit: str,
+    log_dir: Path,
+    batch_note: str = "",
+) -> None:
+    """Log (rank 0) the trainable-parameter count and the run's shape, e.g.::
+
+        policy /models/x: 1,234 of 5,678 parameters trainable (LoRA)
+        20 steps of 8 pairs (1 rank(s), micro-batch 2); logs and checkpoints in results/dpo
+
+    Args:
+        name: what the model is (``"policy <dir>"``); mode: the parenthesised note (``"LoRA"``, ``"full"``, ...);
+        unit: what a global batch counts (``"pairs"``); batch_note: appended after the micro-batch size.
+    """
+    if not fabric.is_global_zero:
+        return
+    trainable, total = model.num_trainable_parameters()
+    log = get_logger()
+    log.info(f"{name}: {trainable:,} of {total:,} parameters trainable ({mode})")
+    log.info(
+        f"{max_steps} steps of {trainer_cfg.global_batch_size} {unit} ({model.data_parallel_size} rank(s), "
+        f"micro-batch {trainer_cfg.micro_batch_size}{batch_note}); logs and checkpoints in {log_dir}"
+    )
+
+
+def finish(fabric, checkpoints: CheckpointManager) -> None:
+    """Finalize the loggers and log (rank 0) the last checkpoint and the best one by the monitored metric."""
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    if fabric.is_global_zero:
+        get_logger().info(
+            f"done: last checkpoint {checkpoints.latest()}, best by {checkpoints.monitor}: {checkpoints.best()}"
+        )
+
+
+def run_or_exit(fn: Callable, *args: Any, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
+    """Call ``fn(*args)``; on one of ``errors`` (a user's mistake) print ``error: <message>`` to stderr and exit
+    with status 2 instead of showing a traceback. Other exceptions propagate."""
+    try:
+        return fn(*args)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
