@@ -62,6 +62,20 @@ def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tiny models run fastest on one intra-op thread (thread start-up costs more than the matmuls), and CI has
+    two cores shared by the test process and the servers it starts. Tests marked ``slow`` (real SmolLM2) keep
+    torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
