@@ -139,3 +139,108 @@ def test_served_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_d
         assert a.keys() == b.keys() and len(a) > 0
         for name in a:
             assert torch.equal(a[name], b[name]), (a_dir, name)
+
+
+def test_prompts_are_cut_to_fit_the_reward_model(tmp_path, tiny_model_dir, rm_dir):
+    """An RM export with max_seq_length 12 and 8-token responses: the PPO actor keeps 4 prompt tokens (not
+    encoder_seq_length - 8 = 56), so every prompt + response fits the reward model."""
+    import json
+    import shutil
+
+    from nemo_aligner.models.reward_model import MAX_SEQ_LENGTH_KEY
+
+    short_rm = tmp_path / "short_rm"
+    shutil.copytree(rm_dir, short_rm)
+    config = json.loads((short_rm / "config.json").read_text())
+    config[MAX_SEQ_LENGTH_KEY] = 12
+    (short_rm / "config.json").write_text(json.dumps(config))
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = load_example_script("train_gpt_ppo_actor").run(ppo_cfg(
+        tmp_path, tiny_model_dir, prompts, "trainer.ppo.max_steps=1", "trainer.ppo.val_check_interval=0",
+        f"reward_model.restore_from_path={short_rm}", f"critic.restore_from_path={rm_dir}",
+        "exp_manager.export_hf=false"))
+    trainer = out["trainer"]
+    assert max(len(p) for p in trainer.train_prompts + trainer.val_prompts) == 4
+    assert out["history"][0]["response_lengths_max"] <= 8
+
+
+def _critic_server(tmp_path, rm_dir, name="critic"):
+    return load_example_script("serve_ppo_critic").build(compose_cfg(
+        "gpt_ppo_critic", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={rm_dir}",
+        "model.optim.lr=1e-2", "model.global_batch_size=4", "model.micro_batch_size=4",
+        f"exp_manager.explicit_log_dir={tmp_path / name}", "exp_manager.export_hf=false"))[0]
+
+
+def _critic_rollouts(n=4):
+    return [{"input_ids": [1, 5 + i, 9, 12 + i, 7], "prompt_length": 2, "values": [0.0, 0.1, 0.2],
+             "returns": [1.0, 0.5, float(i)]} for i in range(n)]
+
+
+def test_critic_server_retry_cache_is_per_actor_run(tmp_path, rm_dir):
+    """A retried /train of the same actor run is answered from the cache (no second update); a fresh actor run
+    (a new RemoteCritic, as a new actor process makes) at the same step 0 is trained, not handed the cached
+    metrics of the earlier run."""
+    from nemo_aligner.servers.critic_server import RemoteCritic
+
+    app = _critic_server(tmp_path, rm_dir)
+    weights = lambda: [p.detach().clone() for p in app.state.critic.module.parameters()]  # noqa: E731
+    with BackgroundServer(app) as url:
+        first_run = RemoteCritic(url, max_retries=0)
+        trained = first_run.train(_critic_rollouts(), seed=3, step=0)
+        after_first = weights()
+        assert first_run.train(_critic_rollouts(), seed=3, step=0) == trained  # the retry
+        assert all(torch.equal(a, b) for a, b in zip(after_first, weights()))
+
+        fresh_run = RemoteCritic(url, max_retries=0)
+        assert fresh_run.run_id != first_run.run_id
+        again = fresh_run.train(_critic_rollouts(), seed=3, step=0)
+        assert again != trained  # trained again, on already-updated weights
+        assert not all(torch.equal(a, b) for a, b in zip(after_first, weights()))
+        with HTTPClient(url, max_retries=0) as client:
+            with pytest.raises(ServerRequestError) as err:
+                client.post("/train", {"step": 0, "seed": 0, "run_id": 7, "token_ids": [[1, 2]], "prompt_lengths": [1],
+                                       "values": [[0.0]], "returns": [[0.0]]})
+            assert err.value.status_code == 422
+
+
+def test_critic_server_prunes_to_the_steps_it_is_told(tmp_path, rm_dir):
+    from nemo_aligner.servers.critic_server import RemoteCritic
+
+    with BackgroundServer(_critic_server(tmp_path, rm_dir)) as url:
+        critic = RemoteCritic(url, max_retries=0)
+        for step in (1, 2, 3):
+            critic.save(step)
+        removed = critic.prune({2, 3, 9})
+        assert [Path(p).name for p in removed] == ["step=0000001"]
+        assert sorted(p.name for p in (tmp_path / "critic" / "checkpoints").iterdir()) == ["step=0000002",
+                                                                                              "step=0000003"]
+        with HTTPClient(url, max_retries=0) as client:
+            with pytest.raises(ServerRequestError) as err:
+                client.post("/prune", {"keep_steps": "all"})
+            assert err.value.status_code == 422
+
+
+def test_served_critic_checkpoints_follow_the_actors_top_k(tmp_path, tiny_model_dir, rm_dir):
+    """save_top_k=1, a checkpoint every step for 3 steps: the critic server keeps exactly the actor's steps."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    actor = load_example_script("train_gpt_ppo_actor")
+    policy_app, _ = load_example_script("serve_initial_policy").build(compose_cfg(
+        "inference_initial_policy", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}"))
+    rm_app, _ = load_example_script("serve_reward_model").build(
+        compose_cfg("inference_rm", "trainer.accelerator=cpu", f"rm_model_file={rm_dir}"))
+    critic_app = _critic_server(tmp_path, rm_dir)
+    with BackgroundServer(critic_app) as critic_url, BackgroundServer(policy_app) as policy_url, \
+            BackgroundServer(rm_app) as rm_url:
+        port = lambda url: url.rsplit(":", 1)[1]  # noqa: E731
+        out = actor.run(ppo_cfg(
+            tmp_path, tiny_model_dir, prompts, "trainer.ppo.max_epochs=2", "trainer.ppo.max_steps=3",
+            "trainer.ppo.save_interval=1",
+            "trainer.ppo.val_check_interval=1", "model.ppo.num_val_samples=4",
+            "exp_manager.checkpoint_callback_params.save_top_k=1", "exp_manager.export_hf=false",
+            "remote_critic_rm.enable=true", f"remote_critic_rm.critic.port={port(critic_url)}",
+            f"remote_critic_rm.initial_policy.port={port(policy_url)}",
+            f"remote_critic_rm.reward_model.port={port(rm_url)}"))
+    steps = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("."))  # noqa: E731
+    actor_steps = steps(Path(out["log_dir"]) / "checkpoints")
+    assert "step=0000003" in actor_steps and len(actor_steps) <= 2  # the best one and the latest
+    assert steps(tmp_path / "critic" / "checkpoints") == actor_steps

@@ -107,3 +107,26 @@ def test_tokenize_example_truncates_left_and_locates_errors(tokenizer, tmp_path)
     tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>")
     with pytest.raises(DataFormatError, match=r"p\.jsonl:2: field 'prompt': .*chat template"):
         tokenize_prompt_example(second, tok)  # same vocabulary, no chat template
+
+
+def test_prompt_token_budget_is_capped_by_the_reward_model():
+    """Online runs keep prompts to min(encoder_seq_length, RM max_seq_length) - response tokens (PPO and RS)."""
+    from nemo_aligner.data.prompts import prompt_token_budget
+
+    assert prompt_token_budget(1024, 64) == 960  # no reward-model limit (programmatic reward)
+    assert prompt_token_budget(1024, 64, 256) == 192  # an RM export with max_seq_length 256
+    assert prompt_token_budget(128, 64, 256) == 64  # the policy's limit is the smaller one
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        prompt_token_budget(1024, 256, 256)
+
+
+def test_load_prompt_ids_keeps_the_last_tokens(tokenizer, tmp_path):
+    from nemo_aligner.data.prompts import load_prompt_ids
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a b c d e f g h i j k l"}\n{"prompt": "hi"}\n{"prompt": "third"}\n')
+    full, cut = load_prompt_ids([str(path)], tokenizer, 10_000)
+    assert cut == 0 and len(full) == 3
+    ids, cut = load_prompt_ids(str(path), tokenizer, 3, max_prompts=2)
+    assert len(ids) == 2 and cut == 1
+    assert ids[0] == full[0][-3:] and ids[1] == full[1][-3:]

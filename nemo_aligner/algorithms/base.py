@@ -1,8 +1,13 @@
-"""The training loop every offline algorithm shares (DPO, SFT, reward models).
+"""The training loop every offline algorithm shares (DPO, SFT, reward models), and the loop steps every trainer shares.
 
-A subclass only says how a micro-batch becomes a loss and metrics (:meth:`BaseTrainer.loss_and_metrics`); the loop
-owns micro-batching and gradient accumulation, validation, checkpoints, exact resume, logging and the HF export.
-It talks to the model only through :class:`~nemo_aligner.models.alignable.AlignableModel`.
+A subclass of :class:`BaseTrainer` only says how a micro-batch becomes a loss and metrics
+(:meth:`BaseTrainer.loss_and_metrics`); the loop owns micro-batching and gradient accumulation, validation,
+checkpoints, exact resume, logging and the HF export. It talks to the model only through
+:class:`~nemo_aligner.models.alignable.AlignableModel`.
+
+:class:`TrainingLoop` holds the steps that the offline loop and the online loops
+(:class:`nemo_aligner.algorithms.online.OnlineTrainer`: PPO, rejection sampling) have in common: the checkpoint with
+its data position, exact resume, logging a validation and the HF export.
 """
 
 from __future__ import annotations
@@ -67,7 +72,92 @@ def compute_max_steps(num_samples: int, cfg: TrainerConfig) -> int:
     return steps
 
 
-class BaseTrainer:
+class TrainingLoop:
+    """Checkpoint, resume, validation-logging and export steps shared by every trainer.
+
+    A subclass sets ``model`` (the :class:`~nemo_aligner.models.alignable.AlignableModel` being trained, whose
+    checkpoints these are), ``checkpoints``, ``sampler`` (for ``steps_per_epoch``), ``step``, ``max_steps``,
+    ``last_val_metrics``, ``log_metrics``, ``resume``, ``export_hf``, ``log_dir``, ``is_global_zero``, ``log``, and
+    implements :meth:`validate` and :attr:`samples_per_step`.
+    """
+
+    #: Progress-bar label (also names the step unit in log lines).
+    name = "train"
+    #: Metrics of the one-line validation summary (None: all of them, in their order).
+    val_summary_keys: list[str] | None = None
+    #: What the HF export holds, for its log line (``"the actor"``); empty: not named.
+    export_role = ""
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples (examples, or prompts) one step consumes over all ranks: ``consumed_samples = step * this``."""
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (averaged over ranks); empty when there is nothing to validate."""
+        raise NotImplementedError
+
+    def _counters(self) -> dict[str, int]:
+        """Loop counters besides ``step`` that a checkpoint stores and resume restores (none by default)."""
+        return {}
+
+    def _restore(self, extra: dict) -> None:
+        """Restore what :meth:`_counters` (or a subclass's save) stored, from the resumed checkpoint's extra state."""
+
+    def _save(self) -> None:
+        """Checkpoint the model with the data position (step, epoch, consumed samples), :meth:`_counters` and the
+        last validation metrics (``val_<name>``, what ``checkpoint_callback_params.monitor`` ranks); rank 0 then
+        prunes to the top-k."""
+        extra = {
+            "step": self.step,
+            **self._counters(),
+            "consumed_samples": self.step * self.samples_per_step,
+            "epoch": self.step // self.sampler.steps_per_epoch,
+            "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
+        }
+        self.model.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
+        if self.is_global_zero:
+            self.checkpoints.prune()
+
+    def _maybe_resume(self) -> None:
+        """Restore the latest checkpoint (model, optimizer, scheduler, RNG, step, :meth:`_restore`) when ``resume``
+        and there is one."""
+        latest = self.checkpoints.latest() if self.resume else None
+        if latest is None:
+            return
+        extra = self.model.load_checkpoint(str(latest))
+        self.step = int(extra["step"])
+        self._restore(extra)
+        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
+        if self.is_global_zero:
+            self.log.info(f"resumed from {latest} at {self.name} step {self.step} "
+                          f"(consumed_samples={extra.get('consumed_samples')})")
+
+    def _run_validation(self) -> dict[str, float]:
+        """:meth:`validate`, logged under ``val/`` and summarised in one line (rank 0); returns the metrics."""
+        metrics = self.validate()
+        if metrics:
+            self.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+            if self.is_global_zero:
+                summary = format_metrics(metrics, self.val_summary_keys)
+                self.log.info(f"validation step {self.step}/{self.max_steps}: {summary}")
+        return metrics
+
+    def _should(self, every: int) -> bool:
+        """Whether the step just finished is a multiple of ``every`` (> 0) or the last one."""
+        return (every > 0 and self.step % every == 0) or self.step == self.max_steps
+
+    def _export(self) -> None:
+        """Write ``<log_dir>/hf_export`` when ``export_hf``."""
+        if not self.export_hf:
+            return
+        self.model.export_hf(str(self.log_dir / "hf_export"))
+        if self.is_global_zero:
+            role = f" of {self.export_role}" if self.export_role else ""
+            self.log.info(f"Hugging Face export{role} written to {self.log_dir / 'hf_export'}")
+
+
+class BaseTrainer(TrainingLoop):
     """Offline training loop: batches -> loss -> optimizer step, with validation, checkpoints, resume, export.
 
     Args:
@@ -190,35 +280,15 @@ class BaseTrainer:
         return {k: v / total for k, v in reduced.items()} if total > 0 else {}
 
     # ---- loop -------------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        metrics = {f"val_{k}": v for k, v in self.last_val_metrics.items()}
-        extra = {
-            "step": self.step,
-            "epoch": self.step // self.sampler.steps_per_epoch,
-            "consumed_samples": self.step * self.cfg.global_batch_size,
-            "metrics": metrics,
-        }
-        self.model.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
-        if self.is_global_zero:
-            self.checkpoints.prune()
+    @property
+    def samples_per_step(self) -> int:
+        """Examples per optimizer step over all ranks (``global_batch_size``)."""
+        return self.cfg.global_batch_size
 
-    def _maybe_resume(self) -> None:
-        latest = self.checkpoints.latest() if self.resume else None
-        if latest is None:
-            return
-        extra = self.model.load_checkpoint(str(latest))
-        self.step = int(extra["step"])
-        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
-        if self.is_global_zero:
-            self.log.info(f"resumed from {latest} at step {self.step} (consumed_samples={extra.get('consumed_samples')})")
-
-    def _run_validation(self) -> None:
-        self.last_val_metrics = self.validate()
-        if self.last_val_metrics:
-            self.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, self.step)
-            if self.is_global_zero:
-                summary = format_metrics(self.last_val_metrics, self.summary_keys)
-                self.log.info(f"validation step {self.step}/{self.max_steps}: {summary}")
+    @property
+    def val_summary_keys(self) -> list[str]:
+        """The validation summary shows :attr:`summary_keys`."""
+        return self.summary_keys
 
     def fit(self) -> list[dict[str, float]]:
         """Train to ``max_steps``; returns the per-step training metrics of this call (also logged)."""
@@ -239,14 +309,10 @@ class BaseTrainer:
             progress.update(1)
             shown = {k: f"{metrics[k]:.4g}" for k in self.summary_keys[:2] if k in metrics}
             progress.set_postfix(**shown, tok_s=f"{metrics['tokens_per_sec']:.0f}")
-            is_last = self.step == self.max_steps
-            if (val_every > 0 and self.step % val_every == 0) or is_last:
-                self._run_validation()
-            if (save_every > 0 and self.step % save_every == 0) or is_last:
+            if self._should(val_every):
+                self.last_val_metrics = self._run_validation()
+            if self._should(save_every):
                 self._save()
         progress.close()
-        if self.export_hf:
-            self.model.export_hf(str(self.log_dir / "hf_export"))
-            if self.is_global_zero:
-                self.log.info(f"Hugging Face export written to {self.log_dir / 'hf_export'}")
+        self._export()
         return self.history

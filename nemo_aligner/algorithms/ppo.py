@@ -20,9 +20,13 @@ The trainer sees the four roles through small interfaces, so each can live in th
   :class:`nemo_aligner.servers.critic_server.RemoteCritic`;
 * initial policy: :class:`InitialPolicyHandle` -- :class:`LocalInitialPolicy` (the actor's frozen reference copy,
   or its LoRA adapters switched off) or :class:`nemo_aligner.servers.initial_policy_server.RemoteInitialPolicy`;
-* reward: any ``reward_fn(prompt_ids, response_ids) -> list[float]`` (:func:`reward_fn_from_scorer` for a local
-  :class:`~nemo_aligner.models.reward_model.RewardScorer`, :func:`reward_fn_from_client` for the RM server, or a
-  programmatic reward in tests).
+* reward: any ``reward_fn(prompt_ids, response_ids) -> list[float]``
+  (:func:`~nemo_aligner.algorithms.online.reward_fn_from_scorer` for a local
+  :class:`~nemo_aligner.models.reward_model.RewardScorer`,
+  :func:`~nemo_aligner.algorithms.online.reward_fn_from_client` for the RM server, or a programmatic reward in tests).
+
+Rollout generation, validation rollouts, the sample table and the loop (checkpoints, resume, logging, export) are
+:class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s, shared with rejection sampling.
 """
 
 from __future__ import annotations
@@ -37,11 +41,18 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from nemo_aligner.data.samplers import GlobalBatchSampler
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.algorithms.online import (  # noqa: F401 (reward_fn_from_*: re-exported for callers of this module)
+    OnlineTrainer,
+    RewardFn,
+    compute_online_max_steps,
+    reward_fn_from_client,
+    reward_fn_from_scorer,
+    rollout_examples,
+    score_rewards,
+)
+from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.logging import format_metrics, get_logger
 from nemo_aligner.utils.ppo_utils import (
     calculate_gae,
     calculate_kl_penalty,
@@ -51,8 +62,6 @@ from nemo_aligner.utils.ppo_utils import (
     padded_to_flat,
     ppo_policy_loss,
 )
-
-RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,30 +176,18 @@ class PPOConfig:
 
 
 def compute_ppo_max_steps(num_prompts: int, cfg: PPOConfig) -> int:
-    """PPO steps of a run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0.
+    """PPO steps of a run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0
+    (:func:`~nemo_aligner.algorithms.online.compute_online_max_steps`).
 
     Raises:
         ValueError: the result is 0 (fewer prompts than one rollout batch, or ``max_steps=0``).
     """
-    per_epoch = num_prompts // cfg.num_rollout_samples
-    steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
-    if steps < 1:
-        raise ValueError(
-            f"nothing to train: {num_prompts} prompts, model.ppo.num_rollout_samples={cfg.num_rollout_samples}, "
-            f"trainer.ppo.max_epochs={cfg.max_epochs}, trainer.ppo.max_steps={cfg.max_steps} give 0 PPO steps"
-        )
-    return steps
+    return compute_online_max_steps(num_prompts, cfg, "ppo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # roles
 # ---------------------------------------------------------------------------------------------------------------
-def rollout_examples(rollouts: Sequence[dict]) -> list[dict]:
-    """``{"input_ids", "prompt_length"}`` of each rollout: the :func:`collate_sequences` input whose targets are
-    exactly the response tokens."""
-    return [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts]
-
-
 def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
     """Cut a flat ``[N]`` tensor into per-sequence lists of the given lengths (summing to ``N``)."""
     out, start = [], 0
@@ -215,6 +212,9 @@ class CriticHandle(Protocol):
 
     def load(self, step: int) -> None:
         """Restore the checkpoint written by :meth:`save` at ``step``."""
+
+    def prune(self, keep_steps: set[int]) -> None:
+        """Delete the critic checkpoints whose step is not in ``keep_steps`` (the steps the actor kept)."""
 
 
 class InitialPolicyHandle(Protocol):
@@ -289,25 +289,6 @@ def policy_logprobs(model: AlignableModel, rollouts: Sequence[dict], micro_batch
     return out
 
 
-def reward_fn_from_scorer(scorer, micro_batch_size: int | None = None) -> RewardFn:
-    """A reward function scoring ``prompt + response`` token ids with a local
-    :class:`~nemo_aligner.models.reward_model.RewardScorer` (the actor and RM must share a tokenizer)."""
-
-    def reward_fn(prompt_ids, response_ids):
-        return list(scorer.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], micro_batch_size))
-
-    return reward_fn
-
-
-def reward_fn_from_client(client) -> RewardFn:
-    """A reward function calling the reward-model server (``RewardModelClient.score_token_ids``)."""
-
-    def reward_fn(prompt_ids, response_ids):
-        return list(client.score_token_ids([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]))
-
-    return reward_fn
-
-
 @contextlib.contextmanager
 def capture_entropy(model: AlignableModel, store: list):
     """While active, append the per-token entropy ``[N]`` (with grad) of every LM-head call of ``model``'s policy.
@@ -378,7 +359,7 @@ def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callabl
 # ---------------------------------------------------------------------------------------------------------------
 # trainer
 # ---------------------------------------------------------------------------------------------------------------
-class PPOTrainer:
+class PPOTrainer(OnlineTrainer):
     """The online PPO loop (rollout -> inference -> advantages -> critic and actor training), with validation,
     checkpoints of actor + critic + data position, exact resume, logging and the HF export.
 
@@ -399,11 +380,17 @@ class PPOTrainer:
         eos_token_id: appended to an empty response (a response needs at least one token).
 
     Raises:
-        ValueError: too few prompts for one step.
+        ValueError: too few prompts for one step, or ``num_rollout_samples`` not a multiple of
+            ``rollout_micro_batch_size`` x data-parallel size.
+
+    Generation, validation rollouts, the sample table and the loop (``fit``) are
+    :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s; this class says what a PPO step does.
     """
 
     name = "PPO"
     summary_keys = ["rewards_mean", "init_policy_kl", "policy_loss", "value_loss", "clip_fraction", "entropy"]
+    timing_keys = {"generation": "time_generation", "inference": "time_inference", "training": "time_train"}
+    export_role = "the actor"
 
     def __init__(
         self,
@@ -424,61 +411,21 @@ class PPOTrainer:
         is_global_zero: bool = True,
         eos_token_id: int | None = None,
     ):
-        self.actor = actor
-        self.critic = critic
-        self.initial_policy = initial_policy
-        self.reward_fn = reward_fn
-        self.train_prompts = [list(p) for p in train_prompts]
-        self.val_prompts = [list(p) for p in (val_prompts or [])]
-        self.cfg = cfg
-        self.sampling_params = sampling_params
-        self.length_params = length_params
-        self.log_dir = Path(log_dir)
-        self.checkpoints = checkpoints
-        self.log_metrics = log_metrics
-        self.resume = resume
-        self.export_hf = export_hf
-        self.is_global_zero = is_global_zero
-        tokenizer = getattr(actor, "tokenizer", None)
-        self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         world = actor.data_parallel_size
         if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
             raise ValueError(
                 f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
                 f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
             )
-        self.sampler = GlobalBatchSampler(
-            len(self.train_prompts), cfg.num_rollout_samples, cfg.rollout_micro_batch_size,
-            rank=actor.data_parallel_rank, world_size=world, seed=cfg.seed,
-        )
+        super().__init__(actor, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
+                         checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id,
+                         rollout_micro_batch_size=cfg.rollout_micro_batch_size)
+        self.actor = actor
+        self.critic = critic
+        self.initial_policy = initial_policy
         self.max_steps = compute_ppo_max_steps(len(self.train_prompts), cfg)
-        self.step = 0
-        self.last_val_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-        self.log = get_logger()
 
     # ---- rollouts ---------------------------------------------------------------------------------------------
-    def generate_rollouts(self, prompts: list[list[int]], micro_batch_size: int, seed: int) -> list[dict]:
-        """Sample one response per prompt (micro-batch ``i`` seeded with ``seed + i``); rollouts without scores."""
-        rollouts = []
-        with self.actor.inference():
-            for i, start in enumerate(range(0, len(prompts), micro_batch_size)):
-                chunk = prompts[start : start + micro_batch_size]
-                out = self.actor.generate(chunk, self.sampling_params, self.length_params, seed=seed + i)
-                for prompt, response, ended in zip(chunk, out.response_ids, out.ended):
-                    response = list(response)
-                    if not response:  # a response needs one token to carry the reward and a value
-                        response = [int(self.eos_token_id if self.eos_token_id is not None else 0)]
-                    rollouts.append({
-                        "prompt_ids": list(prompt),
-                        "response_ids": response,
-                        "input_ids": list(prompt) + response,
-                        "prompt_length": len(prompt),
-                        "ended": bool(ended),
-                    })
-        return rollouts
-
     def score_rollouts(self, rollouts: list[dict]) -> dict[str, float]:
         """Fill ``logprobs``, ``init_logprobs``, ``values`` and ``reward`` of each rollout; return timings."""
         timing = {}
@@ -488,13 +435,13 @@ class PPOTrainer:
         values = self.critic.infer(rollouts)
         timing["time_inference_policy_critic"] = time.perf_counter() - start
         start = time.perf_counter()
-        rewards = self.reward_fn([r["prompt_ids"] for r in rollouts], [r["response_ids"] for r in rollouts])
+        score_rewards(self.reward_fn, rollouts)
         timing["time_inference_reward"] = time.perf_counter() - start
-        for r, lp, ilp, v, rew in zip(rollouts, logprobs, init_logprobs, values, rewards):
+        for r, lp, ilp, v in zip(rollouts, logprobs, init_logprobs, values):
             n = len(r["response_ids"])
             if not (len(lp) == len(ilp) == len(v) == n):
                 raise RuntimeError(f"a response of {n} tokens got {len(lp)} logprobs, {len(ilp)} initial, {len(v)} values")
-            r.update(logprobs=lp, init_logprobs=ilp, values=v, reward=float(rew))
+            r.update(logprobs=lp, init_logprobs=ilp, values=v)
         return timing
 
     # ---- actor training ---------------------------------------------------------------------------------------
@@ -546,17 +493,13 @@ class PPOTrainer:
         return out
 
     # ---- one PPO step -----------------------------------------------------------------------------------------
-    def _step_seed(self, step: int) -> int:
-        return self.cfg.seed + 1_000_003 * (step + 1)
-
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
         """Run PPO step ``self.step``: rollouts, inference, advantages, critic then actor training."""
         cfg = self.cfg
         seed = self._step_seed(self.step)
         start = time.perf_counter()
-        indices = [i for mb in self.sampler.micro_batches(self.step) for i in mb]
-        prompts = [self.train_prompts[i] for i in indices]
-        rollouts = self.generate_rollouts(prompts, cfg.rollout_micro_batch_size, seed)
+        rollouts = self.generate_rollouts(self.step_prompts(), 1, self.sampling_params, cfg.rollout_micro_batch_size,
+                                          seed)
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
         t0 = time.perf_counter()
         metrics.update(self.score_rollouts(rollouts))
@@ -578,113 +521,37 @@ class PPOTrainer:
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Rollouts on the first ``num_val_samples`` validation prompts (fixed seed): ``global_rewards`` (mean
-        reward), ``rewards_std``, ``response_lengths_mean``; writes ``val_samples/step=<N>.md`` with a table of the
-        first ``num_val_samples_to_show`` prompts and responses."""
-        if not self.val_prompts:
+        """Rollouts (``sampling_params``, fixed seed) on the first ``num_val_samples`` validation prompts:
+        ``global_rewards`` (mean reward), ``rewards_std``, ``response_lengths_mean``; writes
+        ``val_samples/step=<N>.md`` with a table of the first ``num_val_samples_to_show`` prompts and responses."""
+        rollouts = self.validation_rollouts(self.sampling_params, self.cfg.val_rollout_micro_batch_size)
+        if not rollouts:
             return {}
-        rank, world = self.actor.data_parallel_rank, self.actor.data_parallel_size
-        prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
-        if not prompts:
-            return {}
-        rollouts = self.generate_rollouts(prompts, self.cfg.val_rollout_micro_batch_size, self.cfg.seed)
-        rewards = self.reward_fn([r["prompt_ids"] for r in rollouts], [r["response_ids"] for r in rollouts])
-        for r, rew in zip(rollouts, rewards):
-            r["reward"] = float(rew)
-        rew_t = torch.tensor(rewards, dtype=torch.float32)
+        rew_t = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)
         metrics = {
             "global_rewards": float(rew_t.mean()),
-            "rewards_std": float(rew_t.std()) if len(rewards) > 1 else 0.0,
+            "rewards_std": float(rew_t.std()) if len(rollouts) > 1 else 0.0,
             "response_lengths_mean": float(sum(len(r["response_ids"]) for r in rollouts) / len(rollouts)),
         }
         metrics = self.actor.all_reduce_mean(metrics)
         if self.is_global_zero:
-            self._write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+            self.write_samples(rollouts[: self.cfg.num_val_samples_to_show])
         return metrics
-
-    def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return " ".join(map(str, ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def _write_samples(self, rollouts: list[dict]) -> None:
-        cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-        lines = [f"# validation samples, step {self.step}", "", "| # | prompt | response | reward |", "|---|---|---|---|"]
-        for i, r in enumerate(rollouts):
-            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | {cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
-        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
-        for r in rollouts[:2]:
-            self.log.info(f"sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _save(self) -> None:
-        self.critic.save(self.step)  # the critic first: an actor checkpoint never exists without its critic
-        extra = {
-            "step": self.step,
-            "consumed_samples": self.step * self.cfg.num_rollout_samples,
-            "epoch": self.step // self.sampler.steps_per_epoch,
-            "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
-        }
-        self.actor.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
+        """Checkpoint the critic, then the actor (an actor checkpoint never exists without its critic); rank 0
+        then prunes both to the same steps (the actor's top-k)."""
+        self.critic.save(self.step)
+        super()._save()
         if self.is_global_zero:
-            self.checkpoints.prune()
-            if isinstance(self.critic, LocalCritic):
-                kept = {int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()}
-                self.critic.prune(kept)
+            self.critic.prune({int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()})
 
-    def _maybe_resume(self) -> None:
-        latest = self.checkpoints.latest() if self.resume else None
-        if latest is None:
-            return
-        extra = self.actor.load_checkpoint(str(latest))
-        self.step = int(extra["step"])
-        self.critic.load(self.step)
-        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
-        if self.is_global_zero:
-            self.log.info(f"resumed actor and critic from {latest} at PPO step {self.step} "
-                          f"(consumed_samples={extra.get('consumed_samples')})")
+    def _restore(self, extra: dict) -> None:
+        self.critic.load(int(extra["step"]))
 
-    # ---- loop -------------------------------------------------------------------------------------------------
-    def _run_validation(self) -> None:
-        self.last_val_metrics = self.validate()
-        if self.last_val_metrics:
-            self.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, self.step)
-            if self.is_global_zero:
-                self.log.info(f"validation step {self.step}/{self.max_steps}: {format_metrics(self.last_val_metrics)}")
-
-    def fit(self) -> list[dict[str, float]]:
-        """Run to ``max_steps`` PPO steps; returns this call's per-step metrics (also logged)."""
-        from tqdm.auto import tqdm
-
-        self._maybe_resume()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
-                        dynamic_ncols=True)
-        val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
-        while self.step < self.max_steps:
-            metrics, _ = self.train_step()
-            self.step += 1
-            metrics["consumed_samples"] = self.step * self.cfg.num_rollout_samples
-            self.history.append(metrics)
-            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['rewards_mean']:.3g}", kl=f"{metrics['init_policy_kl']:.3g}")
-            if self.is_global_zero:
-                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
-                              f"(generation {metrics['time_generation']:.1f}s, inference {metrics['time_inference']:.1f}s, "
-                              f"training {metrics['time_train']:.1f}s)")
-            is_last = self.step == self.max_steps
-            if (val_every > 0 and self.step % val_every == 0) or is_last:
-                self._run_validation()
-            if (save_every > 0 and self.step % save_every == 0) or is_last:
-                self._save()
-        progress.close()
-        if self.export_hf:
-            self.actor.export_hf(str(self.log_dir / "hf_export"))
-            if self.is_global_zero:
-                self.log.info(f"Hugging Face export of the actor written to {self.log_dir / 'hf_export'}")
-        return self.history
+    def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['rewards_mean']:.3g}", "kl": f"{metrics['init_policy_kl']:.3g}"}
 
 
 def rollout_metrics(rollouts: Sequence[dict]) -> dict[str, float]:

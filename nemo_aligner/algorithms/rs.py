@@ -20,9 +20,11 @@ top ones, SFT on them), run online: each step samples from the current policy.
 The trainer drives the policy only through :class:`~nemo_aligner.models.alignable.AlignableModel`
 (``generate``, ``get_logprobs``, ``backward``, ``accumulate``, ``finish_training_step``, ``inference``,
 checkpoints, ``export_hf``). The reward is any ``reward_fn(prompt_ids, response_ids) -> list[float]``:
-:func:`nemo_aligner.algorithms.ppo.reward_fn_from_scorer` (a local
-:class:`~nemo_aligner.models.reward_model.RewardScorer`), :func:`nemo_aligner.algorithms.ppo.reward_fn_from_client`
-(the reward-model server) or a programmatic reward in tests.
+:func:`nemo_aligner.algorithms.online.reward_fn_from_scorer` (a local
+:class:`~nemo_aligner.models.reward_model.RewardScorer`),
+:func:`nemo_aligner.algorithms.online.reward_fn_from_client` (the reward-model server) or a programmatic reward in
+tests. Rollout generation, validation rollouts, the sample table and the loop (checkpoints, resume, logging, export)
+are :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s, shared with PPO.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nemo_aligner.algorithms.ppo import RewardFn, rollout_examples
+from nemo_aligner.algorithms.online import (
+    OnlineTrainer,
+    RewardFn,
+    compute_online_max_steps,
+    rollout_examples,
+    score_rewards,
+)
 from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
-from nemo_aligner.data.samplers import GlobalBatchSampler
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.logging import format_metrics, get_logger
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,19 +153,13 @@ class RSConfig:
 
 def compute_rs_max_steps(num_prompts: int, cfg: RSConfig) -> int:
     """RS steps of a run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0
-    (the incomplete last prompt batch of an epoch is dropped).
+    (the incomplete last prompt batch of an epoch is dropped;
+    :func:`~nemo_aligner.algorithms.online.compute_online_max_steps`).
 
     Raises:
         ValueError: the result is 0 (fewer prompts than one rollout batch, or ``max_steps=0``).
     """
-    per_epoch = num_prompts // cfg.num_rollout_samples
-    steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
-    if steps < 1:
-        raise ValueError(
-            f"nothing to train: {num_prompts} prompts, model.rs.num_rollout_samples={cfg.num_rollout_samples}, "
-            f"trainer.rs.max_epochs={cfg.max_epochs}, trainer.rs.max_steps={cfg.max_steps} give 0 RS steps"
-        )
-    return steps
+    return compute_online_max_steps(num_prompts, cfg, "rs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def rs_rollout_metrics(rewards: torch.Tensor, response_lengths: torch.Tensor, ke
 # ---------------------------------------------------------------------------------------------------------------
 # trainer
 # ---------------------------------------------------------------------------------------------------------------
-class RSTrainer:
+class RSTrainer(OnlineTrainer):
     """The online rejection-sampling loop (rollouts -> rewards -> top-n selection -> SFT on the kept rollouts),
     with greedy validation, checkpoints of policy + optimizer + step (the data position), exact resume, logging and
     the HF export.
@@ -271,11 +271,19 @@ class RSTrainer:
     Raises:
         ValueError: too few prompts for one step, or batch sizes that do not divide (see :meth:`RSConfig.check`).
 
+    Generation, validation rollouts, the sample table and the loop (``fit``) are
+    :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s; this class says what an RS step does. A fresh run
+    validates once before training (``initial_val_metrics``, logged at step 0) when ``val_check_interval > 0``.
+
     Source: Touvron et al. 2023 (Llama 2), sec. 3.2.3; Dong et al. 2023 (RAFT).
     """
 
     name = "RS"
     summary_keys = ["rewards_all_mean", "rewards_kept_mean", "reward_spread_mean", "loss", "response_lengths_all_mean"]
+    timing_keys = {"generation": "time_generation", "reward": "time_reward", "training": "time_train"}
+    validate_before_training = True
+    sample_table_title = "validation samples (greedy)"
+    export_role = "the policy"
 
     def __init__(
         self,
@@ -294,76 +302,22 @@ class RSTrainer:
         is_global_zero: bool = True,
         eos_token_id: int | None = None,
     ):
+        cfg.check(policy.data_parallel_size)
+        super().__init__(policy, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
+                         checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id)
         self.policy = policy
-        self.reward_fn = reward_fn
-        self.train_prompts = [list(p) for p in train_prompts]
-        self.val_prompts = [list(p) for p in (val_prompts or [])]
-        self.cfg = cfg
-        self.sampling_params = sampling_params
         self.greedy_params = dataclasses.replace(sampling_params, use_greedy=True)
-        self.length_params = length_params
-        self.log_dir = Path(log_dir)
-        self.checkpoints = checkpoints
-        self.log_metrics = log_metrics
-        self.resume = resume
-        self.export_hf = export_hf
-        self.is_global_zero = is_global_zero
-        self.tokenizer = getattr(policy, "tokenizer", None)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
-        world = policy.data_parallel_size
-        cfg.check(world)
-        self.sampler = GlobalBatchSampler(
-            len(self.train_prompts), cfg.num_rollout_samples, 1,
-            rank=policy.data_parallel_rank, world_size=world, seed=cfg.seed,
-        )
         self.max_steps = compute_rs_max_steps(len(self.train_prompts), cfg)
-        self.step = 0
         self.optimizer_step = 0
-        self.initial_val_metrics: dict[str, float] = {}
-        self.last_val_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-        self.log = get_logger()
 
-    # ---- rollouts ---------------------------------------------------------------------------------------------
-    def generate_rollouts(self, prompts: list[list[int]], num_per_prompt: int, sampling_params: Any,
-                          micro_batch_size: int, seed: int) -> list[dict]:
-        """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses (call
-        ``i`` seeded with ``seed + i``).
-
-        Returns ``len(prompts) * num_per_prompt`` rollouts, prompt-major (rollout ``p * num_per_prompt + j`` is
-        sample ``j`` of prompt ``p``), each ``{"prompt_ids", "response_ids", "input_ids", "prompt_length",
-        "ended", "prompt_index", "sample_index"}``; an empty response becomes ``[eos_token_id]``.
-        """
-        rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
-        rollouts = []
-        with self.policy.inference():
-            for i, start in enumerate(range(0, len(rows), micro_batch_size)):
-                chunk = rows[start : start + micro_batch_size]
-                out = self.policy.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
-                                           seed=seed + i)
-                for (p, j), response, ended in zip(chunk, out.response_ids, out.ended):
-                    response = list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)]
-                    prompt = list(prompts[p])
-                    rollouts.append({
-                        "prompt_ids": prompt, "response_ids": response, "input_ids": prompt + response,
-                        "prompt_length": len(prompt), "ended": bool(ended), "prompt_index": p, "sample_index": j,
-                    })
-        return rollouts
-
+    # ---- rollouts and selection -------------------------------------------------------------------------------
     def score_rollouts(self, rollouts: list[dict]) -> None:
         """Set each rollout's ``reward`` with ``reward_fn``, in calls of ``forward_micro_batch_size`` rollouts.
 
         Raises:
             RuntimeError: the reward function returned the wrong number of scores.
         """
-        mbs = self.cfg.forward_micro_batch_size
-        for start in range(0, len(rollouts), mbs):
-            chunk = rollouts[start : start + mbs]
-            rewards = list(self.reward_fn([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk]))
-            if len(rewards) != len(chunk):
-                raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
-            for r, value in zip(chunk, rewards):
-                r["reward"] = float(value)
+        score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size)
 
     def select(self, rollouts: list[dict], num_prompts: int) -> tuple[list[dict], dict[str, float]]:
         """Keep the ``top_n_rollouts`` best of each prompt's ``num_rollouts_per_prompt`` scored rollouts
@@ -416,9 +370,6 @@ class RSTrainer:
         out["optimizer_steps"] = float(steps)
         return out
 
-    def _step_seed(self, step: int) -> int:
-        return self.cfg.seed + 1_000_003 * (step + 1)
-
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
         """Run RS step ``self.step``: rollouts, rewards, top-n selection, SFT on the kept rollouts.
 
@@ -427,8 +378,7 @@ class RSTrainer:
         cfg = self.cfg
         seed = self._step_seed(self.step)
         start = time.perf_counter()
-        indices = [i for mb in self.sampler.micro_batches(self.step) for i in mb]
-        prompts = [self.train_prompts[i] for i in indices]
+        prompts = self.step_prompts()
         rollouts = self.generate_rollouts(prompts, cfg.num_rollouts_per_prompt, self.sampling_params,
                                           cfg.rollout_micro_batch_size, seed)
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
@@ -451,113 +401,27 @@ class RSTrainer:
         first ``num_val_samples_to_show`` prompts, responses and rewards (rank 0's share)."""
         if not self.val_prompts:
             return {}
-        rank, world = self.policy.data_parallel_rank, self.policy.data_parallel_size
-        prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
-        rollouts = []
-        if prompts:
-            rollouts = self.generate_rollouts(prompts, 1, self.greedy_params, self.cfg.val_rollout_micro_batch_size,
-                                              self.cfg.seed)
-            self.score_rollouts(rollouts)
+        rollouts = self.validation_rollouts(self.greedy_params, self.cfg.val_rollout_micro_batch_size,
+                                            self.cfg.forward_micro_batch_size)
         totals = torch.tensor([
             sum(r["reward"] for r in rollouts), sum(len(r["response_ids"]) for r in rollouts), float(len(rollouts)),
         ], dtype=torch.float64, device=self.policy.device)
-        if world > 1:
+        if self.policy.data_parallel_size > 1:
             totals = self.policy.all_reduce(totals, "sum")
         reward_sum, length_sum, count = totals.tolist()
         if count == 0:
             return {}
         if self.is_global_zero:
-            self._write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+            self.write_samples(rollouts[: self.cfg.num_val_samples_to_show])
         return {"global_rewards": reward_sum / count, "global_response_lengths_mean": length_sum / count}
 
-    def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return " ".join(map(str, ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    # ---- loop state -------------------------------------------------------------------------------------------
+    def _counters(self) -> dict[str, int]:
+        """``optimizer_step`` (the policy's LR-schedule position), checkpointed and logged with each step."""
+        return {"optimizer_step": self.optimizer_step}
 
-    def _write_samples(self, rollouts: list[dict]) -> None:
-        cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-        lines = [f"# validation samples (greedy), step {self.step}", "",
-                 "| # | prompt | response | reward |", "|---|---|---|---|"]
-        for i, r in enumerate(rollouts):
-            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | "
-                         f"{cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
-        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
-        for r in rollouts[:2]:
-            self.log.info(f"val sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        extra = {
-            "step": self.step,
-            "optimizer_step": self.optimizer_step,
-            "consumed_samples": self.step * self.cfg.num_rollout_samples,
-            "epoch": self.step // self.sampler.steps_per_epoch,
-            "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
-        }
-        self.policy.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
-        if self.is_global_zero:
-            self.checkpoints.prune()
-
-    def _maybe_resume(self) -> None:
-        latest = self.checkpoints.latest() if self.resume else None
-        if latest is None:
-            return
-        extra = self.policy.load_checkpoint(str(latest))
-        self.step = int(extra["step"])
+    def _restore(self, extra: dict) -> None:
         self.optimizer_step = int(extra.get("optimizer_step", self.step * self.cfg.optimizer_steps_per_rs_step()))
-        self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
-        if self.is_global_zero:
-            self.log.info(f"resumed from {latest} at RS step {self.step} "
-                          f"(consumed_samples={extra.get('consumed_samples')})")
 
-    # ---- loop -------------------------------------------------------------------------------------------------
-    def _run_validation(self) -> dict[str, float]:
-        metrics = self.validate()
-        if metrics:
-            self.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-            if self.is_global_zero:
-                self.log.info(f"validation step {self.step}/{self.max_steps}: {format_metrics(metrics)}")
-        return metrics
-
-    def fit(self) -> list[dict[str, float]]:
-        """Run to ``max_steps`` RS steps; returns this call's per-step metrics (also logged under ``train/``).
-
-        A fresh run (step 0) with validation enabled (``val_check_interval > 0``) validates once before training
-        (``initial_val_metrics``, logged at step 0); validation then runs every ``val_check_interval`` steps and
-        at the end, checkpoints every ``save_interval`` steps and at the end.
-        """
-        from tqdm.auto import tqdm
-
-        self._maybe_resume()
-        val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
-        if self.step == 0 and val_every > 0:
-            self.initial_val_metrics = self._run_validation()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
-                        dynamic_ncols=True)
-        while self.step < self.max_steps:
-            metrics, _ = self.train_step()
-            self.step += 1
-            metrics["consumed_samples"] = self.step * self.cfg.num_rollout_samples
-            metrics["optimizer_step"] = self.optimizer_step
-            self.history.append(metrics)
-            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['rewards_all_mean']:.3g}", kept=f"{metrics['rewards_kept_mean']:.3g}")
-            if self.is_global_zero:
-                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
-                              f"(generation {metrics['time_generation']:.1f}s, reward {metrics['time_reward']:.1f}s, "
-                              f"training {metrics['time_train']:.1f}s)")
-            is_last = self.step == self.max_steps
-            if (val_every > 0 and self.step % val_every == 0) or is_last:
-                self.last_val_metrics = self._run_validation()
-            if (save_every > 0 and self.step % save_every == 0) or is_last:
-                self._save()
-        progress.close()
-        if self.export_hf:
-            self.policy.export_hf(str(self.log_dir / "hf_export"))
-            if self.is_global_zero:
-                self.log.info(f"Hugging Face export of the policy written to {self.log_dir / 'hf_export'}")
-        return self.history
+    def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['rewards_all_mean']:.3g}", "kept": f"{metrics['rewards_kept_mean']:.3g}"}

@@ -170,3 +170,61 @@ def tokenize_prompt_example(example: PromptExample, tokenizer, max_length: int |
     if max_length is not None and 0 < max_length < len(ids):
         return ids[-max_length:], True
     return ids, False
+
+
+def load_prompt_ids(paths, tokenizer, max_prompt_tokens: int,
+                    max_prompts: int | None = None) -> tuple[list[list[int]], int]:
+    """Token ids of the first ``max_prompts`` prompts (all when ``None``) of ``paths`` (a path, a list of paths or
+    a Hydra ``ListConfig``), each kept to its last ``max_prompt_tokens`` tokens (:func:`tokenize_prompt_example`),
+    and how many were cut.
+
+    Raises:
+        FileNotFoundError, DataFormatError, ValueError: as :func:`load_prompts` and :func:`tokenize_prompt_example`.
+    """
+    from nemo_aligner.utils.config import as_list
+
+    ids, cut = [], 0
+    for example in load_prompts(as_list(paths), None if max_prompts is None else int(max_prompts)):
+        tokens, truncated = tokenize_prompt_example(example, tokenizer, max_prompt_tokens)
+        ids.append(tokens)
+        cut += int(truncated)
+    return ids, cut
+
+
+def prompt_token_budget(encoder_seq_length: int, max_response_tokens: int,
+                        reward_model_max_seq_length: int | None = None) -> int:
+    """The most prompt tokens an online run (PPO, rejection sampling) may keep, so that every prompt + response fits
+    the policy and the reward model: ``min(encoder_seq_length, reward_model_max_seq_length) - max_response_tokens``
+    (the reward model's limit only when given).
+
+    Raises:
+        ValueError: no room is left for a prompt (the budget is < 1).
+    """
+    seq_len = int(encoder_seq_length)
+    if reward_model_max_seq_length is not None and int(reward_model_max_seq_length) < seq_len:
+        seq_len = int(reward_model_max_seq_length)  # every prompt + response must fit the reward model too
+    budget = seq_len - int(max_response_tokens)
+    if budget < 1:
+        raise ValueError(f"a sequence limit of {seq_len} tokens (model.encoder_seq_length, or the reward model's "
+                         f"max_seq_length when smaller) leaves no room for a prompt next to "
+                         f"length_params.max_length={max_response_tokens}")
+    return budget
+
+
+def load_train_val_prompt_ids(data_cfg, tokenizer,
+                              max_prompt_tokens: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """The training and validation prompts of an online run's ``model.data`` section (``data_prefix.train``,
+    ``data_prefix.validation`` (may be empty), ``max_prompts``, ``max_val_prompts``) as :func:`load_prompt_ids`
+    gives them. Returns ``(train_ids, val_ids, training prompts cut to max_prompt_tokens)``.
+
+    Raises:
+        FileNotFoundError, DataFormatError, ValueError: as :func:`load_prompt_ids`.
+    """
+    from nemo_aligner.utils.config import as_list
+
+    train, cut = load_prompt_ids(data_cfg.data_prefix.train, tokenizer, max_prompt_tokens, data_cfg.get("max_prompts"))
+    val: list[list[int]] = []
+    if as_list(data_cfg.data_prefix.get("validation")):
+        val, _ = load_prompt_ids(data_cfg.data_prefix.validation, tokenizer, max_prompt_tokens,
+                                 data_cfg.get("max_val_prompts"))
+    return train, val, cut

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "APIError",
     "BackgroundServer",
+    "add_health_and_info",
     "check_host",
     "create_app",
     "is_loopback",
@@ -217,6 +218,19 @@ def create_app(
         return JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     return app
+
+
+def add_health_and_info(app: FastAPI, info: Callable[[], dict]) -> None:
+    """Add the routes every server has: ``GET /health`` -> ``{"status": "ok"}`` (public by default, see
+    :func:`create_app`) and ``GET /info`` -> ``info()`` (what the server serves and how it batches)."""
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info_route() -> dict:
+        return info()
 
 
 async def read_json(request: Request) -> Any:

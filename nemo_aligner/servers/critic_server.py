@@ -5,12 +5,15 @@ API (JSON; errors are ``{"error": "<message>"}``, see :func:`nemo_aligner.server
 * ``POST /infer`` ``{"token_ids": [[int]], "prompt_lengths": [int]}`` -> ``{"values": [[float]]}``: one value per
   response token (the tokens after ``prompt_length``), read at the position that predicts it. Items of concurrent
   requests are gathered into micro-batches by :class:`~nemo_aligner.servers.batching.DynamicBatcher`.
-* ``POST /train`` ``{"step": int, "seed": int, "token_ids", "prompt_lengths", "values": [[float]],
-  "returns": [[float]]}`` -> ``{"metrics": {...}}``: one PPO step of clipped-value-loss training
-  (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``step``: a retried request for
-  the step just trained returns the stored metrics without training again.
+* ``POST /train`` ``{"step": int, "seed": int, "run_id": str (optional), "token_ids", "prompt_lengths",
+  "values": [[float]], "returns": [[float]]}`` -> ``{"metrics": {...}}``: one PPO step of clipped-value-loss
+  training (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``(run_id, step)``: a
+  retried request for the step just trained by the same actor run returns the stored metrics without training
+  again; another run (a fresh actor process, which sends a new ``run_id``) is always trained, even at the same step.
 * ``POST /save`` ``{"step": int}`` / ``POST /load`` ``{"step": int}``: checkpoint ``<checkpoint_dir>/step=<N>`` (the
   actor saves the critic before itself and restores it on resume).
+* ``POST /prune`` ``{"keep_steps": [int]}`` -> ``{"removed": [path]}``: delete the critic checkpoints whose step is
+  not listed (the actor sends the steps it kept after its own top-k pruning, so both keep the same steps).
 * ``GET /health`` (no token), ``GET /info``.
 
 Training and inference share one lock, so a request never sees half-updated weights.
@@ -21,13 +24,15 @@ Training and inference share one lock, so a request never sees half-updated weig
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 from fastapi import Request
 
-from nemo_aligner.servers.app import APIError, create_app, read_json
+from nemo_aligner.servers.app import APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 from nemo_aligner.servers.client import HTTPClient
 from nemo_aligner.utils.checkpoint import CheckpointManager
@@ -82,7 +87,7 @@ def build_critic_app(
 
     Args:
         critic: the critic model (trained in place).
-        checkpoint_dir: where ``/save`` writes.
+        checkpoint_dir: where ``/save`` writes (and ``/prune`` deletes).
         forward_micro_batch_size: sequences per inference forward.
         global_batch_size, micro_batch_size, epochs: critic training batches per ``/train`` request.
         max_wait_ms: how long an inference micro-batch waits for more items.
@@ -95,7 +100,7 @@ def build_critic_app(
     checkpoints = CheckpointManager(checkpoint_dir, save_top_k=-1)
     vocab = getattr(getattr(critic, "_lm", None), "config", None)
     vocab_size = getattr(vocab, "vocab_size", None)
-    last_train: dict[str, Any] = {"step": None, "metrics": None}
+    last_train: dict[str, Any] = {"run_id": None, "step": None, "metrics": None}
 
     def process(items: list[dict]) -> list[list[float]]:
         with lock:
@@ -111,43 +116,40 @@ def build_critic_app(
             raise APIError(422, f"'{key}' must be a non-negative integer")
         return value
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/info")
-    async def info() -> dict:
-        return {
-            "model": str(getattr(critic, "source", "")),
-            "forward_micro_batch_size": forward_micro_batch_size,
-            "global_batch_size": global_batch_size,
-            "micro_batch_size": micro_batch_size,
-            "last_trained_step": last_train["step"],
-            "checkpoint_dir": str(checkpoint_dir),
-        }
+    add_health_and_info(app, lambda: {
+        "model": str(getattr(critic, "source", "")),
+        "forward_micro_batch_size": forward_micro_batch_size,
+        "global_batch_size": global_batch_size,
+        "micro_batch_size": micro_batch_size,
+        "last_trained_step": last_train["step"],
+        "checkpoint_dir": str(checkpoint_dir),
+    })
 
     @app.post("/infer")
     async def infer(request: Request) -> dict:
         rollouts = parse_sequences(await read_json(request), vocab_size)
         return {"values": await batcher.submit(rollouts)}
 
-    def _train(step: int, seed: int, rollouts: list[dict]) -> dict:
+    def _train(run_id: str | None, step: int, seed: int, rollouts: list[dict]) -> dict:
         with lock:
-            if last_train["step"] == step:
-                return last_train["metrics"]
+            if last_train["step"] == step and last_train["run_id"] == run_id:
+                return last_train["metrics"]  # a retry of the request just served
             metrics = critic.train_on_rollouts(rollouts, global_batch_size, micro_batch_size, epochs, seed)
-            last_train.update(step=step, metrics=metrics)
+            last_train.update(run_id=run_id, step=step, metrics=metrics)
             return metrics
 
     @app.post("/train")
     async def train(request: Request) -> dict:
         body = await read_json(request)
         step, seed = _int(body, "step"), _int(body, "seed")
+        run_id = body.get("run_id")
+        if run_id is not None and not isinstance(run_id, str):
+            raise APIError(422, "'run_id' must be a string")
         rollouts = parse_sequences(body, vocab_size)
         for key in ("values", "returns"):
             for r, v in zip(rollouts, _float_lists(body, key, rollouts)):
                 r[key] = [float(x) for x in v]
-        return {"metrics": await asyncio.to_thread(_train, step, seed, rollouts)}
+        return {"metrics": await asyncio.to_thread(_train, run_id, step, seed, rollouts)}
 
     def _save(step: int) -> str:
         with lock:
@@ -161,8 +163,17 @@ def build_critic_app(
             raise APIError(404, f"no critic checkpoint {path}")
         with lock:
             critic.load_checkpoint(str(path))
-            last_train.update(step=None, metrics=None)
+            last_train.update(run_id=None, step=None, metrics=None)
         return str(path)
+
+    def _prune(keep_steps: set[int]) -> list[str]:
+        removed = []
+        with lock:
+            for path, meta in checkpoints.checkpoints():
+                if int(meta.get("step", -1)) not in keep_steps:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(str(path))
+        return removed
 
     @app.post("/save")
     async def save(request: Request) -> dict:
@@ -171,6 +182,14 @@ def build_critic_app(
     @app.post("/load")
     async def load(request: Request) -> dict:
         return {"path": await asyncio.to_thread(_load, _int(await read_json(request), "step"))}
+
+    @app.post("/prune")
+    async def prune(request: Request) -> dict:
+        body = await read_json(request)
+        keep = body.get("keep_steps") if isinstance(body, dict) else None
+        if not isinstance(keep, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in keep):
+            raise APIError(422, "'keep_steps' must be a list of integers")
+        return {"removed": await asyncio.to_thread(_prune, set(keep))}
 
     return app
 
@@ -186,11 +205,15 @@ class RemoteCritic(HTTPClient):
     Args:
         base_url: e.g. ``http://127.0.0.1:5557``; other arguments as :class:`~nemo_aligner.servers.client.HTTPClient`.
         max_items_per_request: ``/infer`` requests are split into chunks this big.
+        run_id: sent with every ``/train`` so that the server's retry cache never answers another run's request
+            (default: a fresh random id per client, i.e. per actor process).
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:5557", *args, max_items_per_request: int = 256, **kwargs):
+    def __init__(self, base_url: str = "http://127.0.0.1:5557", *args, max_items_per_request: int = 256,
+                 run_id: str | None = None, **kwargs):
         super().__init__(base_url, *args, **kwargs)
         self.max_items_per_request = int(max_items_per_request)
+        self.run_id = run_id or uuid.uuid4().hex
         self._step = 0
 
     def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
@@ -204,8 +227,8 @@ class RemoteCritic(HTTPClient):
         step = self._step if step is None else step
         self._step = step + 1
         payload = _payload(rollouts)
-        payload.update(step=int(step), seed=int(seed), values=[list(r["values"]) for r in rollouts],
-                       returns=[list(r["returns"]) for r in rollouts])
+        payload.update(step=int(step), seed=int(seed), run_id=self.run_id,
+                       values=[list(r["values"]) for r in rollouts], returns=[list(r["returns"]) for r in rollouts])
         return {k: float(v) for k, v in self.post("/train", payload)["metrics"].items()}
 
     def save(self, step: int) -> None:
@@ -214,6 +237,10 @@ class RemoteCritic(HTTPClient):
     def load(self, step: int) -> None:
         self.post("/load", {"step": int(step)})
         self._step = int(step)
+
+    def prune(self, keep_steps: set[int]) -> list[str]:
+        """Delete the server's critic checkpoints whose step is not in ``keep_steps``; returns the removed paths."""
+        return list(self.post("/prune", {"keep_steps": sorted(int(k) for k in keep_steps)})["removed"])
 
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict:
         """Poll ``/health`` until it answers (bounded by ``timeout`` seconds).

@@ -20,7 +20,7 @@ from fastapi import Request
 
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs, load_causal_lm, load_tokenizer
-from nemo_aligner.servers.app import create_app, read_json
+from nemo_aligner.servers.app import add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 from nemo_aligner.servers.client import HTTPClient
 from nemo_aligner.servers.critic_server import _payload, _wait, parse_sequences
@@ -81,13 +81,9 @@ def build_initial_policy_app(scorer: InitialPolicyScorer, micro_batch_size: int 
     app = create_app("NeMo-Aligner PPO initial policy server", api_token=api_token, on_shutdown=[batcher.close])
     app.state.batcher = batcher
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/info")
-    async def info() -> dict:
-        return {"model": str(scorer.source), "micro_batch_size": micro_batch_size, "vocab_size": scorer.vocab_size}
+    add_health_and_info(app, lambda: {
+        "model": str(scorer.source), "micro_batch_size": micro_batch_size, "vocab_size": scorer.vocab_size,
+    })
 
     @app.post("/logprobs")
     async def logprobs(request: Request) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Protocol, Sequence
 
 from fastapi import Request
 
-from nemo_aligner.servers.app import DEFAULT_MAX_REQUEST_BYTES, APIError, create_app, read_json
+from nemo_aligner.servers.app import DEFAULT_MAX_REQUEST_BYTES, APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 
 __all__ = ["RewardScorerLike", "build_reward_model_app", "DEFAULT_MAX_ITEMS_PER_REQUEST"]
@@ -184,22 +184,16 @@ def build_reward_model_app(
                 raise APIError(422, f"item {i} cannot be tokenised: {type(err).__name__}: {err}") from None
         return out
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/info")
-    async def info() -> dict:
-        return {
-            "model_name": model_name,
-            "max_seq_length": max_len,
-            "micro_batch_size": micro_batch_size,
-            "max_wait_ms": float(max_wait_ms),
-            "max_items_per_request": max_items_per_request,
-            "vocab_size": vocab_size,
-            "reward_standardization": {"mean": getattr(scorer, "mean", None), "std": getattr(scorer, "std", None)},
-            "counters": batcher.stats(),
-        }
+    add_health_and_info(app, lambda: {
+        "model_name": model_name,
+        "max_seq_length": max_len,
+        "micro_batch_size": micro_batch_size,
+        "max_wait_ms": float(max_wait_ms),
+        "max_items_per_request": max_items_per_request,
+        "vocab_size": vocab_size,
+        "reward_standardization": {"mean": getattr(scorer, "mean", None), "std": getattr(scorer, "std", None)},
+        "counters": batcher.stats(),
+    })
 
     @app.post("/score")
     async def score(request: Request) -> dict:

@@ -12,11 +12,25 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 _LOG = logging.getLogger("nemo_aligner")
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so a log line printed while a progress bar is on screen gets a line of its own
+    (the bar is cleared and redrawn below it) instead of being glued to the end of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # never let console output break a run
+            self.handleError(record)
+
+
 def get_logger() -> logging.Logger:
     """The package logger, printing ``[nemo_aligner] message`` lines to stderr once configured."""
     _LOG.disabled = False  # logging.config with disable_existing_loggers (Hydra's) must not silence us
     if not _LOG.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ProgressAwareHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[nemo_aligner] %(message)s"))
         _LOG.addHandler(handler)
         _LOG.setLevel(logging.INFO)

@@ -40,6 +40,7 @@ from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, as_list, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 
 USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError)
@@ -285,11 +286,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="generation", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

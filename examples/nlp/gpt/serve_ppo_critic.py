@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from nemo_aligner.servers.app import check_host, run_server
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 
 USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
@@ -69,14 +70,15 @@ def _ready(url: str) -> None:
     print(f"critic server ready at {url} (POST /infer, /train, /save, /load; GET /health, /info)", flush=True)
 
 
+def serve(cfg: DictConfig) -> None:
+    """Build the app from ``cfg`` and serve it until interrupted."""
+    app, serve_kwargs = build(cfg)
+    run_server(app, on_ready=_ready, **serve_kwargs)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_ppo_critic", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        app, serve_kwargs = build(cfg)
-        run_server(app, on_ready=_ready, **serve_kwargs)
-    except USER_ERRORS as err:  # a user's mistake: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(serve, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

@@ -1,0 +1,335 @@
+"""What the online algorithms (PPO, rejection sampling) share.
+
+* **Reward sources**: a reward function is any ``reward_fn(prompt_ids, response_ids) -> list[float]``, one score
+  per response; :func:`reward_fn_from_scorer` wraps a local
+  :class:`~nemo_aligner.models.reward_model.RewardScorer`, :func:`reward_fn_from_client` the reward-model server,
+  and :func:`build_reward_fn` picks one of the two from an entry script's settings.
+* **Run length**: :func:`compute_online_max_steps` (steps of ``num_rollout_samples`` prompts each).
+* **The loop**: :class:`OnlineTrainer` generates rollouts (:meth:`OnlineTrainer.generate_rollouts`), scores them
+  (:func:`score_rewards`), runs validation rollouts on the first ``num_val_samples`` validation prompts and writes
+  their sample table, and drives ``fit`` (validation, checkpoints with the data position, exact resume, logging and
+  the HF export, through :class:`~nemo_aligner.algorithms.base.TrainingLoop`). A subclass says what one step does
+  (``train_step``) and what validation reports (``validate``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nemo_aligner.algorithms.base import TrainingLoop
+from nemo_aligner.data.samplers import GlobalBatchSampler
+from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.logging import format_metrics, get_logger
+
+RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward sources
+# ---------------------------------------------------------------------------------------------------------------
+def reward_fn_from_scorer(scorer, micro_batch_size: int | None = None) -> RewardFn:
+    """A reward function scoring ``prompt + response`` token ids with a local
+    :class:`~nemo_aligner.models.reward_model.RewardScorer` (the policy and RM must share a tokenizer)."""
+
+    def reward_fn(prompt_ids, response_ids):
+        return list(scorer.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], micro_batch_size))
+
+    return reward_fn
+
+
+def reward_fn_from_client(client) -> RewardFn:
+    """A reward function calling the reward-model server (``RewardModelClient.score_token_ids``)."""
+
+    def reward_fn(prompt_ids, response_ids):
+        return list(client.score_token_ids([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]))
+
+    return reward_fn
+
+
+def build_reward_fn(
+    rm_path: str | None,
+    device: Any,
+    micro_batch_size: int,
+    remote_url: str | None = None,
+    api_token: str | None = None,
+    timeout: float = 600.0,
+    remote_key: str = "remote_rm.enable",
+) -> tuple[RewardFn, int | None, str]:
+    """The reward source of an online run: the reward-model server at ``remote_url`` when given, else a local
+    :class:`~nemo_aligner.models.reward_model.RewardScorer` loaded from the RM export ``rm_path`` onto ``device``
+    (scoring in micro-batches of ``micro_batch_size``).
+
+    Args:
+        remote_key: the config key that turns the server on, named in the error for a missing export.
+
+    Returns:
+        ``(reward_fn, max_seq_length, description)``: ``max_seq_length`` is the longest prompt + response the
+        reward model accepts (``None``: no limit; see :func:`nemo_aligner.data.prompts.prompt_token_budget`).
+
+    Raises:
+        FileNotFoundError: no RM export directory at ``rm_path`` (local mode).
+        ConnectionError: the server does not answer ``/health`` within ``timeout`` seconds.
+    """
+    if remote_url is not None:
+        from nemo_aligner.servers.client import RewardModelClient
+
+        client = RewardModelClient(remote_url, api_token=api_token, timeout=float(timeout))
+        client.wait_until_ready(timeout=float(timeout))
+        max_len = client.info().get("max_seq_length")
+        return reward_fn_from_client(client), (int(max_len) if max_len else None), f"reward-model server {remote_url}"
+    from nemo_aligner.models.reward_model import RewardScorer
+
+    if not rm_path or not Path(str(rm_path)).is_dir():
+        raise FileNotFoundError(f"reward_model.restore_from_path={rm_path!r} is not an RM export directory "
+                                f"(or set {remote_key}=true to use the reward-model server)")
+    scorer = RewardScorer.from_pretrained(str(rm_path), device=device, micro_batch_size=micro_batch_size)
+    return reward_fn_from_scorer(scorer, micro_batch_size), scorer.max_seq_length, f"local reward model {rm_path}"
+
+
+def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: int | None = None) -> list[float]:
+    """Set each rollout's ``reward`` with ``reward_fn`` in calls of ``micro_batch_size`` rollouts (``None``: one
+    call for all); returns the rewards in rollout order.
+
+    Raises:
+        RuntimeError: the reward function returned the wrong number of scores.
+    """
+    size = micro_batch_size or max(len(rollouts), 1)
+    out: list[float] = []
+    for start in range(0, len(rollouts), size):
+        chunk = rollouts[start : start + size]
+        rewards = list(reward_fn([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk]))
+        if len(rewards) != len(chunk):
+            raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
+        for r, value in zip(chunk, rewards):
+            r["reward"] = float(value)
+            out.append(r["reward"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rollouts and run length
+# ---------------------------------------------------------------------------------------------------------------
+def rollout_examples(rollouts: Sequence[dict]) -> list[dict]:
+    """``{"input_ids", "prompt_length"}`` of each rollout: the
+    :func:`~nemo_aligner.data.sequences.collate_sequences` input whose targets are exactly the response tokens."""
+    return [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts]
+
+
+def compute_online_max_steps(num_prompts: int, cfg: Any, section: str) -> int:
+    """Steps of an online run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0
+    (the incomplete last prompt batch of an epoch is dropped). ``cfg`` has ``num_rollout_samples``, ``max_epochs``
+    and ``max_steps``; ``section`` (``"ppo"``, ``"rs"``) names the config keys in the error.
+
+    Raises:
+        ValueError: the result is 0 (fewer prompts than one rollout batch, or ``max_steps=0``).
+    """
+    per_epoch = num_prompts // cfg.num_rollout_samples
+    steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {num_prompts} prompts, model.{section}.num_rollout_samples={cfg.num_rollout_samples}, "
+            f"trainer.{section}.max_epochs={cfg.max_epochs}, trainer.{section}.max_steps={cfg.max_steps} give 0 "
+            f"{section.upper()} steps"
+        )
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the online loop
+# ---------------------------------------------------------------------------------------------------------------
+class OnlineTrainer(TrainingLoop):
+    """The parts of an online trainer that PPO and rejection sampling share (see the module docstring).
+
+    Args:
+        model: the policy being trained (PPO's actor); must implement ``generate`` and ``get_logprobs``.
+        reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
+        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        cfg: the algorithm's config (``num_rollout_samples``, ``num_val_samples``, ``num_val_samples_to_show``,
+            ``val_check_interval``, ``save_interval``, ``seed``, ...).
+        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams``.
+        log_dir: ``hf_export/`` and ``val_samples/`` go here.
+        checkpoints: the model's checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
+        log_metrics: ``(dict, step) -> None`` sink.
+        resume: restore the latest checkpoint when there is one.
+        export_hf: write ``<log_dir>/hf_export`` at the end.
+        is_global_zero: whether this process prints and writes sample tables.
+        eos_token_id: the token given to an empty response (a response needs at least one token); default the
+            tokenizer's.
+        rollout_micro_batch_size: the sampler's micro-batch (the prompts of a step are this rank's share either way).
+
+    A subclass sets ``max_steps`` and implements ``train_step() -> (metrics, rollouts)`` and ``validate()``.
+    """
+
+    name = "online"
+    summary_keys: list[str] = []
+    #: Log-line label -> metric of the step times shown after each step's summary.
+    timing_keys = {"generation": "time_generation", "training": "time_train"}
+    #: Validate once before the first step of a fresh run (``initial_val_metrics``).
+    validate_before_training = False
+    #: First line of the validation sample table.
+    sample_table_title = "validation samples"
+
+    def __init__(
+        self,
+        model: AlignableModel,
+        reward_fn: RewardFn,
+        train_prompts: Sequence[Sequence[int]],
+        val_prompts: Sequence[Sequence[int]] | None,
+        cfg: Any,
+        sampling_params: Any,
+        length_params: Any,
+        log_dir: str | Path,
+        checkpoints: CheckpointManager,
+        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+        resume: bool = True,
+        export_hf: bool = True,
+        is_global_zero: bool = True,
+        eos_token_id: int | None = None,
+        rollout_micro_batch_size: int = 1,
+    ):
+        self.model = model
+        self.reward_fn = reward_fn
+        self.train_prompts = [list(p) for p in train_prompts]
+        self.val_prompts = [list(p) for p in (val_prompts or [])]
+        self.cfg = cfg
+        self.sampling_params = sampling_params
+        self.length_params = length_params
+        self.log_dir = Path(log_dir)
+        self.checkpoints = checkpoints
+        self.log_metrics = log_metrics
+        self.resume = resume
+        self.export_hf = export_hf
+        self.is_global_zero = is_global_zero
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
+            rank=model.data_parallel_rank, world_size=model.data_parallel_size, seed=cfg.seed,
+        )
+        self.step = 0
+        self.initial_val_metrics: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.log = get_logger()
+
+    @property
+    def samples_per_step(self) -> int:
+        """Prompts per step over all ranks (``num_rollout_samples``)."""
+        return self.cfg.num_rollout_samples
+
+    def _step_seed(self, step: int) -> int:
+        """The sampling seed of step ``step`` (the same after a resume)."""
+        return self.cfg.seed + 1_000_003 * (step + 1)
+
+    def step_prompts(self) -> list[list[int]]:
+        """This rank's prompts of step ``self.step`` (deterministic, resumable order)."""
+        return [self.train_prompts[i] for mb in self.sampler.micro_batches(self.step) for i in mb]
+
+    # ---- rollouts ---------------------------------------------------------------------------------------------
+    def generate_rollouts(self, prompts: list[list[int]], num_per_prompt: int, sampling_params: Any,
+                          micro_batch_size: int, seed: int) -> list[dict]:
+        """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses (call
+        ``i`` seeded with ``seed + i``).
+
+        Returns ``len(prompts) * num_per_prompt`` rollouts, prompt-major (rollout ``p * num_per_prompt + j`` is
+        sample ``j`` of prompt ``p``), each ``{"prompt_ids", "response_ids", "input_ids", "prompt_length",
+        "ended", "prompt_index", "sample_index"}``; an empty response becomes ``[eos_token_id]``.
+        """
+        rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
+        rollouts = []
+        with self.model.inference():
+            for i, start in enumerate(range(0, len(rows), micro_batch_size)):
+                chunk = rows[start : start + micro_batch_size]
+                out = self.model.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
+                                          seed=seed + i)
+                for (p, j), response, ended in zip(chunk, out.response_ids, out.ended):
+                    response = list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)]
+                    prompt = list(prompts[p])
+                    rollouts.append({
+                        "prompt_ids": prompt, "response_ids": response, "input_ids": prompt + response,
+                        "prompt_length": len(prompt), "ended": bool(ended), "prompt_index": p, "sample_index": j,
+                    })
+        return rollouts
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validation_rollouts(self, sampling_params: Any, micro_batch_size: int,
+                            score_micro_batch_size: int | None = None) -> list[dict]:
+        """One response (``sampling_params``, seed ``cfg.seed``) to each of this rank's share of the first
+        ``num_val_samples`` validation prompts, scored (:func:`score_rewards` in calls of
+        ``score_micro_batch_size``); empty when this rank has no validation prompt."""
+        rank, world = self.model.data_parallel_rank, self.model.data_parallel_size
+        prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
+        if not prompts:
+            return []
+        rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed)
+        score_rewards(self.reward_fn, rollouts, score_micro_batch_size)
+        return rollouts
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def write_samples(self, rollouts: list[dict]) -> Path:
+        """Write ``<log_dir>/val_samples/step=<N>.md``, a table of the rollouts' prompts (last 300 characters),
+        responses and rewards, and log the first two responses; returns the file."""
+        cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+        lines = [f"# {self.sample_table_title}, step {self.step}", "",
+                 "| # | prompt | response | reward |", "|---|---|---|---|"]
+        for i, r in enumerate(rollouts):
+            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | "
+                         f"{cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
+        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        for r in rollouts[:2]:
+            self.log.info(f"val sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
+        return out
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """Run step ``self.step``; returns ``(metrics averaged over ranks, this rank's rollouts)``."""
+        raise NotImplementedError
+
+    def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows after a step."""
+        return {}
+
+    def fit(self) -> list[dict[str, float]]:
+        """Run to ``max_steps`` steps; returns this call's per-step metrics (also logged under ``train/``).
+
+        With :attr:`validate_before_training`, a fresh run (step 0) with validation enabled
+        (``val_check_interval > 0``) validates once before training (``initial_val_metrics``, logged at step 0).
+        Validation then runs every ``val_check_interval`` steps and at the end, checkpoints every
+        ``save_interval`` steps and at the end.
+        """
+        from tqdm.auto import tqdm
+
+        self._maybe_resume()
+        val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
+        if self.validate_before_training and self.step == 0 and val_every > 0:
+            self.initial_val_metrics = self._run_validation()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
+                        dynamic_ncols=True)
+        while self.step < self.max_steps:
+            metrics, _ = self.train_step()
+            self.step += 1
+            metrics["consumed_samples"] = self.step * self.samples_per_step
+            metrics.update(self._counters())
+            self.history.append(metrics)
+            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            progress.update(1)
+            progress.set_postfix(**self._progress_postfix(metrics))
+            if self.is_global_zero:
+                times = ", ".join(f"{label} {metrics[key]:.1f}s" for label, key in self.timing_keys.items())
+                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
+                              f"({times})")
+            if self._should(val_every):
+                self.last_val_metrics = self._run_validation()
+            if self._should(save_every):
+                self._save()
+        progress.close()
+        self._export()
+        return self.history
