@@ -47,6 +47,7 @@ COMMON=(
   model.ppo.num_rollout_samples="$ROLLOUTS" model.ppo.rollout_micro_batch_size="$ROLLOUTS"
   model.ppo.forward_micro_batch_size="$ROLLOUTS" model.ppo.num_val_samples=4 model.ppo.val_rollout_micro_batch_size=4
   model.ppo.length_params.max_length="$MAX_NEW"
+  'model.ppo.sampling_params.end_strings=["\n\nHuman:"]'
   model.global_batch_size="$ROLLOUTS" model.micro_batch_size=2 model.encoder_seq_length=256
   model.optim.lr=1e-6 model.optim.sched.min_lr=1e-7
 )

@@ -31,5 +31,6 @@ python3 examples/nlp/gpt/train_gpt_rs_actor.py \
   model.rs.rollout_micro_batch_size=8 model.rs.num_val_samples=4 \
   model.global_batch_size=4 model.micro_batch_size=2 \
   model.rs.length_params.max_length=32 model.optim.lr=1e-6 \
+  'model.rs.sampling_params.end_strings=["\n\nHuman:"]' \
   exp_manager.explicit_log_dir=results/rs_quickstart \
   "$@"

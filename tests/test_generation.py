@@ -202,3 +202,11 @@ def test_hf_causal_lm_generate_uses_lora_adapters(tiny_model_dir, tokenizer, pro
     with policy._lm.disable_adapter():
         without = generate(policy._lm.eval(), prompts, GREEDY, LengthParams(8), [tokenizer.eos_token_id], tokenizer.pad_token_id)
     assert without != out
+
+
+def test_end_strings_read_backslash_escapes_from_the_command_line():
+    """Hydra hands ``end_strings=["\\n\\nHuman:"]`` over literally; SamplingParams reads the escapes."""
+    from nemo_aligner.generation import SamplingParams
+
+    params = SamplingParams(end_strings=["\\n\\nHuman:", "a\\tb", "c\\\\d", "keep\\x", "\n\nreal"])
+    assert params.end_strings == ["\n\nHuman:", "a\tb", "c\\d", "keep\\x", "\n\nreal"]

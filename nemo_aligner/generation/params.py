@@ -26,6 +26,22 @@ def _check_known(cfg: Any, known: tuple[str, ...], section: str) -> None:
             raise ValueError(f"{section}: unknown key {key!r}; known keys are {sorted(known)}")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """``\\n`` -> newline, ``\\t`` -> tab, ``\\\\`` -> backslash; any other backslash is kept as it is."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 @dataclass
 class SamplingParams:
     """How the next token is chosen (NeMo-Aligner ``sampling_params``).
@@ -40,7 +56,9 @@ class SamplingParams:
         repetition_penalty: a token already present in the prompt or the response has its logit divided by it
             when positive, multiplied by it when negative (``1.0`` = off) (Keskar et al. 2019, CTRL, section 4.1).
         end_strings: stop a response as soon as its decoded text ends with one of these strings (the matching
-            tokens are kept in the response).
+            tokens are kept in the response). The two-character escapes ``\\n``, ``\\t`` and ``\\\\`` are read as a
+            newline, a tab and a backslash, because Hydra passes a command-line ``end_strings=["\\n\\nHuman:"]``
+            through literally.
 
     Raises:
         ValueError: ``temperature <= 0`` (without greedy), ``top_k < 0``, ``top_p`` outside ``(0, 1]``,
@@ -60,7 +78,7 @@ class SamplingParams:
         self.top_k = int(self.top_k)
         self.top_p = float(self.top_p)
         self.repetition_penalty = float(self.repetition_penalty)
-        self.end_strings = [str(s) for s in (self.end_strings or [])]
+        self.end_strings = [_unescape(str(s)) for s in (self.end_strings or [])]
         if not self.use_greedy and not self.temperature > 0:
             raise ValueError(f"sampling_params.temperature={self.temperature}: must be > 0 (or set use_greedy=true)")
         if self.top_k < 0:
