@@ -19,9 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "train.jsonl.gz"
 
 
-def parse_args(description: str, steps: int, max_length: int, pack: bool = False) -> argparse.Namespace:
+def parse_args(description: str, steps: int, max_length: int, pack: bool = False,
+               shared_prefix: bool = False) -> argparse.Namespace:
     """The benchmarks' common options (``--model --data --steps --batch-size --max-length --precision --verbose``,
-    and ``--pack`` when ``pack``), with the given defaults."""
+    ``--pack`` when ``pack``, ``--no-shared-prefix`` when ``shared_prefix``), with the given defaults."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf, or alias")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -31,6 +32,9 @@ def parse_args(description: str, steps: int, max_length: int, pack: bool = False
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     if pack:
         parser.add_argument("--pack", action="store_true", help="ours with model.data.pack_sequences=true")
+    if shared_prefix:
+        parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                            help="ours with model.data.shared_prefix=false (one row per response, as TRL)")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args()
 

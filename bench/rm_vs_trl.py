@@ -5,7 +5,8 @@
 
 Both trainers run one epoch over the same ``steps * batch_size`` HH-RLHF pairs (only pairs whose longer side fits
 ``--max-length``, so neither truncates), full-parameter ``AutoModelForSequenceClassification(num_labels=1)``, fp32
-(or ``--precision bf16``), no gradient checkpointing, each in its own child process of this script, one after the
+(or ``--precision bf16``), no gradient checkpointing, ours in its default shared-prefix layout (the prompt computed once
+per pair; ``--no-shared-prefix`` for TRL's one row per response), each in its own child process of this script, one after the
 other. Throughput is tokens per second of the training loop (every step, the first included; model loading and
 tokenisation excluded), a pair counting ``len(prompt + chosen) + len(prompt + rejected)`` of our tokenisation for
 both. Requires ``pip install -e .[bench]`` (TRL).
@@ -51,14 +52,15 @@ print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step, 
 
 
 def main() -> None:
-    args = parse_args(__doc__, steps=4, max_length=256, pack=True)
+    args = parse_args(__doc__, steps=4, max_length=256, pack=True, shared_prefix=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir, data_file, pairs, tokens = prepare_pairs(args, work)
-        extra = ["model.optim.lr=1e-5", f"model.data.pack_sequences={str(args.pack).lower()}"]
+        extra = ["model.optim.lr=1e-5", f"model.data.pack_sequences={str(args.pack).lower()}",
+                 f"model.data.shared_prefix={str(args.shared_prefix).lower()}"]
         ours = run_recipe(args, "train_reward_model.py", "rm", model_dir, data_file, work, extra)
         trl_seconds, trl_version = run_trl(args, TRL_CHILD, model_dir, data_file, work)
-    print_results(args, pairs, tokens, ours, trl_seconds, trl_version, f" pack={args.pack}")
+    print_results(args, pairs, tokens, ours, trl_seconds, trl_version, f" pack={args.pack} shared_prefix={args.shared_prefix}")
 
 
 if __name__ == "__main__":

@@ -102,9 +102,18 @@ def test_padded_packed_and_one_at_a_time_agree(tmp_path, tokenizer, kind, peft):
         packed = model.get_rewards(packed_batch)
         single = torch.cat([model.get_rewards(collate_sequences([{"input_ids": ex["prompt_ids"] + r}], 0))
                             for ex in examples for r in ex["response_ids"]])
+        shared_batch = collate_reward_examples(examples, 0, shared_prefix=True).sequences
+        shared = model.get_rewards(shared_batch)
+        shared_packed_batch = collate_reward_examples(examples, 0, pack=True, max_row_length=80, shared_prefix=True).sequences
+        shared_packed = model.get_rewards(shared_packed_batch)
     assert packed_batch.input_ids.shape[0] < 6  # really packed
+    assert shared_batch.input_ids.shape[0] == 3  # one row per pair, prompt once
+    assert shared_batch.input_ids.numel() < collate_reward_examples(examples, 0).sequences.input_ids.numel()
+    assert shared_packed_batch.input_ids.shape[0] < 3
     assert padded.shape == (6,) and padded.std() > 0
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_packed, padded, atol=1e-5, rtol=0)
     torch.testing.assert_close(single, padded, atol=1e-5, rtol=0)
 
 
@@ -263,3 +272,21 @@ def test_malformed_line_reported_through_the_cli(tmp_path, tiny_model_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"error: {data}:17: field 'text'" in proc.stderr
+
+
+def test_shared_prefix_scores_ranked_lists_like_separate_sequences(tiny_model_dir, tokenizer):
+    """Three responses in one row ``[prompt | r1 | r2 | r3]``: each reward equals its own ``[prompt | r]`` forward."""
+    model = HFRewardModel(Fabric(accelerator="cpu", devices=1), _cfg("none"), str(tiny_model_dir), max_steps=1)
+    p, r1 = tokenize_prompt_response("Human: best fruit? Assistant:", " apples", tokenizer)
+    _, r2 = tokenize_prompt_response("Human: best fruit? Assistant:", " pears, the quick brown fox", tokenizer)
+    _, r3 = tokenize_prompt_response("Human: best fruit? Assistant:", " none", tokenizer)
+    examples = [{"prompt_ids": p, "response_ids": [r1, r2, r3], "preferences": [2.0, 1.0, 0.0]},
+                {"prompt_ids": p[:3], "response_ids": [r3, r1], "preferences": [1.0, 0.0]}]
+    with model.inference():
+        shared = model.get_rewards(collate_reward_examples(examples, 0, shared_prefix=True).sequences)
+        single = torch.cat([model.get_rewards(collate_sequences([{"input_ids": ex["prompt_ids"] + r}], 0))
+                            for ex in examples for r in ex["response_ids"]])
+    assert shared.shape == (5,) and single.std() > 0
+    torch.testing.assert_close(shared, single, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="does not fit max_row_length"):
+        collate_reward_examples(examples, 0, pack=True, max_row_length=8, shared_prefix=True)

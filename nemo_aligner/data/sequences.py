@@ -92,7 +92,7 @@ def _example_mask(example: dict, n: int) -> list[int]:
     return [0] + [1] * (n - 1)  # plain language modelling: every token but the first is a target
 
 
-def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Pack sequence indices into rows of total length <= ``capacity`` (first-fit decreasing, stable order)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
@@ -145,7 +145,7 @@ def collate_sequences(
         capacity = max_row_length or max(lengths)
         if max(lengths) > capacity:
             raise ValueError(f"a sequence of {max(lengths)} tokens does not fit max_row_length={capacity}")
-        rows = _first_fit(lengths, capacity)
+        rows = first_fit_rows(lengths, capacity)
     else:
         rows = [[k] for k in range(len(examples))]
 

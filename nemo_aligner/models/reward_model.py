@@ -58,7 +58,7 @@ def _prepare_attention_mask(attention_mask: torch.Tensor, config: Any) -> torch.
         if impl != "sdpa":
             raise ValueError(
                 f"attention implementation {impl!r} cannot take the packed 4-D mask; "
-                "set model.data.pack_sequences=false or model.attn_implementation=sdpa"
+                "set model.data.pack_sequences=false and model.data.shared_prefix=false, or model.attn_implementation=sdpa"
             )
     return attention_mask
 

@@ -89,9 +89,10 @@ def run(cfg: DictConfig) -> dict:
     mode = "LoRA + score head" if model.use_lora else "full"
     log_model_summary(fabric, model, f"reward model {source}", mode, max_steps, trainer_cfg, "comparisons", log_dir)
     pack = bool(data_cfg.get("pack_sequences", False))
+    shared_prefix = bool(data_cfg.get("shared_prefix", True))
 
     def collate(examples):
-        return collate_reward_examples(examples, model.pad_token_id, pack=pack)
+        return collate_reward_examples(examples, model.pad_token_id, pack=pack, shared_prefix=shared_prefix)
 
     # Trainer, fit
     trainer = RewardModelTrainer(
