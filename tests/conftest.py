@@ -106,3 +106,31 @@ def load_example_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def smollm2_rm_export(tmp_path_factory) -> Path:
+    """A SmolLM2-135M-Instruct reward-model export: the RM quick start's ``results/rm_quickstart/hf_export`` when it
+    exists, else one trained here (2 steps of 2 HH-RLHF pairs, 128 tokens; ~1 min on CPU) so the slow tests never
+    skip on a fresh machine. Skips only when the HH-RLHF data is missing."""
+    import subprocess
+
+    export = REPO / "results" / "rm_quickstart" / "hf_export"
+    if (export / "config.json").is_file():
+        return export
+    if not (SHARED_DATA / "train.jsonl.gz").is_file():
+        pytest.skip(f"no HH-RLHF data at {SHARED_DATA}")
+    log_dir = tmp_path_factory.mktemp("smollm2_rm")
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "nlp" / "gpt" / "train_reward_model.py"),
+         "pretrained_checkpoint.restore_from_path=smollm2-135m-instruct",
+         f"model.data.data_prefix.train=[{SHARED_DATA / 'train.jsonl.gz'}]", "model.data.data_prefix.validation=null",
+         f"model.data.cache_dir={log_dir / 'cache'}", f"exp_manager.explicit_log_dir={log_dir}",
+         "trainer.accelerator=cpu", "trainer.rm.max_steps=2", "trainer.rm.val_check_interval=0",
+         "trainer.rm.save_interval=0", "model.global_batch_size=2", "model.micro_batch_size=2",
+         "model.encoder_seq_length=128", "model.data.truncation=drop"],
+        check=True, capture_output=True, text=True,
+    )
+    export = log_dir / "hf_export"
+    assert (export / "config.json").is_file()
+    return export

@@ -307,13 +307,9 @@ def test_entry_script_command_line_error_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_rm_export_end_to_end(no_env_token):
-    """The SmolLM2 RM export of the RM quick start (skipped when it has not been produced)."""
-    export = REPO / "results" / "rm_quickstart" / "hf_export"
-    candidates = [p for p in (export, export / "export", export / "hf") if (p / "config.json").is_file()]
-    if not candidates:
-        pytest.skip(f"no reward-model export under {export}")
-    scorer = RewardScorer.from_pretrained(str(candidates[0]))
+def test_real_rm_export_end_to_end(no_env_token, smollm2_rm_export):
+    """A SmolLM2 RM export (the RM quick start's, or one trained by the fixture) served on loopback."""
+    scorer = RewardScorer.from_pretrained(str(smollm2_rm_export))
     app = build_reward_model_app(scorer, micro_batch_size=4, max_wait_ms=5)
     with BackgroundServer(app) as url:
         client = RewardModelClient(url, timeout=120)

@@ -385,11 +385,9 @@ def test_user_errors(tmp_path, tiny_model_dir, rs_script):
 
 
 @pytest.mark.slow
-def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path):
-    """Two RS steps of SmolLM2-135M-Instruct against the RM quick-start export (skipped without it)."""
-    export = REPO / "results" / "rm_quickstart" / "hf_export"
-    if not (export / "config.json").is_file():
-        pytest.skip(f"no reward-model export at {export}")
+def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path, smollm2_rm_export):
+    """Two RS steps of SmolLM2-135M-Instruct against a SmolLM2 RM export (the quick start's, or the fixture's)."""
+    export = smollm2_rm_export
     data = REPO.parent / "shared" / "data" / "hh-rlhf"
     script = load_example_script("train_gpt_rs_actor")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
