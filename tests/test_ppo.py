@@ -289,3 +289,42 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, ppo
         assert a.keys() == b.keys() and len(a) > 0
         for name in a:
             assert torch.equal(a[name], b[name]), (sub, name)
+
+
+def test_local_critic_reset_restores_the_initial_state(tmp_path, tiny_model_dir):
+    """A critic built from a causal-LM checkpoint (random score head), trained for a step, then reset: the same
+    weights (head included), an optimizer without moments, the LR schedule at step 0, the RNG state of just after
+    construction, so a second training step gives the first one's metrics exactly. An untouched critic's reset is a
+    no-op (nothing re-read)."""
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.algorithms.ppo import LocalCritic
+    from nemo_aligner.models.critic import HFCritic
+    from nemo_aligner.utils.runtime import build_fabric
+
+    fabric = build_fabric(OmegaConf.create({"accelerator": "cpu", "devices": 1}), seed=5)
+    model_cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": 1e-2, "sched": {"warmup_steps": 1}}})
+    hf = HFCritic(fabric, model_cfg, str(tiny_model_dir), max_steps=4)
+    critic = LocalCritic(hf, tmp_path / "critic_checkpoints", forward_micro_batch_size=4, global_batch_size=2,
+                         micro_batch_size=1)
+    weights = lambda: {k: v.detach().clone() for k, v in hf.module.state_dict().items()}  # noqa: E731
+    initial, lr0, rng0 = weights(), hf.optimizer.param_groups[0]["lr"], torch.get_rng_state()
+    rollouts = [{"input_ids": [1, 5 + i, 9, 12 + i, 7], "prompt_length": 2, "values": [0.0, 0.1, 0.2],
+                 "returns": [1.0, 0.5, float(i)]} for i in range(4)]
+
+    calls = []
+    original_reset = hf.reset
+    hf.reset = lambda: (calls.append(1), original_reset())[1]
+    critic.reset()
+    assert calls == []  # nothing changed yet: no reload
+    first = critic.train(rollouts, seed=3, step=0)
+    assert first["critic_optimizer_steps"] == 2 and len(hf.optimizer.state) > 0
+    assert any(not torch.equal(v, weights()[k]) for k, v in initial.items())
+    torch.manual_seed(99)  # whatever happened to the global RNG since start-up is undone too
+    critic.reset()
+    assert calls == [1]
+    after = weights()
+    assert after.keys() == initial.keys() and all(torch.equal(initial[k], after[k]) for k in initial)
+    assert len(hf.optimizer.state) == 0 and hf.scheduler.last_epoch == 0
+    assert hf.optimizer.param_groups[0]["lr"] == lr0 and torch.equal(torch.get_rng_state(), rng0)
+    assert critic.train(rollouts, seed=3, step=0) == first

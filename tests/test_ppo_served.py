@@ -68,6 +68,12 @@ def test_served_matches_colocated_first_step(tmp_path, tiny_model_dir, rm_dir):
         served = served_out["history"][0]
         # the critic checkpoint of the step was written by the server, beside nothing in the actor's run dir
         assert (tmp_path / "critic" / "checkpoints" / "step=0000001" / "state.pt").is_file()
+        # a second fresh actor run against the same (already trained) server resets it first: the same numbers
+        again = actor.run(ppo_cfg(
+            tmp_path, tiny_model_dir, prompts, *common, "remote_critic_rm.enable=true",
+            f"remote_critic_rm.critic.port={port(critic_url)}",
+            f"remote_critic_rm.initial_policy.port={port(policy_url)}",
+            f"remote_critic_rm.reward_model.port={port(rm_url)}", run="served_again"))["history"][0]
         with HTTPClient(critic_url, max_retries=0) as client:
             with pytest.raises(ServerRequestError) as err:
                 client.post("/infer", {"token_ids": [[1, 2]], "prompt_lengths": [5]})
@@ -75,6 +81,9 @@ def test_served_matches_colocated_first_step(tmp_path, tiny_model_dir, rm_dir):
     assert colocated["clip_fraction"] > 0  # the second PPO epoch moves the ratio: the clipped loss is exercised
     for key in COMPARED:
         assert served[key] == pytest.approx(colocated[key], rel=1e-4, abs=1e-5), key
+    for key in sorted(served):
+        if not (key.startswith("time_") or key == "step_time"):
+            assert again[key] == served[key], key
 
 
 def test_served_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, rm_dir, monkeypatch):
@@ -110,7 +119,14 @@ def test_served_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_d
                        f"remote_critic_rm.initial_policy.port={port(policy_url)}",
                        f"remote_critic_rm.reward_model.port={port(rm_url)}", run=run)
 
+    from nemo_aligner.servers.critic_server import RemoteCritic
+
     original_train_actor, before_kill = PPOTrainer.train_actor, []
+    calls = []  # what the actor asks of the critic server at the start of each run
+    original_reset, original_load = RemoteCritic.reset, RemoteCritic.load
+    monkeypatch.setattr(RemoteCritic, "reset", lambda self: (calls.append("reset"), original_reset(self))[1])
+    monkeypatch.setattr(RemoteCritic, "load", lambda self, step: (calls.append(f"load {step}"),
+                                                                  original_load(self, step))[1])
 
     def die_in_step_3(self, rollouts, seed):  # the critic has trained on this step's rollouts already
         if self.step == 2:
@@ -123,10 +139,14 @@ def test_served_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_d
             straight = actor.run(cfg("straight", critic_url, policy_url, rm_url))
         with BackgroundServer(critic_app("critic_resumed")) as critic_url:
             monkeypatch.setattr(PPOTrainer, "train_actor", die_in_step_3)
+            calls.clear()
             with pytest.raises(_Killed):
                 actor.run(cfg("resumed", critic_url, policy_url, rm_url))
+            assert calls == ["reset"]  # a fresh run
             monkeypatch.setattr(PPOTrainer, "train_actor", original_train_actor)
+            calls.clear()
             resumed = actor.run(cfg("resumed", critic_url, policy_url, rm_url))
+            assert calls == ["load 2"]  # a resumed run loads the critic checkpoint of its step, no reset
     assert len(resumed["history"]) == 2
     history = before_kill + resumed["history"]
     for step, (a, b) in enumerate(zip(straight["history"], history), start=1):
@@ -201,6 +221,30 @@ def test_critic_server_retry_cache_is_per_actor_run(tmp_path, rm_dir):
                 client.post("/train", {"step": 0, "seed": 0, "run_id": 7, "token_ids": [[1, 2]], "prompt_lengths": [1],
                                        "values": [[0.0]], "returns": [[0.0]]})
             assert err.value.status_code == 422
+
+
+def test_critic_server_reset_restores_its_start_up_state(tmp_path, rm_dir):
+    """POST /reset after training: the start-up weights, no Adam moments, the LR schedule at step 0 and an empty
+    retry cache, so the same /train (same run id and step, even) trains again and gives the first metrics."""
+    from nemo_aligner.servers.critic_server import RemoteCritic
+
+    app = _critic_server(tmp_path, rm_dir)
+    critic = app.state.critic
+    weights = lambda: [p.detach().clone() for p in critic.module.parameters()]  # noqa: E731
+    initial = weights()
+    with BackgroundServer(app) as url:
+        run = RemoteCritic(url, max_retries=0)
+        values = run.infer(_critic_rollouts())
+        trained = run.train(_critic_rollouts(), seed=3, step=0)
+        assert not all(torch.equal(a, b) for a, b in zip(initial, weights()))
+        run.reset()
+        run.reset()  # idempotent: a retried reset changes nothing
+        assert all(torch.equal(a, b) for a, b in zip(initial, weights()))
+        assert len(critic.optimizer.state) == 0 and critic.scheduler.last_epoch == 0
+        assert run.infer(_critic_rollouts()) == values
+        with HTTPClient(url, max_retries=0) as client:
+            assert client.get("/info")["last_trained_step"] is None
+        assert run.train(_critic_rollouts(), seed=3, step=0) == trained  # trained again, not the cached answer
 
 
 def test_critic_server_prunes_to_the_steps_it_is_told(tmp_path, rm_dir):

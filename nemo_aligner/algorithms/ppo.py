@@ -213,6 +213,10 @@ class CriticHandle(Protocol):
     def load(self, step: int) -> None:
         """Restore the checkpoint written by :meth:`save` at ``step``."""
 
+    def reset(self) -> None:
+        """Return to the initial state (initial weights, fresh optimizer and LR schedule, step 0); the trainer calls
+        it before the first step of a fresh (not resumed) run."""
+
     def prune(self, keep_steps: set[int]) -> None:
         """Delete the critic checkpoints whose step is not in ``keep_steps`` (the steps the actor kept)."""
 
@@ -231,6 +235,9 @@ class LocalCritic:
         critic: the model.
         checkpoint_dir: where :meth:`save` writes ``step=<N>`` directories (kept in step with the actor's).
         forward_micro_batch_size: inference micro-batch; global/micro_batch_size: training batches; epochs: passes.
+
+    :meth:`reset` costs nothing for a critic this handle has not trained or loaded yet (the usual colocated case: the
+    process built it for this run), and re-reads the initial weights otherwise.
     """
 
     def __init__(self, critic, checkpoint_dir: str | Path, forward_micro_batch_size: int, global_batch_size: int,
@@ -241,12 +248,25 @@ class LocalCritic:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
+        self._changed = False  # trained or loaded since construction (or the last reset)
 
     def infer(self, rollouts):
         return self.critic.infer_values(rollout_examples(rollouts), self.forward_micro_batch_size)
 
     def train(self, rollouts, seed, step=0):
+        self._changed = True
         return self.critic.train_on_rollouts(rollouts, self.global_batch_size, self.micro_batch_size, self.epochs, seed)
+
+    def reset(self) -> None:
+        """Bring the critic back to its initial state (:meth:`~nemo_aligner.models.critic.HFCritic.reset`); a no-op
+        while it has not been trained or loaded through this handle.
+
+        Raises:
+            NotImplementedError: the critic changed and is sharded with FSDP (it cannot be reset in place).
+        """
+        if self._changed:
+            self.critic.reset()
+            self._changed = False
 
     def save(self, step):
         self.critic.save_checkpoint(str(self.checkpoints.path_for(step)), {"step": step})
@@ -255,6 +275,7 @@ class LocalCritic:
         path = self.checkpoints.path_for(step)
         if not path.is_dir():
             raise FileNotFoundError(f"critic checkpoint {path} is missing (the actor checkpoint of step {step} exists)")
+        self._changed = True
         self.critic.load_checkpoint(str(path))
 
     def prune(self, keep_steps: set[int]) -> None:
@@ -547,8 +568,18 @@ class PPOTrainer(OnlineTrainer):
         if self.is_global_zero:
             self.critic.prune({int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()})
 
+    def _maybe_resume(self) -> None:
+        """Resume from the latest checkpoint (the critic loads its checkpoint of that step), or, in a fresh run,
+        reset the critic: a critic server left running from an earlier run then starts from its initial weights,
+        optimizer and LR schedule, as a colocated critic would."""
+        self._critic_restored = False
+        super()._maybe_resume()
+        if not self._critic_restored:
+            self.critic.reset()
+
     def _restore(self, extra: dict) -> None:
         self.critic.load(int(extra["step"]))
+        self._critic_restored = True
 
     def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"reward": f"{metrics['rewards_mean']:.3g}", "kl": f"{metrics['init_policy_kl']:.3g}"}

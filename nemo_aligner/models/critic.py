@@ -8,9 +8,11 @@ predicts a response token: the value ``V(s_t)`` of the state just before respons
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
@@ -44,6 +46,25 @@ def score_head(model: nn.Module) -> nn.Module:
         if isinstance(head, nn.Module):
             return head
     raise ValueError(f"{type(model).__name__} has no 'score' head; a critic needs a sequence-classification model")
+
+
+def _rng_state() -> dict:
+    """The global torch (CPU and CUDA), Python and NumPy RNG states."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    """Restore what :func:`_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TokenValues(nn.Module):
@@ -116,6 +137,10 @@ class HFCritic(HFModel):
 
     Raises:
         ValueError: the checkpoint has no scalar head or an unsupported optimizer.
+
+    :meth:`reset` returns the critic to the state it had right after construction; for that it keeps only small
+    things (the RNG states before and after loading, the empty optimizer's and the scheduler's initial state dicts)
+    and re-reads the weights from ``restore_from_path``.
     """
 
     def __init__(
@@ -129,12 +154,42 @@ class HFCritic(HFModel):
         precision: str = "32-true",
     ):
         self.source = resolve_pretrained(str(restore_from_path))
+        self._model_cfg, self._precision = model_cfg, precision
+        self._rng_before_load = _rng_state()  # a causal-LM checkpoint's new score head is drawn from it
         model = load_value_model(self.source, model_cfg, precision)
         score_head(model)
         self.loss_clip_val = loss_clip_val
         super().__init__(
             fabric, TokenValues(model), model, load_tokenizer(self.source), model_cfg.optim, max_steps, gradient_clip_val
         )
+        # Before any step the optimizer state holds no moments: these are small (hyper-parameters, step counters).
+        self._initial_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self._initial_scheduler_state = copy.deepcopy(self.scheduler.state_dict())
+        self._rng_after_init = _rng_state()
+
+    def reset(self) -> None:
+        """Return to the state right after construction: the weights as loaded from ``restore_from_path`` (a new
+        score head drawn from the same RNG state, so identical), an optimizer without moments, the LR schedule at
+        step 0 and the global RNG states as they were after construction.
+
+        The weights are re-read from disk into a temporary CPU model (a second copy in host memory only while this
+        runs) and copied into the live parameters, so the optimizer keeps its parameter references.
+
+        Raises:
+            NotImplementedError: under a sharded (FSDP) strategy.
+            OSError: ``restore_from_path`` can no longer be read.
+        """
+        if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
+            raise NotImplementedError("resetting a critic sharded with FSDP is not supported; build a new one")
+        _set_rng_state(self._rng_before_load)
+        fresh = load_value_model(self.source, self._model_cfg, self._precision)
+        with torch.no_grad():
+            self._lm.load_state_dict(fresh.state_dict())
+        del fresh
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_state))
+        self.scheduler.load_state_dict(copy.deepcopy(self._initial_scheduler_state))
+        _set_rng_state(self._rng_after_init)
 
     def get_values(self, batch: SequenceBatch) -> torch.Tensor:
         """``[N]`` float32 values, one per target (response) token of ``batch``, read at the position predicting it."""

@@ -12,11 +12,17 @@ API (JSON; errors are ``{"error": "<message>"}``, see :func:`nemo_aligner.server
   again; another run (a fresh actor process, which sends a new ``run_id``) is always trained, even at the same step.
 * ``POST /save`` ``{"step": int}`` / ``POST /load`` ``{"step": int}``: checkpoint ``<checkpoint_dir>/step=<N>`` (the
   actor saves the critic before itself and restores it on resume).
+* ``POST /reset`` (the body is ignored) -> ``{"reset": true}``: back to the state the server started in (weights
+  re-read from the restore path, an optimizer without moments, the LR schedule at step 0, the RNG states of
+  start-up) and an empty retry cache (:meth:`~nemo_aligner.models.critic.HFCritic.reset`). A fresh actor run (one
+  that does not resume) sends it before its first step, so a server left running from an earlier run trains as a
+  new one would; idempotent, so a retry is harmless.
 * ``POST /prune`` ``{"keep_steps": [int]}`` -> ``{"removed": [path]}``: delete the critic checkpoints whose step is
   not listed (the actor sends the steps it kept after its own top-k pruning, so both keep the same steps).
 * ``GET /health`` (no token), ``GET /info``.
 
-Training and inference share one lock, so a request never sees half-updated weights.
+Training, inference, ``/save``, ``/load``, ``/reset`` and ``/prune`` share one lock, so a request never sees
+half-updated (or half-reset) weights and a reset never runs while a step trains.
 
 :class:`RemoteCritic` is the actor-side client (a :class:`~nemo_aligner.algorithms.ppo.CriticHandle`).
 """
@@ -166,6 +172,11 @@ def build_critic_app(
             last_train.update(run_id=None, step=None, metrics=None)
         return str(path)
 
+    def _reset() -> None:
+        with lock:
+            critic.reset()
+            last_train.update(run_id=None, step=None, metrics=None)
+
     def _prune(keep_steps: set[int]) -> list[str]:
         removed = []
         with lock:
@@ -182,6 +193,11 @@ def build_critic_app(
     @app.post("/load")
     async def load(request: Request) -> dict:
         return {"path": await asyncio.to_thread(_load, _int(await read_json(request), "step"))}
+
+    @app.post("/reset")
+    async def reset() -> dict:
+        await asyncio.to_thread(_reset)
+        return {"reset": True}
 
     @app.post("/prune")
     async def prune(request: Request) -> dict:
@@ -237,6 +253,16 @@ class RemoteCritic(HTTPClient):
     def load(self, step: int) -> None:
         self.post("/load", {"step": int(step)})
         self._step = int(step)
+
+    def reset(self) -> None:
+        """``POST /reset``: bring the server's critic back to its start-up state (a fresh actor run calls this).
+
+        Raises:
+            ConnectionError: the server could not be reached.
+            ServerRequestError: the server refused (e.g. 500 when it cannot re-read its restore path).
+        """
+        self.post("/reset", {})
+        self._step = 0
 
     def prune(self, keep_steps: set[int]) -> list[str]:
         """Delete the server's critic checkpoints whose step is not in ``keep_steps``; returns the removed paths."""

@@ -6,7 +6,8 @@
 The critic is initialised from the reward-model export (or any causal-LM checkpoint), infers values
 (``POST /infer``), trains with the clipped value loss (``POST /train``) and checkpoints (``POST /save``/``/load``)
 when the actor (train_gpt_ppo_actor.py with ``remote_critic_rm.enable=true``) asks. It resumes from the checkpoint
-the actor asks for. Configuration: conf/gpt_ppo_critic.yaml. See docs/user-guide/ppo.md.
+the actor asks for, and goes back to its start-up state (``POST /reset``) when a fresh actor run begins, so one
+server can serve several runs in turn. Configuration: conf/gpt_ppo_critic.yaml. See docs/user-guide/ppo.md.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def build(cfg: DictConfig):
 
 
 def _ready(url: str) -> None:
-    print(f"critic server ready at {url} (POST /infer, /train, /save, /load; GET /health, /info)", flush=True)
+    print(f"critic server ready at {url} (POST /infer, /train, /save, /load, /reset, /prune; GET /health, /info)",
+          flush=True)
 
 
 def serve(cfg: DictConfig) -> None:
