@@ -1,5 +1,6 @@
-"""What the training benchmarks against TRL (``dpo_vs_trl.py``, ``rm_vs_trl.py``) share: the pair selection, the
-command-line options, running our recipe and the TRL trainer each in a child process, and the result lines.
+"""What the training benchmarks against TRL (``dpo_vs_trl.py``, ``rm_vs_trl.py``, ``sft_vs_trl.py``) share: the pair
+selection, the command-line options, running our recipe and the TRL trainer each in a child process, and the result
+lines.
 
 Imported as ``from _common import ...``: running ``python bench/<name>.py`` puts ``bench/`` first on ``sys.path``.
 """
@@ -20,18 +21,20 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "train.jsonl.gz"
 
 
 def parse_args(description: str, steps: int, max_length: int, pack: bool = False,
-               shared_prefix: bool = False) -> argparse.Namespace:
+               shared_prefix: bool = False, unit: str = "pairs",
+               pack_help: str = "ours with model.data.pack_sequences=true") -> argparse.Namespace:
     """The benchmarks' common options (``--model --data --steps --batch-size --max-length --precision --verbose``,
-    ``--pack`` when ``pack``, ``--no-shared-prefix`` when ``shared_prefix``), with the given defaults."""
+    ``--pack`` (described by ``pack_help``) when ``pack``, ``--no-shared-prefix`` when ``shared_prefix``), with the
+    given defaults; ``unit`` is what ``--batch-size`` counts."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf, or alias")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step (one micro-batch)")
+    parser.add_argument("--batch-size", type=int, default=2, help=f"{unit} per optimizer step (one micro-batch)")
     parser.add_argument("--max-length", type=int, default=max_length)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     if pack:
-        parser.add_argument("--pack", action="store_true", help="ours with model.data.pack_sequences=true")
+        parser.add_argument("--pack", action="store_true", help=pack_help)
     if shared_prefix:
         parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                             help="ours with model.data.shared_prefix=false (one row per response, as TRL)")
@@ -75,23 +78,35 @@ def prepare_pairs(args: argparse.Namespace, work: Path) -> tuple[str, Path, list
     return model_dir, data_file, pairs, tokens
 
 
+def preference_data_overrides(args: argparse.Namespace, data_file: Path) -> list[str]:
+    """The DPO / reward-model recipes' keys for training on ``data_file`` alone in micro-batches of ``--batch-size``
+    of at most ``--max-length`` tokens."""
+    return [
+        f"model.data.data_prefix.train=[{data_file}]", "model.data.data_prefix.validation=null",
+        f"model.global_batch_size={args.batch_size}", f"model.micro_batch_size={args.batch_size}",
+        f"model.encoder_seq_length={args.max_length}",
+    ]
+
+
 def run_recipe(args: argparse.Namespace, script: str, algorithm: str, model_dir: str, data_file: Path, work: Path,
-               extra_overrides: list[str]) -> float:
+               extra_overrides: list[str], data_overrides: list[str] | None = None) -> float:
     """Run ``examples/nlp/gpt/<script>`` for ``--steps`` steps of ``--batch-size`` on ``data_file`` (no
     validation, no checkpoints, no export, no truncation) and return the seconds spent in training steps, read
-    from the run's CSV log (``train/step_time``)."""
+    from the run's CSV log (``train/step_time``).
+
+    ``data_overrides`` name the data file, batch size and length in the recipe's own keys; default
+    :func:`preference_data_overrides` (DPO, reward models)."""
     log_dir = work / "nemo_aligner_run"
+    if data_overrides is None:
+        data_overrides = preference_data_overrides(args, data_file)
     cmd = [
         sys.executable, str(REPO / "examples" / "nlp" / "gpt" / script),
-        f"pretrained_checkpoint.restore_from_path={model_dir}",
-        f"model.data.data_prefix.train=[{data_file}]", "model.data.data_prefix.validation=null",
+        f"pretrained_checkpoint.restore_from_path={model_dir}", *data_overrides,
         f"model.data.cache_dir={work / 'cache'}", f"exp_manager.explicit_log_dir={log_dir}",
         "exp_manager.export_hf=false", "exp_manager.resume_if_exists=false",
         f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else 32}",
         f"trainer.{algorithm}.max_steps={args.steps}", f"trainer.{algorithm}.val_check_interval=0",
-        f"trainer.{algorithm}.save_interval=0",
-        f"model.global_batch_size={args.batch_size}", f"model.micro_batch_size={args.batch_size}",
-        f"model.encoder_seq_length={args.max_length}", "model.data.truncation=drop",
+        f"trainer.{algorithm}.save_interval=0", "model.data.truncation=drop",
         *extra_overrides,
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
@@ -120,10 +135,11 @@ def run_trl(args: argparse.Namespace, child: str, model_dir: str, data_file: Pat
 
 
 def print_results(args: argparse.Namespace, pairs: list, tokens: int, ours: float, trl_seconds: float,
-                  trl_version: str, settings: str = "") -> None:
-    """Print the run's settings (plus ``settings``), both throughputs and their ratio."""
+                  trl_version: str, settings: str = "", unit: str = "pairs") -> None:
+    """Print the run's settings (plus ``settings``; ``unit`` names what ``pairs`` counts), both throughputs and their
+    ratio."""
     device = "cuda" if __import__("torch").cuda.is_available() else f"cpu x{os.cpu_count()}"
-    print(f"model={args.model} pairs={len(pairs)} steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
+    print(f"model={args.model} {unit}={len(pairs)} steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
           f"precision={args.precision}{settings} device={device} tokens={tokens}")
     print(f"nemo_aligner : {tokens / ours:10.1f} tokens/s  ({ours:.1f} s)")
     print(f"trl {trl_version:<8} : {tokens / trl_seconds:10.1f} tokens/s  ({trl_seconds:.1f} s)")
