@@ -118,9 +118,52 @@ def run_recipe(args: argparse.Namespace, script: str, algorithm: str, model_dir:
     return sum(times)
 
 
-def run_trl(args: argparse.Namespace, child: str, model_dir: str, data_file: Path, work: Path) -> tuple[float, str]:
-    """Run the TRL script ``child`` (``python -c``, argv: model dir, data file, output dir, batch size, max length,
-    precision; its last stdout line ``{"seconds", "steps", "trl"}``) and return ``(seconds, trl version)``."""
+TRL_CHILD_HEAD = r"""
+import json, sys, time
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
+
+model_dir, data_file, out_dir, batch, max_length, precision = sys.argv[1:7]
+records = [json.loads(line) for line in open(data_file)]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+
+class Timer(TrainerCallback):
+    def on_train_begin(self, *a, **k): self.start = time.perf_counter()
+    def on_train_end(self, *a, **k): self.seconds = time.perf_counter() - self.start
+
+timer = Timer()
+common_args = dict(
+    output_dir=out_dir, per_device_train_batch_size=int(batch), gradient_accumulation_steps=1, num_train_epochs=1,
+    max_length=int(max_length), lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
+    gradient_checkpointing=False, bf16=precision == "bf16", report_to="none", save_strategy="no", eval_strategy="no",
+    logging_steps=10**6, dataloader_num_workers=0, seed=1234,
+)
+"""
+
+TRL_CHILD_TAIL = r"""
+trainer = Trainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+                  callbacks=[timer])
+trainer.train()
+print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step, "trl": __import__("trl").__version__}))
+"""
+
+
+def run_trl(args: argparse.Namespace, body: str, model_dir: str, data_file: Path, work: Path) -> tuple[float, str]:
+    """Run a TRL trainer in a child process (``python -c``) and return ``(seconds in training, trl version)``.
+
+    The child is :data:`TRL_CHILD_HEAD` + ``body`` + :data:`TRL_CHILD_TAIL`. The head parses the argv (model dir,
+    data file, output dir, batch size, max length, precision) and defines ``records`` (the data file's JSON lines),
+    ``tokenizer``, ``timer`` and ``common_args`` (the settings every benchmark shares); ``body`` must define
+    ``model``, ``config`` (e.g. ``DPOConfig(**common_args, beta=0.1)``) and ``Trainer`` (the TRL trainer class);
+    the tail trains and prints ``{"seconds", "steps", "trl"}``.
+
+    Raises:
+        SystemExit: the child failed, or ran another number of steps than ``--steps``.
+    """
+    child = TRL_CHILD_HEAD + body + TRL_CHILD_TAIL
     proc = subprocess.run(
         [sys.executable, "-c", child, model_dir, str(data_file), str(work / "trl_run"), str(args.batch_size),
          str(args.max_length), args.precision],

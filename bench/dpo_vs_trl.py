@@ -18,34 +18,12 @@ from pathlib import Path
 
 from _common import parse_args, prepare_pairs, print_results, run_recipe, run_trl
 
-TRL_CHILD = r"""
-import json, sys, time
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+TRL_BODY = r"""
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig as Config, DPOTrainer as Trainer
 
-model_dir, data_file, out_dir, batch, max_length, precision = sys.argv[1:7]
-pairs = [json.loads(line) for line in open(data_file)]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-if tokenizer.pad_token is None:
-    tokenizer.pad_token = tokenizer.eos_token
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-class Timer(TrainerCallback):
-    def on_train_begin(self, *a, **k): self.start = time.perf_counter()
-    def on_train_end(self, *a, **k): self.seconds = time.perf_counter() - self.start
-
-timer = Timer()
-config = DPOConfig(
-    output_dir=out_dir, per_device_train_batch_size=int(batch), gradient_accumulation_steps=1, num_train_epochs=1,
-    max_length=int(max_length), beta=0.1, learning_rate=5e-7, lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
-    gradient_checkpointing=False, bf16=precision == "bf16", report_to="none", save_strategy="no", eval_strategy="no",
-    logging_steps=10**6, dataloader_num_workers=0, seed=1234,
-)
-trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[timer])
-trainer.train()
-print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step, "trl": __import__("trl").__version__}))
+config = Config(**common_args, beta=0.1, learning_rate=5e-7)
 """
 
 
@@ -56,7 +34,7 @@ def main() -> None:
         model_dir, data_file, pairs, tokens = prepare_pairs(args, work)
         extra = ["++model.dpo.ref_policy_kl_penalty=0.1", "model.optim.lr=5e-7"]
         ours = run_recipe(args, "train_gpt_dpo.py", "dpo", model_dir, data_file, work, extra)
-        trl_seconds, trl_version = run_trl(args, TRL_CHILD, model_dir, data_file, work)
+        trl_seconds, trl_version = run_trl(args, TRL_BODY, model_dir, data_file, work)
     print_results(args, pairs, tokens, ours, trl_seconds, trl_version)
 
 

@@ -37,35 +37,13 @@ from pathlib import Path
 
 from _common import parse_args, print_results, run_recipe, run_trl
 
-TRL_CHILD = r"""
-import json, sys, time
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+TRL_BODY = r"""
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig as Config, SFTTrainer as Trainer
 
-model_dir, data_file, out_dir, batch, max_length, precision = sys.argv[1:7]
-examples = [json.loads(line) for line in open(data_file)]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-if tokenizer.pad_token is None:
-    tokenizer.pad_token = tokenizer.eos_token
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-class Timer(TrainerCallback):
-    def on_train_begin(self, *a, **k): self.start = time.perf_counter()
-    def on_train_end(self, *a, **k): self.seconds = time.perf_counter() - self.start
-
-timer = Timer()
-config = SFTConfig(
-    output_dir=out_dir, per_device_train_batch_size=int(batch), gradient_accumulation_steps=1, num_train_epochs=1,
-    max_length=int(max_length), packing=False, padding_free=False, completion_only_loss=True,
-    learning_rate=3e-5, weight_decay=0.01, lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
-    gradient_checkpointing=False, bf16=precision == "bf16", report_to="none", save_strategy="no", eval_strategy="no",
-    logging_steps=10**6, dataloader_num_workers=0, seed=1234,
-)
-trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer, callbacks=[timer])
-trainer.train()
-print(json.dumps({"seconds": timer.seconds, "steps": trainer.state.global_step, "trl": __import__("trl").__version__}))
+config = Config(**common_args, packing=False, padding_free=False, completion_only_loss=True, learning_rate=3e-5,
+                weight_decay=0.01)
 """
 
 
@@ -115,7 +93,7 @@ def main() -> None:
         ]
         ours = run_recipe(args, "train_gpt_sft.py", "sft", model_dir, data_file, work, ["model.optim.lr=3e-5"],
                           data_overrides=data_overrides)
-        trl_seconds, trl_version = run_trl(args, TRL_CHILD, model_dir, data_file, work)
+        trl_seconds, trl_version = run_trl(args, TRL_BODY, model_dir, data_file, work)
     print_results(args, examples, tokens, ours, trl_seconds, trl_version, f" pack={args.pack}", unit="examples")
 
 
