@@ -66,3 +66,20 @@ def test_tokenize_prompt_response_matches_preference_rules(tokenizer):
     assert tokenizer.decode(prompt_ids) == "Human: hi" and response_ids[-1] == tokenizer.eos_token_id
     chat_prompt, chat_response = tokenize_prompt_response([{"role": "user", "content": "hi"}], "yo", tokenizer)
     assert tokenizer.decode(chat_prompt + chat_response) == "<|user|>hi</s><|assistant|>yo</s>"
+
+
+def test_shared_prefix_attention_mask_by_hand():
+    """Row ``[p p a a b pad]``: ``a`` and ``b`` see the prompt and themselves, never each other; pad sees itself."""
+    from nemo_aligner.data.sequences import shared_prefix_attention_mask
+
+    block = torch.tensor([[0, 0, 0, 0, 0, -1]])
+    segment = torch.tensor([[0, 0, 1, 1, 2, 0]])
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(shared_prefix_attention_mask(block, segment)[0, 0], expected)

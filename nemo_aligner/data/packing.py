@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from nemo_aligner.data.sequences import shared_prefix_attention_mask
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
 
@@ -68,22 +70,6 @@ class PreferenceBatch:
             for f in fields(self)
         }
         return PreferenceBatch(**moved)
-
-
-def _row_attention(segments: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[T, T]`` mask for one row given its per-token segment codes ``[T]``.
-
-    Token ``i`` may attend token ``j`` iff ``j <= i`` and ``j`` is in the prompt or in ``i``'s own segment.
-    Padding attends only itself (a fully masked row would make softmax produce NaN).
-    """
-    t = segments.numel()
-    causal = torch.ones(t, t, dtype=torch.bool).tril_()
-    same = segments[:, None] == segments[None, :]
-    key_is_prompt = (segments == PROMPT)[None, :]
-    query_real = (segments != PAD)[:, None]
-    allowed = causal & (same | key_is_prompt) & query_real
-    allowed |= torch.eye(t, dtype=torch.bool)
-    return allowed
 
 
 def collate_preference_pairs(
@@ -148,7 +134,8 @@ def collate_preference_pairs(
         position_ids[r, : len(pos)] = torch.tensor(pos, dtype=torch.long)
 
     if shared_prefix:
-        attention_mask = torch.stack([_row_attention(segments[r]) for r in range(len(rows))])[:, None]
+        block = torch.where(segments == PAD, -1, 0)  # one block per row: the pair
+        attention_mask = shared_prefix_attention_mask(block, torch.where(segments == PAD, 0, segments))
     else:
         attention_mask = (segments != PAD).long()
 

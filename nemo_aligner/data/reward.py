@@ -39,7 +39,13 @@ from nemo_aligner.data.preference import (
     tokenize_example,
     truncate_pair,
 )
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences, first_fit_rows, tokenize_prompt_response
+from nemo_aligner.data.sequences import (
+    SequenceBatch,
+    collate_sequences,
+    first_fit_rows,
+    shared_prefix_attention_mask,
+    tokenize_prompt_response,
+)
 
 REWARD_FORMAT_VERSION = 1
 """Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches)."""
@@ -439,11 +445,7 @@ def _collate_shared_prefix(examples: Sequence[dict], pad_token_id: int, pack: bo
             segment[r, col : col + n] = torch.tensor(segs)
             last[g] = (r, [col + e for e in ends])
             col += n
-    causal = torch.ones(width, width, dtype=torch.bool).tril_()
-    same_block = block[:, :, None] == block[:, None, :]
-    same_or_prompt = (segment[:, :, None] == segment[:, None, :]) | (segment == 0)[:, None, :]
-    attention_mask = (causal & same_block & same_or_prompt & (block >= 0)[:, :, None])[:, None]
-    attention_mask |= torch.eye(width, dtype=torch.bool)  # padding attends itself (no all-masked softmax rows)
+    attention_mask = shared_prefix_attention_mask(block, segment)
     last_row = [last[g][0] for g in range(len(blocks)) for _ in last[g][1]]
     last_col = [c for g in range(len(blocks)) for c in last[g][1]]
     seq_lengths = [len(ex["prompt_ids"]) + len(r) for ex in examples for r in ex["response_ids"]]

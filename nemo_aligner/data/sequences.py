@@ -109,6 +109,27 @@ def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
+def shared_prefix_attention_mask(block: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask of every packed or shared-prefix layout: token ``i`` may attend token ``j`` iff ``j <= i``, both
+    are in the same block, and ``j`` is in ``i``'s segment or in segment 0 (the block's shared prefix, e.g. the
+    prompt that several responses continue). Padding attends only itself, so no softmax row is fully masked.
+
+    Args:
+        block: ``[R, T]`` int64, the block (sequence, or prompt with its responses) of each slot; ``-1`` = padding.
+        segment: ``[R, T]`` int64, the segment inside the block: ``0`` the shared prefix, ``k > 0`` the k-th
+            continuation. All zeros gives the plain block-diagonal causal mask of packed sequences.
+
+    Returns:
+        ``[R, 1, T, T]`` bool, True = may attend.
+    """
+    width = block.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    same_block = block[:, :, None] == block[:, None, :]
+    same_or_prefix = (segment[:, :, None] == segment[:, None, :]) | (segment == 0)[:, None, :]
+    mask = (causal & same_block & same_or_prefix & (block >= 0)[:, :, None])[:, None]
+    return mask | torch.eye(width, dtype=torch.bool)
+
+
 def collate_sequences(
     examples: Sequence[dict[str, Any]],
     pad_token_id: int,
@@ -177,10 +198,7 @@ def collate_sequences(
                 seq_id.append(k)
 
     if pack:
-        same = segment[:, :, None] == segment[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril_()
-        attention_mask = (same & causal & (segment >= 0)[:, :, None])[:, None]
-        attention_mask |= torch.eye(width, dtype=torch.bool)  # padding attends itself (no all-masked softmax rows)
+        attention_mask = shared_prefix_attention_mask(segment, torch.zeros_like(segment))
     else:
         attention_mask = (segment >= 0).long()
 
