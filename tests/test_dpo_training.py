@@ -245,3 +245,21 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
     one, two = _csv_losses(tmp_path / "one"), _csv_losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert two == pytest.approx(one, abs=1e-5)
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_multi_tensor_step():
+    """``build_adamw`` picks torch's fused kernel for CPU float parameters; its update equals the default one."""
+    from nemo_aligner.models.hf_causal_lm import build_adamw
+
+    torch.manual_seed(0)
+    fused_p = torch.nn.Parameter(torch.randn(64))
+    plain_p = torch.nn.Parameter(fused_p.detach().clone())
+    grad = torch.randn(64)
+    fused = build_adamw([fused_p], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8)
+    plain = torch.optim.AdamW([plain_p], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(3):
+        fused_p.grad, plain_p.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(fused_p.detach(), plain_p.detach(), atol=1e-6, rtol=1e-5)
