@@ -235,5 +235,5 @@ def _first_shard_error(work_dir: Path) -> DataFormatError | None:
     errors = [json.loads(error_file.read_text()) for error_file in work_dir.glob("error-*.json")]
     if not errors:
         return None
-    first = min(errors, key=lambda error: error["line_no"])
+    first = min(errors, key=lambda error: error["line_no"] or 0)  # None: an error of the whole file
     return DataFormatError(first["path"], first["line_no"], first["field"], first["message"])

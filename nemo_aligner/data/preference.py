@@ -37,6 +37,15 @@ TRUNCATION_MODES = ("truncate", "drop")
 HH_ASSISTANT = "\n\nAssistant:"
 """Marker that starts an assistant turn in raw Anthropic HH-RLHF transcripts."""
 
+CHAT_ROLES = ("system", "user", "assistant")
+"""The chat roles every reader accepts in a message's ``role``; any capitalisation (NeMo's ``"User"``,
+``"Assistant"``, ``"System"``) is accepted and becomes the lower-case role."""
+
+IDENTICAL_PAIR = "identical to the chosen response: a preference pair must compare two different responses"
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32: rewards and scores are stored as float32, so larger magnitudes would become inf."""
+
 ACCEPTED_FORMATS = (
     "NeMo-Aligner: {'prompt': str, 'chosen_response': str, 'rejected_response': str}"
     " (+ optional numeric 'chosen_reward', 'rejected_reward')",
@@ -105,9 +114,11 @@ def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int)
 
     Raises:
         DataFormatError: naming the offending field, for a missing field, a wrong type, an empty
-            response, a message without string ``role``/``content``, a non-numeric reward, HH-RLHF
-            transcripts without an assistant turn or whose prompts differ, or an unknown format
-            (the message then lists the accepted formats).
+            response, a message without string ``role``/``content`` or with a role outside
+            :data:`CHAT_ROLES`, a reward that is not a finite number within float32 range (NaN, inf,
+            an integer too large for a float), ``rejected`` identical to ``chosen``, HH-RLHF transcripts
+            without an assistant turn or whose prompts differ, or an unknown format (the message then
+            lists the accepted formats).
     """
     error = functools.partial(DataFormatError, path, line_no)
     if not isinstance(record, dict):
@@ -126,6 +137,8 @@ def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int)
     else:
         accepted = "".join(f"\n  - {fmt}" for fmt in ACCEPTED_FORMATS)
         raise error(None, f"unrecognised preference record with keys {sorted(record)}; accepted formats:{accepted}")
+    if chosen == rejected:
+        raise error("rejected_response" if "rejected_response" in record else "rejected", IDENTICAL_PAIR)
 
     return PreferenceExample(
         prompt=prompt,
@@ -142,7 +155,7 @@ def _require_turns(record: dict, field: str, error, allow_messages: bool = True,
         raise error(field, "missing required field")
     value = record[field]
     if isinstance(value, list) and allow_messages:
-        _check_messages(value, field, error)
+        value = check_messages(value, field, error)
     elif not isinstance(value, str):
         expected = "a string or a list of chat messages" if allow_messages else "a string"
         raise error(field, f"expected {expected}, got {type(value).__name__}")
@@ -151,20 +164,49 @@ def _require_turns(record: dict, field: str, error, allow_messages: bool = True,
     return value
 
 
-def _check_messages(messages: list, field: str, error) -> None:
+def check_messages(messages: list, field: str, error) -> list[Message]:
+    """Validate a list of chat messages and return it with canonical roles; the one check every reader (preference,
+    SFT, reward-model and prompt files) applies to chat messages.
+
+    Each message must be an object with a string ``role`` and a string ``content`` (other keys are kept and passed
+    to the chat template). ``role`` must be one of :data:`CHAT_ROLES` in any capitalisation (``"User"`` becomes
+    ``"user"``, so the template renders the role it expects).
+
+    Args:
+        messages: the decoded JSON list.
+        field: its name in the record, e.g. ``"chosen"`` (errors name ``"chosen[2]"`` or ``"chosen[2].role"``).
+        error: ``error(field, message) -> Exception``, e.g. ``functools.partial(DataFormatError, path, line_no)``.
+
+    Returns:
+        The messages, a new dict for each one whose role was not already lower case.
+
+    Raises:
+        what ``error`` builds: a message that is not such an object, or an unknown role (``'robot'``).
+    """
+    checked = []
     for i, message in enumerate(messages):
         if not (
             isinstance(message, dict)
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {message!r}")
+            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {message!r:.200}")
+        role = message["role"].lower()
+        if role not in CHAT_ROLES:
+            raise error(f"{field}[{i}].role", f"unknown chat role {message['role']!r:.80}; use one of {', '.join(CHAT_ROLES)}")
+        checked.append(message if role == message["role"] else {**message, "role": role})
+    return checked
+
+
+_check_messages = check_messages  # the name the readers imported before it became public
 
 
 def _split_implicit_prompt(record: dict, error) -> tuple[Turns, Turns, Turns]:
     """Split ``chosen``/``rejected`` (without an explicit prompt) into (prompt, chosen, rejected)."""
     chosen = _require_turns(record, "chosen", error)
     rejected = _require_turns(record, "rejected", error)
+    if chosen == rejected:
+        raise error("rejected", IDENTICAL_PAIR)
     if isinstance(chosen, str) and isinstance(rejected, str):
         return _split_hh_pair(chosen, rejected, error)
     if isinstance(chosen, list) and isinstance(rejected, list):
@@ -232,9 +274,28 @@ def _optional_reward(record: dict, field: str, error) -> float | None:
     value = record.get(field)
     if value is None:
         return None
+    return finite_number(value, field, error)
+
+
+def finite_number(value: Any, field: str, error) -> float:
+    """``float(value)`` of a JSON number that is finite and within float32 range (rewards and scores are stored
+    as float32, and a NaN reward would read as "no reward").
+
+    Raises:
+        what ``error(field, message)`` builds: a non-number (a bool included), NaN, +-inf (JSON ``NaN`` /
+        ``Infinity``, which Python's decoder accepts), or a magnitude above :data:`FLOAT32_MAX` (e.g. an integer
+        too large for a float).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(field, f"expected a number, got {value!r}")
-    return float(value)
+        raise error(field, f"expected a number, got {value!r:.80}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64; its repr can be too long to print
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        shown = f"an integer of about {round(value.bit_length() * math.log10(2))} digits" if isinstance(value, int) else repr(value)
+        raise error(field, f"expected a finite number of magnitude at most {FLOAT32_MAX:.4g} (float32), got {shown}")
+    return number
 
 
 # --------------------------------------------------------------------------------------

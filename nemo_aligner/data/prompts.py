@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _check_messages, _split_hh_transcript
+from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _split_hh_transcript, check_messages
 
 ACCEPTED_PROMPT_FORMATS = (
     "{'prompt': str or [chat messages]}",
@@ -49,7 +49,7 @@ class PromptExample:
 
 
 def _before_last_assistant(messages: list, field: str, error) -> list:
-    _check_messages(messages, field, error)
+    messages = check_messages(messages, field, error)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     prompt = messages[:last]
     if not prompt:
@@ -62,14 +62,15 @@ def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> 
 
     Raises:
         DataFormatError: naming ``path:line_no`` and the field: an empty or wrongly typed prompt, a malformed chat
-            message, an HH-RLHF transcript without an ``"\\n\\nAssistant:"`` turn, or an unknown format (the message
+            message or one whose role is not system, user or assistant (any capitalisation; see
+            :func:`~nemo_aligner.data.preference.check_messages`), an HH-RLHF transcript without an ``"\\n\\nAssistant:"`` turn, or an unknown format (the message
             lists the accepted ones).
     """
     error = functools.partial(DataFormatError, path, line_no)
     if "prompt" in record:
         prompt = record["prompt"]
         if isinstance(prompt, list):
-            _check_messages(prompt, "prompt", error)
+            prompt = check_messages(prompt, "prompt", error)
         elif not isinstance(prompt, str):
             raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
         if not prompt:
@@ -101,23 +102,28 @@ def iter_prompts(paths: str | os.PathLike | list) -> Iterator[PromptExample]:
 
     Raises:
         FileNotFoundError: a missing file (before anything is yielded for it).
-        DataFormatError: a malformed line (see :func:`nemo_aligner.data.jsonl.iter_jsonl` and
+        DataFormatError: a file without records (no line), a malformed line (see :func:`nemo_aligner.data.jsonl.iter_jsonl` and
             :func:`parse_prompt_record`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     index = 0
     for path in paths:
-        for line_no, record in iter_jsonl(path):
+        first = index
+        for line_no, record in iter_jsonl(path, allow_empty=True):
             yield PromptExample(parse_prompt_record(record, path, line_no), str(path), line_no, index)
             index += 1
+        if index == first:
+            raise DataFormatError(path, None, None, "no prompts: the file holds no JSON records (it is empty or has only "
+                                  "blank lines)")
 
 
 def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None) -> list[PromptExample]:
     """The first ``max_prompts`` prompts (all when ``None`` or negative) of :func:`iter_prompts`.
 
     Raises:
-        ValueError: no prompt at all; plus what :func:`iter_prompts` raises.
+        ValueError: no files given. DataFormatError: a file without records (empty), a malformed line; plus what
+            :func:`iter_prompts` raises.
     """
     prompts: list[PromptExample] = []
     for example in iter_prompts(paths):
@@ -125,7 +131,7 @@ def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None
             break
         prompts.append(example)
     if not prompts and not (max_prompts is not None and max_prompts == 0):
-        raise ValueError(f"no prompts in {paths}")
+        raise ValueError(f"no prompt files given ({paths!r})")
     return prompts
 
 

@@ -10,7 +10,11 @@ Accepted JSON-lines formats (detected per record):
   transcripts included.
 * Ranked lists: ``{"prompt": str | [messages], "responses": [r_0, ..., r_{K-1}], "ranking": [...]}`` where
   ``ranking[i]`` is the rank of ``responses[i]`` (smaller is better, 0 = best, equal ranks are ties), or
-  ``"scores": [...]`` (larger is better). ``K >= 2`` and at least two responses must differ in rank/score.
+  ``"scores": [...]`` (larger is better). ``K >= 2`` and at least two responses must differ in rank/score; ranks
+  and scores are finite numbers within float32 range, and two identical responses may not differ in rank/score.
+
+Chat messages must have a role of system, user or assistant (:func:`nemo_aligner.data.preference.check_messages`),
+and the two responses of a pair must differ (the ``text`` pair at the token level, the other formats as texts).
 
 Every example becomes one row ``{"prompt_ids", "response_ids": [[...] * K], "preferences": [K floats, larger is
 better], "line_no"}``; a pair is ``K = 2`` with preferences ``[1, 0]`` (chosen first). Tokenisation follows
@@ -21,7 +25,6 @@ better], "line_no"}``; a pair is ``K = 2`` with preferences ``[1, 0]`` (chosen f
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +36,9 @@ import torch
 from nemo_aligner.data.cache import build_cached_dataset, tokenizer_fingerprint
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
 from nemo_aligner.data.preference import (
-    _check_messages,
     _check_truncation_args,
+    check_messages,
+    finite_number,
     parse_preference_record,
     tokenize_example,
     truncate_pair,
@@ -131,15 +135,16 @@ def _parse_ranked(record: dict, error) -> tuple[Any, list, list[float]]:
         raise error("prompt", "missing required field")
     prompt = record["prompt"]
     if isinstance(prompt, list):
-        _check_messages(prompt, "prompt", error)
+        prompt = check_messages(prompt, "prompt", error)
     elif not isinstance(prompt, str):
         raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise error("responses", f"expected a list of at least 2 responses, got {responses!r:.80}")
+    responses = list(responses)
     for k, response in enumerate(responses):
         if isinstance(response, list):
-            _check_messages(response, f"responses[{k}]", error)
+            responses[k] = check_messages(response, f"responses[{k}]", error)
         elif not isinstance(response, str):
             raise error(f"responses[{k}]", f"expected a string or a list of chat messages, got {type(response).__name__}")
         if not response:
@@ -151,14 +156,21 @@ def _parse_ranked(record: dict, error) -> tuple[Any, list, list[float]]:
     values = record[field]
     if not isinstance(values, list) or len(values) != len(responses):
         raise error(field, f"expected a list of {len(responses)} numbers (one per response), got {values!r:.80}")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise error(f"{field}[{i}]", f"expected a finite number, got {v!r}")
-        if has_rank and float(v) != int(v):
-            raise error(f"{field}[{i}]", f"ranks are integers, got {v!r}")
-    preferences = [-float(v) for v in values] if has_rank else [float(v) for v in values]
+    numbers = [finite_number(v, f"{field}[{i}]", error) for i, v in enumerate(values)]
+    for i, v in enumerate(numbers):
+        if has_rank and not v.is_integer():
+            raise error(f"{field}[{i}]", f"ranks are integers, got {values[i]!r}")
+    preferences = [-v for v in numbers] if has_rank else numbers
     if len(set(preferences)) < 2:
         raise error(field, "all responses are tied: nothing to compare")
+    for k, response in enumerate(responses):
+        for j in range(k):
+            if responses[j] == response and preferences[j] != preferences[k]:
+                raise error(
+                    f"responses[{k}]",
+                    f"identical to responses[{j}] but given a different {'rank' if has_rank else 'score'}: "
+                    "a comparison must be between different responses",
+                )
     return prompt, responses, preferences
 
 

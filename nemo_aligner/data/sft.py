@@ -26,7 +26,7 @@ import datasets
 
 from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.preference import Message, Turns, _check_messages, _require_turns, _split_hh_transcript
+from nemo_aligner.data.preference import Message, Turns, _require_turns, _split_hh_transcript, check_messages
 from nemo_aligner.data.sequences import tokenize_prompt_response
 
 SFT_FORMAT_VERSION = 1
@@ -95,7 +95,9 @@ def parse_sft_record(record: dict, path: str | os.PathLike, line_no: int) -> SFT
 
     Raises:
         DataFormatError: naming ``path``, ``line_no`` and the offending field: a missing field, a wrong type, an
-            empty response, a message without string role/content, an unknown speaker, a ``mask`` other than the
+            empty response, a message without string role/content or with a role other than system, user or
+            assistant (any capitalisation; see :func:`~nemo_aligner.data.preference.check_messages`), an unknown
+            speaker, a ``mask`` other than the
             user speaker, a conversation without an assistant turn, an HH transcript without an assistant turn, or
             an unknown format (the message lists the accepted ones).
     """
@@ -104,7 +106,7 @@ def parse_sft_record(record: dict, path: str | os.PathLike, line_no: int) -> SFT
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise error("messages", f"expected a non-empty list of chat messages, got {messages!r:.80}")
-        _check_messages(messages, "messages", error)
+        messages = check_messages(messages, "messages", error)
         _require_assistant(messages, "messages", error)
         return SFTExample(messages=messages)
     if "conversations" in record:
