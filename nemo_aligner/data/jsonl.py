@@ -102,7 +102,8 @@ def _iter_records(path: Path, allow_empty: bool) -> Iterator[tuple[int, dict]]:
         try:
             record = json.loads(text)
         except RecursionError:
-            raise DataFormatError(path, line_no, None, "invalid JSON: arrays/objects nested too deeply to decode") from None
+            message = "invalid JSON: arrays/objects nested too deeply to decode"
+            raise DataFormatError(path, line_no, None, message) from None
         except ValueError as err:  # JSONDecodeError, or an integer with too many digits to convert
             raise DataFormatError(path, line_no, None, f"invalid JSON: {err}") from None
         if not isinstance(record, dict):

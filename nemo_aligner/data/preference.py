@@ -29,8 +29,8 @@ Message = dict[str, Any]
 Turns = Union[str, list[Message]]
 """Plain text, or a list of chat messages."""
 
-FORMAT_VERSION = 1
-"""Bump whenever the cached dataset layout or the tokenisation rules change."""
+FORMAT_VERSION = 2
+"""Bump whenever the cached dataset layout or the tokenisation rules change (2: chat roles are lower-cased)."""
 
 TRUNCATION_MODES = ("truncate", "drop")
 
@@ -190,10 +190,12 @@ def check_messages(messages: list, field: str, error) -> list[Message]:
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {message!r:.200}")
+            shown = f"{message!r:.200}"
+            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {shown}")
         role = message["role"].lower()
         if role not in CHAT_ROLES:
-            raise error(f"{field}[{i}].role", f"unknown chat role {message['role']!r:.80}; use one of {', '.join(CHAT_ROLES)}")
+            roles = ", ".join(CHAT_ROLES)
+            raise error(f"{field}[{i}].role", f"unknown chat role {message['role']!r:.80}; use one of {roles}")
         checked.append(message if role == message["role"] else {**message, "role": role})
     return checked
 
@@ -293,7 +295,9 @@ def finite_number(value: Any, field: str, error) -> float:
     except OverflowError:  # an int beyond float64; its repr can be too long to print
         number = math.inf
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        shown = f"an integer of about {round(value.bit_length() * math.log10(2))} digits" if isinstance(value, int) else repr(value)
+        shown = repr(value)
+        if isinstance(value, int):  # str() of a long int can itself fail (sys.get_int_max_str_digits)
+            shown = f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
         raise error(field, f"expected a finite number of magnitude at most {FLOAT32_MAX:.4g} (float32), got {shown}")
     return number
 

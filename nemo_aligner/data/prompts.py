@@ -63,8 +63,8 @@ def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> 
     Raises:
         DataFormatError: naming ``path:line_no`` and the field: an empty or wrongly typed prompt, a malformed chat
             message or one whose role is not system, user or assistant (any capitalisation; see
-            :func:`~nemo_aligner.data.preference.check_messages`), an HH-RLHF transcript without an ``"\\n\\nAssistant:"`` turn, or an unknown format (the message
-            lists the accepted ones).
+            :func:`~nemo_aligner.data.preference.check_messages`), an HH-RLHF transcript without an
+            ``"\\n\\nAssistant:"`` turn, or an unknown format (the message lists the accepted ones).
     """
     error = functools.partial(DataFormatError, path, line_no)
     if "prompt" in record:
@@ -102,8 +102,8 @@ def iter_prompts(paths: str | os.PathLike | list) -> Iterator[PromptExample]:
 
     Raises:
         FileNotFoundError: a missing file (before anything is yielded for it).
-        DataFormatError: a file without records (no line), a malformed line (see :func:`nemo_aligner.data.jsonl.iter_jsonl` and
-            :func:`parse_prompt_record`).
+        DataFormatError: a file without records (no line), a malformed line (see
+            :func:`nemo_aligner.data.jsonl.iter_jsonl` and :func:`parse_prompt_record`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -114,8 +114,8 @@ def iter_prompts(paths: str | os.PathLike | list) -> Iterator[PromptExample]:
             yield PromptExample(parse_prompt_record(record, path, line_no), str(path), line_no, index)
             index += 1
         if index == first:
-            raise DataFormatError(path, None, None, "no prompts: the file holds no JSON records (it is empty or has only "
-                                  "blank lines)")
+            message = "no prompts: the file holds no JSON records (it is empty or has only blank lines)"
+            raise DataFormatError(path, None, None, message)
 
 
 def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None) -> list[PromptExample]:

@@ -51,8 +51,9 @@ from nemo_aligner.data.sequences import (
     tokenize_prompt_response,
 )
 
-REWARD_FORMAT_VERSION = 1
-"""Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches)."""
+REWARD_FORMAT_VERSION = 2
+"""Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches).
+2: chat roles are lower-cased."""
 
 FEATURES = datasets.Features(
     {

@@ -29,8 +29,8 @@ from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.preference import Message, Turns, _require_turns, _split_hh_transcript, check_messages
 from nemo_aligner.data.sequences import tokenize_prompt_response
 
-SFT_FORMAT_VERSION = 1
-"""Bump whenever the cached SFT layout or the SFT tokenisation rules change."""
+SFT_FORMAT_VERSION = 2
+"""Bump whenever the cached SFT layout or the SFT tokenisation rules change (2: chat roles are lower-cased)."""
 
 TRUNCATION_MODES = ("truncate", "drop")
 TRUNCATION_METHODS = ("left", "right")
