@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,149 @@ def test_real_rm_export_end_to_end(no_env_token, smollm2_rm_export):
         client = RewardModelClient(url, timeout=120)
         rewards = client.score(PROMPTS[:2], RESPONSES[:2])
     assert rewards == pytest.approx(scorer.score_texts(PROMPTS[:2], RESPONSES[:2]), abs=1e-3)
+
+
+# ---- hostile requests (issue 10 items 16 and 18) -------------------------------------------------------------------
+def test_huge_prompt_gets_a_fast_422_and_does_not_delay_a_concurrent_request(scorer, no_env_token):
+    import httpx
+
+    app = build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1, max_request_bytes=64 * 1024 * 1024)
+    huge = "the quick brown fox jumps over the lazy dog " * (20_000_000 // 44)  # ~20 MB, ~13M tokens here
+    out: dict[str, tuple[int, float, str]] = {}
+
+    def post(name, payload, timeout):
+        start = time.perf_counter()
+        try:
+            r = httpx.post(url + "/score", json=payload, timeout=timeout)
+            out[name] = (r.status_code, time.perf_counter() - start, r.text)
+        except httpx.TimeoutException:
+            out[name] = (0, time.perf_counter() - start, "timed out")
+
+    with BackgroundServer(app) as url:
+        httpx.post(url + "/score", json={"prompts": ["a"], "responses": ["b"]}, timeout=30)  # warm up
+        pair = {"prompts": [PROMPTS[0]], "responses": [RESPONSES[0]]}
+        threads = [threading.Thread(target=post, args=("huge", {"prompts": [huge], "responses": ["ok"]}, 10))]
+        threads += [threading.Thread(target=post, args=(f"small{k}", pair, 10)) for k in range(3)]
+        threads[0].start()
+        for th in threads[1:]:  # one-pair requests while the huge one is uploaded, parsed and (before) tokenised
+            time.sleep(0.2)
+            th.start()
+        for th in threads:
+            th.join(30)
+    status, seconds, text = out["huge"]
+    assert status == 422, text
+    assert "item 0 has " in text and "it was not tokenised" in text
+    assert seconds < 1.0, seconds  # before: the full 20 MB was tokenised first (tens of seconds)
+    for k in range(3):
+        status, seconds, text = out[f"small{k}"]
+        assert status == 200, text
+        assert seconds < 1.0, (k, seconds)  # before: queued behind the huge prompt's tokenisation
+
+
+def test_char_bound_never_rejects_what_fits_and_lossy_tokenizers_get_none(tokenizer):
+    import random
+
+    from nemo_aligner.servers.reward_model_server import max_chars_per_token
+
+    bound = max_chars_per_token(tokenizer)
+    assert bound == max(len(t) for t in tokenizer.get_vocab())  # byte-level BPE, no normaliser: factor 1
+    rng = random.Random(0)
+    alphabet = list("abcxyz ABC\n\t  .,!?0123") + ["é", "e\u0301", "日本", "🙂", "\u00a0", "#" * 20, " " * 30, "<|user|>"]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200)))
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert len(text.strip()) <= n * bound, (text, n)
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def fast(model, normalizer=None, pre=None):
+        tok = Tokenizer(model)
+        if normalizer is not None:
+            tok.normalizer = normalizer
+        if pre is not None:
+            tok.pre_tokenizer = pre
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+    wordpiece = models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")
+    assert max_chars_per_token(fast(wordpiece)) is None  # a whole unknown word is one token
+    bpe = models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")])
+    assert max_chars_per_token(fast(bpe)) == 2.0
+    assert max_chars_per_token(fast(bpe, normalizers.NFC())) == 8.0  # composition merges <= 4 code points
+    assert max_chars_per_token(fast(bpe, normalizers.StripAccents())) is None
+    assert max_chars_per_token(fast(bpe, pre=pre_tokenizers.Whitespace())) is None  # drops whitespace
+    assert max_chars_per_token(fast(bpe, normalizers.Replace("  ", " "))) == 4.0
+    assert max_chars_per_token(object()) is None
+
+
+def test_body_over_the_default_cap_gets_413(scorer, no_env_token):
+    import httpx
+
+    from nemo_aligner.servers.reward_model_server import default_max_request_bytes
+
+    cap = default_max_request_bytes(MAX_LEN, 1024)
+    assert cap == 1024 * 1024  # 16 * 48 * 1024 = 768 KiB, raised to the 1 MiB floor
+    assert default_max_request_bytes(2048, 1024) == 32 * 1024 * 1024
+    assert default_max_request_bytes(None, 1024) == default_max_request_bytes(10**6, 1024) == 64 * 1024 * 1024
+    app = build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1)
+    client = TestClient(app)
+    assert client.get("/info").json()["max_request_bytes"] == cap
+    assert client.get("/info").json()["max_chars_per_item"] == MAX_LEN * max(len(t) for t in scorer.tokenizer.get_vocab())
+    r = client.post("/score", json={"prompts": ["a" * cap], "responses": ["b"]})
+    assert r.status_code == 413 and f"exceeds the limit of {cap}" in r.json()["error"]
+    with BackgroundServer(app) as url:  # a real socket: the answer closes the connection, the rest is never read
+        r = httpx.post(url + "/score", content=b"x" * (cap + 1), headers={"Content-Type": "application/json"},
+                       timeout=10)
+        assert r.status_code == 413 and r.headers.get("connection") == "close"
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"prompts": [[{"role": "robot", "content": "hi"}]], "responses": ["b"]},
+         "prompts[0][0].role must be one of ['system', 'user', 'assistant'], got 'robot'"),
+        ({"prompts": ["a", "b"], "responses": ["c", [{"role": "assistant", "content": "x"},
+                                                      {"role": "Assistant", "content": "y"}]]},
+         "responses[1][1].role must be one of"),
+        ({"prompts": [[{"role": 3, "content": "hi"}]], "responses": ["b"]}, "prompts[0][0].role must be a string"),
+        ({"prompts": [[{"role": "user", "content": None}]], "responses": ["b"]},
+         "prompts[0][0].content must be a string"),
+        ({"prompts": [[]], "responses": ["b"]}, "prompts[0] must be a string or a non-empty list"),
+        ({"prompts": [["hi"]], "responses": ["b"]}, "prompts[0][0] must be a {'role': str, 'content': str} message"),
+    ],
+)
+def test_unknown_chat_role_is_422_naming_the_field(scorer, no_env_token, body, fragment):
+    client = TestClient(build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1))
+    r = client.post("/score", json=body)
+    assert r.status_code == 422 and fragment in r.json()["error"], r.text
+    ok = {"prompts": [[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}]],
+          "responses": [[{"role": "assistant", "content": "hello"}]]}
+    assert client.post("/score", json=ok).status_code == 200
+
+
+def test_rm_server_rejects_nested_json_and_text_plain(scorer, no_env_token):
+    client = TestClient(build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1),
+                        raise_server_exceptions=False)
+    r = client.post("/score", content=b'{"prompts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    r = client.post("/score", content=b'{"prompts": ["a"], "responses": ["b"]}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "'text/plain'" in r.json()["error"]
+
+
+def test_entry_script_limits_come_from_the_config(rm_dir, no_env_token):
+    module = load_example_script("serve_reward_model")
+    app, _ = module.build(_cfg(rm_model_file=str(rm_dir), **{
+        "inference.request_timeout_s": 7, "inference.keep_alive_timeout_s": 2.5, "inference.max_connections": 9,
+        "trainer.accelerator": "cpu",
+    }))
+    assert (app.state.limits.request_timeout_s, app.state.limits.keep_alive_timeout_s,
+            app.state.limits.max_connections) == (7, 2.5, 9)
+    assert app.state.max_request_bytes == 1024 * 1024  # null: derived from max_seq_length 48 and 1024 items
+    app, _ = module.build(_cfg(rm_model_file=str(rm_dir), **{"inference.max_request_bytes": 5000,
+                                                             "trainer.accelerator": "cpu"}))
+    assert app.state.max_request_bytes == 5000
+    for key, value in (("request_timeout_s", 0), ("max_connections", -3), ("max_request_bytes", 0),
+                       ("keep_alive_timeout_s", "soon")):
+        with pytest.raises(ValueError, match=f"inference.{key} must be"):
+            module.build(_cfg(rm_model_file=str(rm_dir), **{f"inference.{key}": value}))

@@ -187,7 +187,7 @@ def test_auth_and_error_handlers(monkeypatch):
     r = client.post("/echo", json={"x": 1}, headers={"Authorization": "Basic s3cret"})
     assert r.status_code == 401
     assert client.post("/echo", json={"x": 1}, headers=good).json() == {"x": 1}
-    r = client.post("/echo", content=b"{not json", headers=good)
+    r = client.post("/echo", content=b"{not json", headers={**good, "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = client.post("/echo", json={"y": 1}, headers=good)
     assert r.status_code == 422 and r.json()["error"] == "field 'x' is required"
@@ -220,7 +220,7 @@ def test_request_size_limit(monkeypatch):
         for _ in range(10):
             yield b"x" * 20
 
-    r = client.post("/echo", content=chunks())
+    r = client.post("/echo", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
     assert client.post("/echo", json={"x": "small"}).json() == {"x": "small"}
 
@@ -303,3 +303,118 @@ def test_http_client_argument_checks():
         HTTPClient("")
     with pytest.raises(ValueError):
         HTTPClient("http://127.0.0.1:1", max_retries=-1)
+
+
+# ---- slow / stalled / hostile clients (issue 10 item 16) -----------------------------------------------------------
+def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took; raises
+    ``socket.timeout`` if it is still open after ``limit_s``."""
+    sock.settimeout(limit_s)
+    start, data = time.monotonic(), b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data, time.monotonic() - start
+        data += chunk
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+_STALLED_HEAD = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n")
+
+
+def test_stalled_uploads_are_answered_408_and_closed_after_the_body_timeout(monkeypatch):
+    from nemo_aligner.servers.app import ServerLimits
+
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    with BackgroundServer(_echo_app(limits=ServerLimits(request_timeout_s=0.5))) as url:
+        socks = [socket.create_connection(("127.0.0.1", _port(url)), timeout=5) for _ in range(50)]
+        try:
+            start = time.monotonic()
+            for s in socks:  # headers and part of the body, then nothing
+                s.sendall(_STALLED_HEAD + b'{"x": "abc')
+            answers = [_read_until_closed(s, 5.0)[0] for s in socks]
+            elapsed = time.monotonic() - start
+        finally:
+            for s in socks:
+                s.close()
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0]
+        assert b"request body not received within 0.5 s (10 bytes arrived)" in answers[0]
+        assert elapsed < 4.0  # all 50 closed about 0.5 s after they stalled
+        with HTTPClient(url, timeout=5, max_retries=0) as client:
+            assert client.post("/echo", {"x": 1}) == {"x": 1}  # still serving
+
+
+def test_stalled_request_head_and_silent_connections_are_closed(monkeypatch):
+    from nemo_aligner.servers.app import ServerLimits
+
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    with BackgroundServer(_echo_app(limits=ServerLimits(request_timeout_s=0.5, keep_alive_timeout_s=0.5))) as url:
+        port = _port(url)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as half, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as kept:
+            half.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.")  # half a request head, then nothing
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /hea")  # a request, then half one
+            for s in (silent, half):
+                data, seconds = _read_until_closed(s, 5.0)
+                assert data == b"" and seconds < 3.0
+            data, seconds = _read_until_closed(kept, 5.0)
+            assert data.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in data and seconds < 3.0
+
+
+def test_connections_beyond_the_limit_get_503_until_some_close(monkeypatch):
+    from nemo_aligner.servers.app import ServerLimits
+
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    with BackgroundServer(_echo_app(limits=ServerLimits(request_timeout_s=30, max_connections=3))) as url:
+        idle = [socket.create_connection(("127.0.0.1", _port(url)), timeout=5) for _ in range(3)]
+        try:
+            statuses = []
+            for _ in range(50):  # bounded: the server registers the idle connections within a few event-loop turns
+                statuses.append(httpx.get(url + "/health", timeout=5).status_code)
+                if statuses[-1] == 503:
+                    break
+                time.sleep(0.02)
+            assert statuses[-1] == 503, statuses
+        finally:
+            for s in idle:
+                s.close()
+        for _ in range(100):  # once they are gone, requests are served again
+            status = httpx.get(url + "/health", timeout=5).status_code
+            if status == 200:
+                break
+            time.sleep(0.02)
+        assert status == 200
+
+
+def test_deeply_nested_json_is_400_and_a_non_json_body_is_415(monkeypatch):
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    client = TestClient(_echo_app(), raise_server_exceptions=False)
+    json_header = {"Content-Type": "application/json"}
+    r = client.post("/echo", content=b"[" * 100_000 + b"]" * 100_000, headers=json_header)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    r = client.post("/echo", content=b'{"x": ' * 5000 + b"1" + b"}" * 5000, headers=json_header)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = client.post("/echo", content=b'{"x": 1}', headers=headers)
+        assert r.status_code == 415, (content_type, r.text)
+        assert "application/json" in r.json()["error"] and repr(content_type or "none") in r.json()["error"]
+    for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = client.post("/echo", content=b'{"x": 1}', headers={"Content-Type": content_type})
+        assert r.status_code == 200 and r.json() == {"x": 1}
+
+
+def test_server_limits_argument_checks():
+    from nemo_aligner.servers.app import ServerLimits
+
+    for kwargs, name in (({"request_timeout_s": 0}, "request_timeout_s"), ({"keep_alive_timeout_s": -1}, "keep_alive"),
+                         ({"max_connections": 0}, "max_connections"), ({"max_connections": 2.5}, "max_connections"),
+                         ({"request_timeout_s": float("inf")}, "request_timeout_s"),
+                         ({"max_header_bytes": 10}, "max_header_bytes")):
+        with pytest.raises(ValueError, match=name):
+            ServerLimits(**kwargs)

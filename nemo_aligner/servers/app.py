@@ -1,18 +1,29 @@
 """Shared FastAPI plumbing for the inference servers (reward model, critic, initial policy).
 
-* :func:`create_app`: a FastAPI app with bearer-token auth, a request-body size limit and JSON error responses
-  ``{"error": "<message>"}`` for every failure (a bad request never stops the server).
-* :func:`run_server`: serve an app with uvicorn on a loopback address unless ``allow_remote`` is set.
+* :func:`create_app`: a FastAPI app with bearer-token auth, a request-body size limit, a JSON-only body rule, a
+  request read deadline and JSON error responses ``{"error": "<message>"}`` for every failure (a bad request never
+  stops the server).
+* :func:`run_server`: serve an app with uvicorn on a loopback address unless ``allow_remote`` is set, with the
+  connection limits of the app (:class:`ServerLimits`).
 * :class:`BackgroundServer`: run an app in a background thread on a free 127.0.0.1 port (tests, benchmarks,
   in-process use); a context manager that yields the base URL and stops cleanly.
 
 Auth: when a token is configured (argument, else the environment variable ``NEMO_ALIGNER_API_TOKEN``), every
 request except those to ``public_paths`` (default ``/health``) needs ``Authorization: Bearer <token>``; a missing
 or wrong token is answered 401.
+
+Slow and stalled clients (:class:`ServerLimits`, set through :func:`create_app`): the request line and headers must
+arrive within ``request_timeout_s`` of the connection opening (or of the previous response on a keep-alive
+connection), else the connection is closed; the body must then arrive within ``request_timeout_s`` more, else 408
+and the connection is closed; an idle keep-alive connection is closed after ``keep_alive_timeout_s``; beyond
+``max_connections`` open connections a request is answered 503 at once (and its connection closed); a request line
+or header block over ``max_header_bytes`` is answered 400. Every early error response (401, 408, 413, 415) closes
+the connection, so the unread rest of a body can never keep it open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -21,6 +32,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from fastapi import FastAPI, HTTPException, Request
@@ -33,6 +45,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "APIError",
     "BackgroundServer",
+    "ServerLimits",
     "add_health_and_info",
     "check_host",
     "create_app",
@@ -44,6 +57,39 @@ __all__ = [
 
 API_TOKEN_ENV = "NEMO_ALIGNER_API_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """How long a client may take and how many may be connected (see the module docstring).
+
+    Attributes:
+        request_timeout_s: seconds allowed for the request line + headers (from the connection opening or the
+            previous response), and again for the whole body (from the end of the headers); > 0.
+        keep_alive_timeout_s: seconds an idle keep-alive connection stays open between requests; > 0.
+        max_connections: open connections served at once; a request on a connection beyond it is answered 503
+            (uvicorn's plain-text "Service Unavailable") and its connection closed; >= 1.
+        max_header_bytes: the most bytes of request line + headers (h11's incomplete-event limit); >= 1024.
+
+    Raises:
+        ValueError: a value out of range, naming it.
+    """
+
+    request_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 512
+    max_header_bytes: int = 16 * 1024
+
+    def __post_init__(self):
+        for name in ("request_timeout_s", "keep_alive_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        for name, low in (("max_connections", 1), ("max_header_bytes", 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 class APIError(HTTPException):
@@ -92,45 +138,77 @@ async def _send_error(send, status: int, message: str, headers: Iterable[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
-class _GuardMiddleware:
-    """Pure-ASGI middleware: bearer-token check (401), then body size limit (413, body read before the app)."""
+_CLOSE = [(b"connection", b"close")]
 
-    def __init__(self, app, api_token: str | None, max_request_bytes: int, public_paths: tuple[str, ...]):
+
+def _is_json_media_type(value: bytes | None) -> bool:
+    """Whether a Content-Type header names JSON: ``application/json`` or ``application/<x>+json``, any parameters."""
+    if value is None:
+        return False
+    media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class _GuardMiddleware:
+    """Pure-ASGI middleware, in this order: bearer-token check (401); declared body size (413); a body on
+    POST/PUT/PATCH must be JSON (415); the body is read, bounded in size (413) and in time (``body_timeout_s`` from
+    the end of the headers: 408), then replayed to the app. Every early answer closes the connection."""
+
+    def __init__(self, app, api_token: str | None, max_request_bytes: int, public_paths: tuple[str, ...],
+                 body_timeout_s: float = ServerLimits.request_timeout_s):
         self.app = app
         self.api_token = api_token
         self.max_request_bytes = max_request_bytes
         self.public_paths = public_paths
+        self.body_timeout_s = float(body_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        deadline = time.monotonic() + self.body_timeout_s
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         if self.api_token is not None and scope.get("path") not in self.public_paths:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_token.encode()):
                 message = "missing bearer token" if not auth else "invalid bearer token"
-                return await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])
+                return await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer"), *_CLOSE])
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.max_request_bytes
+                declared_size = int(declared)
             except ValueError:
-                return await _send_error(send, 400, "invalid Content-Length header")
-            if too_big:
+                return await _send_error(send, 400, "invalid Content-Length header", _CLOSE)
+            if declared_size > self.max_request_bytes:
                 return await _send_error(
-                    send, 413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_request_bytes}"
+                    send, 413, f"request body of {declared_size} bytes exceeds the limit of {self.max_request_bytes}",
+                    _CLOSE,
                 )
-        # Read the body (bounded), then replay it to the app: chunked uploads are limited too.
+        has_body = (declared is not None and declared_size > 0) or b"transfer-encoding" in headers
+        if scope.get("method") in _BODY_METHODS and has_body and not _is_json_media_type(headers.get(b"content-type")):
+            got = headers.get(b"content-type", b"").decode("latin-1") or "none"
+            return await _send_error(
+                send, 415, f"unsupported Content-Type {got!r}: send the body as JSON with "
+                "'Content-Type: application/json'", _CLOSE,
+            )
+        # Read the body (bounded in size and time), then replay it to the app: chunked uploads are limited too.
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                return await _send_error(
+                    send, 408, f"request body not received within {self.body_timeout_s:g} s "
+                    f"({size} bytes arrived)", _CLOSE,
+                )
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_request_bytes:
-                return await _send_error(send, 413, f"request body exceeds the limit of {self.max_request_bytes} bytes")
+                return await _send_error(
+                    send, 413, f"request body exceeds the limit of {self.max_request_bytes} bytes", _CLOSE
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -164,8 +242,9 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     public_paths: Iterable[str] = ("/health",),
     on_shutdown: Iterable[Callable[[], Any]] = (),
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
-    """A FastAPI app with auth, a body size limit and JSON error handlers; add routes to it as usual.
+    """A FastAPI app with auth, a body size limit, read deadlines and JSON error handlers; add routes to it as usual.
 
     Args:
         title: shown in the OpenAPI docs.
@@ -175,9 +254,12 @@ def create_app(
         public_paths: paths served without a token (default only ``/health``).
         on_shutdown: callables run (in order, errors ignored) when the server shuts down; more can be appended to
             ``app.state.on_shutdown``.
+        limits: timeouts and connection limits (default :class:`ServerLimits`); the body deadline is enforced by the
+            app itself, the rest by :func:`run_server` / :class:`BackgroundServer`, which read ``app.state.limits``.
 
-    Every error is answered ``{"error": "<message>"}``: 400 malformed JSON, 401 auth, 404/405 unknown route or
-    method, 413 too large, 422 invalid fields, 500 an unexpected server-side exception (the server keeps serving).
+    Every error is answered ``{"error": "<message>"}``: 400 malformed or too deeply nested JSON, 401 auth, 404/405
+    unknown route or method, 408 body not received in time, 413 too large, 415 a body that is not
+    ``application/json``, 422 invalid fields, 500 an unexpected server-side exception (the server keeps serving).
 
     Raises:
         ValueError: ``max_request_bytes < 1``.
@@ -196,11 +278,13 @@ def create_app(
     app.state.on_shutdown = list(on_shutdown)
     app.state.api_token = resolve_api_token(api_token)
     app.state.max_request_bytes = int(max_request_bytes)
+    app.state.limits = limits if limits is not None else ServerLimits()
     app.add_middleware(
         _GuardMiddleware,
         api_token=app.state.api_token,
         max_request_bytes=int(max_request_bytes),
         public_paths=tuple(public_paths),
+        body_timeout_s=app.state.limits.request_timeout_s,
     )
 
     @app.exception_handler(StarletteHTTPException)
@@ -237,7 +321,8 @@ async def read_json(request: Request) -> Any:
     """The request body parsed as JSON.
 
     Raises:
-        APIError: 400 when the body is empty or not valid JSON (UTF-8).
+        APIError: 400 when the body is empty, not valid JSON (UTF-8), or nested too deeply for the parser (Python's
+            recursion limit, about 1000 levels).
     """
     body = await request.body()
     if not body.strip():
@@ -246,6 +331,8 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APIError(400, f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: arrays/objects nested too deeply") from None
 
 
 def check_host(host: str, allow_remote: bool) -> None:
@@ -280,6 +367,54 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _header_deadline_protocol(request_timeout_s: float):
+    """uvicorn's h11 protocol, plus a deadline for the request line and headers.
+
+    uvicorn itself only times out a keep-alive connection that receives no bytes at all; a client that connects and
+    sends nothing before its first request, or sends half a header and stops, would hold the connection forever.
+    Here a timer closes the connection unless a complete request head arrives within ``request_timeout_s`` of the
+    connection opening or of the previous response (the body's own deadline is :class:`_GuardMiddleware`'s).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _Protocol(H11Protocol):
+        _head_timer = None
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(request_timeout_s, self._head_timeout)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:  # a request head arrived
+                self._disarm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_head_timer()
+
+    return _Protocol
+
+
 def _uvicorn_server(app, log_level: str, on_ready: Callable[[], None] | None = None):
     import uvicorn
 
@@ -289,7 +424,15 @@ def _uvicorn_server(app, log_level: str, on_ready: Callable[[], None] | None = N
             if self.started and on_ready is not None:
                 on_ready()
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    limits = getattr(getattr(app, "state", None), "limits", None) or ServerLimits()
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        http=_header_deadline_protocol(limits.request_timeout_s),
+        timeout_keep_alive=limits.keep_alive_timeout_s,
+        # uvicorn answers 503 once len(connections) >= limit_concurrency, counting the new connection itself
+        limit_concurrency=limits.max_connections + 1,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
     return _Server(config)
 
 

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from nemo_aligner.servers.app import check_host, run_server
+from nemo_aligner.servers.app import ServerLimits, check_host, run_server
 from nemo_aligner.servers.reward_model_server import build_reward_model_app
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
@@ -51,6 +51,29 @@ def _dtype(precision, device: str) -> torch.dtype:
     if name.startswith("16"):
         return torch.bfloat16 if device == "cpu" else torch.float16  # CPU kernels lack float16 for many ops
     return torch.float32
+
+
+def _int_key(inf, key: str, low: int) -> int:
+    value = inf.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"inference.{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _limits(inf) -> ServerLimits:
+    """:class:`ServerLimits` from ``inference.{request_timeout_s,keep_alive_timeout_s,max_connections}``.
+
+    Raises:
+        ValueError: a value out of range, naming its config key.
+    """
+    try:
+        return ServerLimits(
+            request_timeout_s=inf.request_timeout_s,
+            keep_alive_timeout_s=inf.keep_alive_timeout_s,
+            max_connections=inf.max_connections,
+        )
+    except ValueError as err:
+        raise ValueError(f"inference.{err}") from None
 
 
 def build(cfg: DictConfig):
@@ -84,6 +107,8 @@ def build(cfg: DictConfig):
     device = _device(cfg.trainer.accelerator)
     dtype = _dtype(cfg.model.get("precision", cfg.trainer.precision), device)
     micro_batch_size = int(inf.micro_batch_size)
+    limits = _limits(inf)  # before the model load: a bad value fails fast
+    max_request_bytes = None if inf.max_request_bytes is None else _int_key(inf, "max_request_bytes", 1)
     scorer = RewardScorer.from_pretrained(str(path), device=device, dtype=dtype, micro_batch_size=micro_batch_size)
     std_cfg = cfg.model.reward_standardization
     if bool(std_cfg.enable):
@@ -97,7 +122,8 @@ def build(cfg: DictConfig):
         api_token=inf.api_token,
         max_items_per_request=int(inf.max_items_per_request),
         model_name=str(path),
-        max_request_bytes=int(inf.max_request_bytes),
+        max_request_bytes=max_request_bytes,
+        limits=limits,
     )
     log = get_logger()
     log.info(
