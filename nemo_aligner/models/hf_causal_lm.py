@@ -292,6 +292,9 @@ class HFModel(AlignableModel):
         max_steps: optimizer steps of the run (for the LR schedule).
         gradient_clip_val: max global grad norm; ``0``/``None`` disables clipping (the norm is still reported).
         use_lora: ``lm`` is a peft model; checkpoints then hold only the trainable (adapter) weights.
+        keep_dropout: keep the model's dropout. By default it is switched off (:func:`disable_dropout`, LoRA's
+            ``adapter_dropout`` excepted), as TRL does for DPO, reward models and PPO's policy and value model:
+            the algorithms compare train-mode outputs with eval-mode ones (reference policy, PPO's old log-probs).
 
     Raises:
         ValueError: unsupported optimizer name.
@@ -307,7 +310,10 @@ class HFModel(AlignableModel):
         max_steps: int,
         gradient_clip_val: float | None = 1.0,
         use_lora: bool = False,
+        keep_dropout: bool = False,
     ):
+        if not keep_dropout:
+            disable_dropout(lm)
         self.fabric = fabric
         self.tokenizer = tokenizer
         self.gradient_clip_val = gradient_clip_val or 0.0
@@ -530,8 +536,14 @@ class HFCausalLM(HFModel):
             if self._reference is not None:
                 with self.fabric.autocast():
                     return self._reference(*inputs)
-            with self._lm.disable_adapter():
-                return self.module(*inputs)
+            # adapters off, in eval mode like the frozen copy (and like PPO's old log-probs)
+            was_training = self._unwrapped.training
+            self._unwrapped.eval()
+            try:
+                with self._lm.disable_adapter():
+                    return self.module(*inputs)
+            finally:
+                self._unwrapped.train(was_training)
 
     def _eos_token_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""
