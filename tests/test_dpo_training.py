@@ -263,3 +263,50 @@ def test_adamw_is_fused_on_cpu_and_matches_the_multi_tensor_step():
         fused.step()
         plain.step()
     torch.testing.assert_close(fused_p.detach(), plain_p.detach(), atol=1e-6, rtol=1e-5)
+
+
+# ---- dropout (issue 10 item 8) ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dropout_gpt2_dir(tmp_path_factory, tokenizer):
+    """A tiny GPT-2 with the stock dropout 0.1 everywhere (embeddings, residuals, attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer), n_positions=512, resid_pdrop=0.1,
+                     embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    path = tmp_path_factory.mktemp("dropout_gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["none", "lora"])
+def test_first_dpo_loss_is_log_2_with_a_dropout_model(tmp_path, dropout_gpt2_dir, dpo_script, scheme):
+    """Policy == reference at step 1, so the DPO loss is -log sigmoid(0) = log 2 exactly; with the policy's dropout
+    on (train mode) against an eval-mode (full) or also-dropped-out (LoRA) reference it was not."""
+    import math
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = dpo_cfg(
+        tmp_path, dropout_gpt2_dir, data, data,
+        "trainer.dpo.max_steps=1", "trainer.dpo.val_check_interval=0", "trainer.dpo.save_interval=0",
+        "model.global_batch_size=8", "model.micro_batch_size=4", "++model.dpo.ref_policy_kl_penalty=1.0",
+        f"model.peft.peft_scheme={scheme}", "model.peft.lora_tuning.target_modules=[attention_qkv]",
+    )
+    out = dpo_script.run(cfg)
+    assert out["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the export records the dropout the model was trained with
+    exported = json.loads((Path(out["log_dir"]) / "hf_export" / "config.json").read_text())
+    assert exported["resid_pdrop"] == exported["attn_pdrop"] == exported["embd_pdrop"] == 0.0
+
+
+def test_lora_reference_runs_in_eval_mode(tiny_model_dir, tokenizer, monkeypatch):
+    """The adapters-off reference is evaluated like the frozen copy: in eval mode, even inside a training step."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    policy = _policy(fabric, tiny_model_dir, peft={"peft_scheme": "lora", "lora_tuning": {"target_modules": ["attention_qkv"], "adapter_dim": 4, "alpha": 8}})
+    modes = []
+    policy._lm.get_output_embeddings().register_forward_hook(lambda m, a, o: modes.append(m.training))
+    policy.prepare_for_training_step()
+    policy.get_logprobs(_batch(tokenizer), reference=True)
+    policy.get_logprobs(_batch(tokenizer))
+    assert modes == [False, True] and policy._unwrapped.training

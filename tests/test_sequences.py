@@ -83,3 +83,95 @@ def test_shared_prefix_attention_mask_by_hand():
         [0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(shared_prefix_attention_mask(block, segment)[0, 0], expected)
+
+
+# ---- sliding-window models and the 4-D masks --------------------------------------------------------------------
+WINDOW = 8
+
+
+def _windowed_lm(model_type: str, attn: str = "sdpa"):
+    """A random 2-layer model whose attention sees only the last ``WINDOW`` tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"mistral": {}, "qwen2": {"use_sliding_window": True, "max_window_layers": 0},
+             "gemma2": {"head_dim": 8}, "starcoder2": {}}[model_type]
+    config = AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, sliding_window=WINDOW, pad_token_id=0,
+        attn_implementation=attn, **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _logprobs(module, batch):
+    with torch.no_grad():
+        return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_row, batch.pred_col,
+                      batch.targets)
+
+
+@pytest.mark.parametrize("model_type,attn", [("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager"), ("starcoder2", "sdpa")])
+def test_sliding_window_model_within_its_window_packs_exactly(model_type, attn):
+    """Sequences of at most ``WINDOW`` tokens: packed and DPO shared-prefix log-probs equal the unpacked ones."""
+    from nemo_aligner.data.packing import collate_preference_pairs
+
+    module = ResponseLogprobs(_windowed_lm(model_type, attn))
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(3, 64, (n,), generator=g).tolist(), "prompt_length": p}
+                for n, p in ((8, 3), (5, 2), (7, 4))]
+    plain = _logprobs(module, collate_sequences(examples, 0))
+    torch.testing.assert_close(_logprobs(module, collate_sequences(examples, 0, pack=True, max_row_length=24)), plain,
+                               atol=1e-5, rtol=0)
+    # [prompt | chosen | rejected] in one row: 12 columns, but each sequence is only 8 tokens (positions restart)
+    pairs = [{"prompt_ids": examples[0]["input_ids"][:3], "chosen_ids": examples[0]["input_ids"][3:],
+              "rejected_ids": examples[0]["input_ids"][3:][::-1]}]
+    shared = collate_preference_pairs(pairs, 0, shared_prefix=True)
+    separate = collate_preference_pairs(pairs, 0, shared_prefix=False)
+    assert shared.attention_mask.dim() == 4 and shared.input_ids.shape[1] > WINDOW
+    torch.testing.assert_close(_logprobs(module, shared).sort().values, _logprobs(module, separate).sort().values,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,attn", [("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager")])
+def test_sliding_window_model_refuses_a_packed_sequence_longer_than_its_window(model_type, attn):
+    from nemo_aligner.models.critic import _attention_mask_for
+    from nemo_aligner.models.reward_model import _prepare_attention_mask
+
+    lm = _windowed_lm(model_type, attn)
+    module = ResponseLogprobs(lm)
+    examples = [{"input_ids": torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist(),
+                 "prompt_length": 2}]
+    plain = collate_sequences(examples, 0)
+    packed = collate_sequences(examples, 0, pack=True)
+    windowed = _logprobs(module, plain)  # 2-D padding mask: transformers applies the window itself
+    full_causal = plain.attention_mask[:, None, :, None].bool() & torch.ones(12, 12, dtype=torch.bool).tril()
+    unwindowed = ResponseLogprobs(_windowed_lm(model_type, attn))
+    unwindowed.lm.config.sliding_window = None  # what the 4-D mask would silently compute
+    if hasattr(unwindowed.lm.config, "layer_types"):
+        unwindowed.lm.config.layer_types = ["full_attention"] * 2
+    with torch.no_grad():
+        ignored = unwindowed(plain.input_ids, plain.position_ids, full_causal, plain.pred_row, plain.pred_col,
+                             plain.targets)
+    assert (windowed - ignored).abs().max() > 1e-3  # the window matters for this sequence
+    message = r"attends only the last 8 tokens.*sequence of 12 tokens.*model\.dpo\.shared_prefix=false"
+    with pytest.raises(ValueError, match=message):
+        _logprobs(module, packed)
+    for prepare in (lambda m: _attention_mask_for(lm.config, m), lambda m: _prepare_attention_mask(m, lm.config)):
+        with pytest.raises(ValueError, match=message):
+            prepare(packed.attention_mask)
+        assert torch.equal(prepare(plain.attention_mask), plain.attention_mask)  # 2-D masks pass
+
+
+def test_attention_window_reads_the_config():
+    from transformers import AutoConfig
+
+    from nemo_aligner.data.sequences import attention_window
+
+    small = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+    assert attention_window(AutoConfig.for_model("llama", **small)) is None
+    assert attention_window(AutoConfig.for_model("mistral", sliding_window=16, **small)) == 16
+    assert attention_window(AutoConfig.for_model("mistral", sliding_window=None, **small)) is None
+    assert attention_window(AutoConfig.for_model("qwen2", sliding_window=16, use_sliding_window=False, **small)) is None
+    assert attention_window(AutoConfig.for_model("gemma2", sliding_window=16, **small)) == 16
+    nested = AutoConfig.for_model("gemma3", text_config={**small, "sliding_window": 16})
+    assert attention_window(nested) == 16

@@ -130,6 +130,72 @@ def shared_prefix_attention_mask(block: torch.Tensor, segment: torch.Tensor) -> 
     return mask | torch.eye(width, dtype=torch.bool)
 
 
+#: The config keys that turn each 4-D layout off (named in the sliding-window error).
+LAYOUT_KEYS = (
+    "model.dpo.shared_prefix=false (DPO), model.data.train_ds.packed_sequence=false (SFT), "
+    "model.data.pack_sequences=false and model.data.shared_prefix=false (reward models)"
+)
+
+
+def attention_window(config: Any) -> int | None:
+    """The local-attention span of a transformers config, in tokens, or ``None`` if every layer attends to the
+    whole prefix.
+
+    A query at position ``i`` of such a model attends only the keys ``j`` with ``i - j < window``: the
+    ``sliding_window`` of Mistral, Qwen2/Qwen3 (only with ``use_sliding_window``), Gemma 2/3, Phi-3, Starcoder2,
+    Cohere2, ...; or the ``attention_chunk_size`` of chunked attention (Llama 4), whose chunks are no longer than
+    it. Nested configs (``text_config``, Gemma 3 multimodal style) are read through ``get_text_config()``. A
+    ``layer_types`` list without a ``"sliding_attention"`` entry means the window is unused.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    windows = []
+    sliding = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if (
+        isinstance(sliding, int) and not isinstance(sliding, bool) and sliding > 0
+        and getattr(text, "use_sliding_window", True) is not False
+        and (not layer_types or "sliding_attention" in layer_types)
+    ):
+        windows.append(sliding)
+    chunk = getattr(text, "attention_chunk_size", None)
+    if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0:
+        windows.append(chunk)
+    return min(windows) if windows else None
+
+
+def check_attention_window(config: Any, attention_mask: torch.Tensor) -> None:
+    """Refuse a 4-D (packed or shared-prefix) mask that the model's sliding window would have cut.
+
+    transformers uses a user-given 4-D mask as it is, so the model's own window is not applied to it. In the
+    layouts of :func:`shared_prefix_attention_mask` a token at position ``p`` of its sequence attends exactly the
+    ``p + 1`` tokens of that sequence up to itself, so the mask equals the windowed one iff no query attends more
+    than ``window`` keys, i.e. every sequence is at most ``window`` tokens. Then the result equals the unpacked
+    computation; otherwise this raises instead of silently attending beyond the window.
+
+    Args:
+        config: the transformers config of the model the mask is fed to.
+        attention_mask: ``[R, T]`` padding mask (always accepted: transformers applies the window itself) or
+            ``[R, 1, T, T]`` bool (True = may attend).
+
+    Raises:
+        ValueError: a 4-D mask with a sequence longer than the window, naming both lengths and the config keys
+            that switch the 4-D layouts off.
+    """
+    if attention_mask.dim() != 4:
+        return
+    window = attention_window(config)
+    if window is None:
+        return
+    longest = int(attention_mask.sum(dim=-1).max()) if attention_mask.numel() else 0
+    if longest > window:
+        model_type = getattr(config, "model_type", type(config).__name__)
+        raise ValueError(
+            f"this {model_type} model attends only the last {window} tokens (sliding window / chunked attention), "
+            f"but a packed or shared-prefix row holds a sequence of {longest} tokens, and a 4-D attention mask "
+            f"cannot apply the window; set {LAYOUT_KEYS}, or keep every sequence at most {window} tokens"
+        )
+
+
 def collate_sequences(
     examples: Sequence[dict[str, Any]],
     pad_token_id: int,

@@ -17,15 +17,21 @@ import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences
 from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.ppo_utils import explained_variance, ppo_value_loss
 
 
 def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Convert a packed 4-D bool mask for eager attention (additive float mask); other masks pass through."""
+    """Convert a packed 4-D bool mask for eager attention (additive float mask); other masks pass through.
+
+    Raises:
+        ValueError: a packed mask longer than the model's sliding window
+            (:func:`~nemo_aligner.data.sequences.check_attention_window`), or an implementation other than sdpa/eager.
+    """
     if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        check_attention_window(config, attention_mask)
         impl = getattr(config, "_attn_implementation", "sdpa")
         if impl == "eager":
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
+from nemo_aligner.data.sequences import LAYOUT_KEYS, check_attention_window
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.fs import atomic_directory, atomic_write_text
@@ -34,12 +35,43 @@ _LORA_TARGETS = {
 }
 
 
+def prepare_attention_mask(attention_mask: torch.Tensor, config: Any, layout_keys: str = LAYOUT_KEYS) -> torch.Tensor:
+    """The attention mask in the form ``config``'s attention implementation takes.
+
+    A ``[R, T]`` padding mask passes through. A ``[R, 1, T, T]`` bool mask (packed or shared-prefix, True = may
+    attend) is first checked against the model's sliding window
+    (:func:`nemo_aligner.data.sequences.check_attention_window`); it stays bool for ``sdpa`` and becomes an
+    additive float mask (0 or the most negative float32) for ``eager``, which adds the mask to the scores.
+
+    Raises:
+        ValueError: a 4-D mask with another attention implementation (the message names ``layout_keys``, the
+            config keys that switch the 4-D layout off), or a sequence longer than the model's sliding window.
+    """
+    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        check_attention_window(config, attention_mask)
+        impl = getattr(config, "_attn_implementation", "sdpa")
+        if impl == "eager":
+            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+            return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        if impl != "sdpa":
+            raise ValueError(
+                f"attention implementation {impl!r} cannot take the packed/shared-prefix 4-D mask; "
+                f"set {layout_keys}, or model.attn_implementation=sdpa"
+            )
+    return attention_mask
+
+
 class ResponseLogprobs(nn.Module):
     """Wraps a causal LM so one ``forward`` returns the log-probabilities of the response tokens only.
 
-    The LM head runs only on the ``N`` hidden states that predict a response token, not on every position, so the
-    ``[tokens, vocab]`` logits of the prompt are never materialised. Being a single module's ``forward`` keeps
-    DDP/FSDP gradient hooks intact.
+    The model's own ``*ForCausalLM.forward`` runs (so every model-specific transform of the logits applies: Gemma 2/3
+    ``final_logit_softcapping``, also under ``text_config``; Granite's division by ``logits_scaling``; Cohere's
+    multiplication by ``logit_scale``; any scaling of the last hidden state before the head), but a forward
+    pre-hook on the output embeddings (``lm_head``) hands the head only the ``N`` hidden states that predict a
+    response token, so the ``[tokens, vocab]`` logits of the prompt are never materialised. The log-probabilities
+    are therefore those of the distribution ``generate`` samples from. A model whose forward never calls its
+    output-embeddings module still gets the right answer, from its full logits. Being a single module's
+    ``forward`` keeps DDP/FSDP gradient hooks intact.
     """
 
     def __init__(self, lm: nn.Module):
@@ -57,28 +89,90 @@ class ResponseLogprobs(nn.Module):
     ) -> torch.Tensor:
         """Shapes: ids/positions ``[R, T]``; mask ``[R, 1, T, T]`` bool or ``[R, T]``; pred/targets ``[N]``.
 
-        Returns ``[N]`` float32 log p(target | prefix), computed as ``logit[target] - logsumexp(logits)``.
+        Returns ``[N]`` float32 log p(target | prefix), computed as ``logit[target] - logsumexp(logits)`` from the
+        model's final logits (after its own transforms) in float32.
+
+        Raises:
+            ValueError: as :func:`prepare_attention_mask`.
         """
-        config = self.lm.config
-        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-            impl = getattr(config, "_attn_implementation", "sdpa")
-            if impl == "eager":  # eager attention adds the mask to the scores
-                mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
-                attention_mask = mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
-            elif impl != "sdpa":
-                raise ValueError(
-                    f"attention implementation {impl!r} cannot take the shared-prefix 4-D mask; "
-                    "set model.dpo.shared_prefix=false or model.attn_implementation=sdpa"
-                )
-        hidden = self.lm.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        logits = self.lm.get_output_embeddings()(hidden[pred_row, pred_col]).float()
-        softcap = getattr(config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        attention_mask = prepare_attention_mask(attention_mask, self.lm.config)
+        calls = []
+
+        def select_response_positions(module, args, kwargs):
+            # lm_head(hidden [R, T, H]) -> lm_head(hidden[pred_row, pred_col] as [1, N, H])
+            calls.append(True)
+            if args:
+                return (args[0][pred_row, pred_col][None], *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: kwargs[key][pred_row, pred_col][None]}
+
+        head = self.lm.get_output_embeddings()
+        handle = head.register_forward_pre_hook(select_response_positions, with_kwargs=True) if head is not None else None
+        try:
+            logits = self.lm(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                return_dict=True,
+            ).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        if len(calls) > 1:
+            raise RuntimeError(f"{type(self.lm).__name__} called its output embeddings {len(calls)} times in one forward")
+        logits = logits[0] if calls else logits[pred_row, pred_col]  # [N, V]
+        logits = logits.float()
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
+
+
+#: Substrings of the config fields and module attributes that hold a dropout probability (``attention_dropout``,
+#: ``hidden_dropout``, GPT-2's ``attn_pdrop``/``resid_pdrop``/``embd_pdrop``, ``summary_first_dropout``, ...).
+_DROPOUT_NAMES = ("dropout", "pdrop")
+
+
+def _is_dropout_name(name: str) -> bool:
+    return any(k in name.lower() for k in _DROPOUT_NAMES)
+
+
+def disable_dropout(model: nn.Module, keep: tuple[str, ...] = ("lora_dropout",)) -> nn.Module:
+    """Switch every dropout of ``model`` off in place, as TRL's ``disable_dropout_in_model`` does, and also where
+    transformers reads the probability as a plain number (``dropout=self.attention_dropout if self.training``,
+    some models reading ``self.config.attention_dropout`` in ``forward``).
+
+    * every ``nn.Dropout*`` module gets ``p = 0``;
+    * every float attribute of a module whose name contains ``dropout``/``pdrop`` becomes ``0.0``;
+    * the same for the fields of ``model.config`` and its nested configs (``text_config``, ...), so a
+      ``save_pretrained`` of the model records the dropout it was trained with (0).
+
+    Modules under a name in ``keep`` are left alone: by default peft's ``lora_dropout``, which the user sets
+    explicitly (``model.peft.lora_tuning.adapter_dropout``, default 0).
+
+    Why: the alignment losses compare the policy in train mode with log-probabilities computed in eval mode (the
+    frozen reference, PPO's old log-probs) or with the same weights (the LoRA reference), so with dropout on
+    the first DPO loss is not ``log 2`` and the first PPO ratio is not 1. Returns ``model``.
+    """
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, float) and _is_dropout_name(attr):
+                setattr(module, attr, 0.0)
+    seen: set[int] = set()
+
+    def clear(config: Any) -> None:
+        if config is None or id(config) in seen or not hasattr(config, "to_dict"):
+            return
+        seen.add(id(config))
+        for attr, value in list(vars(config).items()):
+            if isinstance(value, float) and _is_dropout_name(attr):
+                setattr(config, attr, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested PretrainedConfig
+                clear(value)
+
+    for module in model.modules():
+        clear(getattr(module, "config", None))
+    return model
 
 
 def _lora_target_modules(lm: nn.Module, names) -> list[str] | str:
@@ -198,6 +292,9 @@ class HFModel(AlignableModel):
         max_steps: optimizer steps of the run (for the LR schedule).
         gradient_clip_val: max global grad norm; ``0``/``None`` disables clipping (the norm is still reported).
         use_lora: ``lm`` is a peft model; checkpoints then hold only the trainable (adapter) weights.
+        keep_dropout: keep the model's dropout. By default it is switched off (:func:`disable_dropout`, LoRA's
+            ``adapter_dropout`` excepted), as TRL does for DPO, reward models and PPO's policy and value model:
+            the algorithms compare train-mode outputs with eval-mode ones (reference policy, PPO's old log-probs).
 
     Raises:
         ValueError: unsupported optimizer name.
@@ -213,7 +310,10 @@ class HFModel(AlignableModel):
         max_steps: int,
         gradient_clip_val: float | None = 1.0,
         use_lora: bool = False,
+        keep_dropout: bool = False,
     ):
+        if not keep_dropout:
+            disable_dropout(lm)
         self.fabric = fabric
         self.tokenizer = tokenizer
         self.gradient_clip_val = gradient_clip_val or 0.0
@@ -436,8 +536,14 @@ class HFCausalLM(HFModel):
             if self._reference is not None:
                 with self.fabric.autocast():
                     return self._reference(*inputs)
-            with self._lm.disable_adapter():
-                return self.module(*inputs)
+            # adapters off, in eval mode like the frozen copy (and like PPO's old log-probs)
+            was_training = self._unwrapped.training
+            self._unwrapped.eval()
+            try:
+                with self._lm.disable_adapter():
+                    return self.module(*inputs)
+            finally:
+                self._unwrapped.train(was_training)
 
     def _eos_token_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences, tokenize_prompt_response
+from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences, tokenize_prompt_response
 from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 
@@ -48,9 +48,11 @@ def _prepare_attention_mask(attention_mask: torch.Tensor, config: Any) -> torch.
     :class:`~nemo_aligner.models.hf_causal_lm.ResponseLogprobs`).
 
     Raises:
-        ValueError: a packed mask with an attention implementation other than ``sdpa``/``eager``.
+        ValueError: a packed mask with an attention implementation other than ``sdpa``/``eager``, or one longer
+            than the model's sliding window (:func:`~nemo_aligner.data.sequences.check_attention_window`).
     """
     if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        check_attention_window(config, attention_mask)
         impl = getattr(config, "_attn_implementation", "sdpa")
         if impl == "eager":
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
