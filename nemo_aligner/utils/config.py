@@ -205,19 +205,18 @@ Rule = Callable[[Any, str], Any]
 
 
 def number(kind: type = float, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, nullable: bool = False, also: tuple = ()) -> Rule:
+           high_open: bool = False, nullable: bool = False, also: tuple = (), note: str = "") -> Rule:
     """A rule for an ``int`` or ``float`` value in the range ``[low, high]`` (``low_open``/``high_open``: exclusive
-    bounds); ``nullable``: null is allowed; ``also``: extra accepted values (e.g. ``-1`` for "unlimited")."""
+    bounds); ``nullable``: null is allowed; ``also``: extra accepted values (e.g. ``-1`` for "unlimited");
+    ``note``: what else is accepted, for the message."""
     lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
     hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
     what = ("an integer" if kind is int else "a number") + (" " if lo or hi else "") + " and ".join(x for x in (lo, hi) if x)
-    what += "".join(f" or {a}" for a in also) + (" or null" if nullable else "")
+    what += "".join(f" or {a}" for a in also) + (f" or {note}" if note else "") + (" or null" if nullable else "")
 
     def rule(value: Any, key: str) -> Any:
         if value is None and nullable:
             return None
-        if value in also and not isinstance(value, bool):
-            return value
         if value is None:
             raise _fail(key, value, what)
         try:
@@ -330,10 +329,11 @@ COMMON_RULES: list[tuple[str, Rule]] = [
     ("trainer.strategy", choice("auto", "ddp", "fsdp", "ddp_spawn", "dp", "single_device", "ddp_find_unused_parameters_true")),
     ("trainer.*.max_epochs", number(int, 1)),
     ("trainer.*.max_steps", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool) and v < 0
-     else number(int, 1, also=("a negative number (no limit)",))(v, k)),
+     else number(int, 1, note="a negative number (no limit)")(v, k)),
     ("trainer.*.val_check_interval", number(int, 0)),
     ("trainer.*.save_interval", number(int, 0)),
-    ("trainer.*.limit_val_batches", number(float, 0)),
+    ("trainer.*.limit_val_batches", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool)
+     else number(float, 0, note="an integer batch count")(v, k)),  # int: batches (< 0: all), float: fraction
     ("trainer.*.gradient_clip_val", number(float, 0)),
     ("pretrained_checkpoint.restore_from_path", text()),
     ("*.micro_batch_size", number(int, 1)),
