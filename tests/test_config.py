@@ -234,3 +234,21 @@ def test_unwritable_log_dir_fails_before_any_load(tmp_path, tiny_model_dir, caps
                                             f"exp_manager.explicit_log_dir={log_dir}"), capsys)
     assert line == (f"error: exp_manager.explicit_log_dir='{log_dir}' is not a writable directory "
                     "(PermissionError: Permission denied)")
+
+
+def test_sft_batch_sizes_are_checked_again_against_the_real_world_size(tmp_path, tiny_model_dir, monkeypatch):
+    """``trainer.devices=auto``: the data-parallel size is known only once Fabric starts; the error still names
+    SFT's keys and comes before any load."""
+    from types import SimpleNamespace
+
+    from nemo_aligner.utils.recipe import check_config
+
+    cfg = _cfg("gpt_sft", tmp_path, tiny_model_dir, "trainer.devices=auto",
+               "model.data.train_ds.global_batch_size=2", "model.data.train_ds.micro_batch_size=2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_config(cfg, "gpt_sft")  # one rank as far as the config says
+    monkeypatch.setattr(recipe, "build_fabric", lambda *a, **k: SimpleNamespace(world_size=2))
+    monkeypatch.setattr(recipe, "build_loggers", lambda *a, **k: [])
+    with pytest.raises(ConfigValueError, match=r"^model\.data\.train_ds\.global_batch_size=2 must be a multiple of "
+                                               r"model\.data\.train_ds\.micro_batch_size=2 x data-parallel size 2$"):
+        recipe.setup_fabric(cfg, tmp_path / "run", "gpt_sft")

@@ -472,15 +472,25 @@ def check_values(cfg: DictConfig, schema: DictConfig, name: str) -> None:
         if type(normalised) is not type(value) or normalised != value:
             OmegaConf.update(cfg, key, normalised, merge=False, force_add=False)
 
-    if name in BATCH_KEYS:
-        gbs_key, mbs_key = BATCH_KEYS[name]
-        gbs, mbs = OmegaConf.select(cfg, gbs_key), OmegaConf.select(cfg, mbs_key)
-        world = world_size_of(cfg) or 1
-        if gbs % (mbs * world):
-            raise ConfigValueError(
-                f"{gbs_key}={gbs} must be a multiple of {mbs_key}={mbs} x data-parallel size {world}"
-            )
+    check_batch_sizes(cfg, name, world_size_of(cfg) or 1)
     for optim in ("model.optim", "critic.optim"):
         lr, min_lr = OmegaConf.select(cfg, f"{optim}.lr"), OmegaConf.select(cfg, f"{optim}.sched.min_lr")
         if isinstance(lr, (int, float)) and isinstance(min_lr, (int, float)) and min_lr > lr:
             raise ConfigValueError(f"{optim}.sched.min_lr={min_lr:g} must not exceed {optim}.lr={lr:g}")
+
+
+def check_batch_sizes(cfg: DictConfig, name: str, world_size: int) -> None:
+    """Check that the recipe's global batch size is a multiple of its micro-batch size x ``world_size``
+    (data-parallel ranks), naming the recipe's own keys (:data:`BATCH_KEYS`). Recipes call it again once Fabric
+    has started, when the world size is known for sure (``trainer.devices=auto``).
+
+    Raises:
+        ConfigValueError: e.g. ``model.data.train_ds.global_batch_size=3 must be a multiple of
+            model.data.train_ds.micro_batch_size=2 x data-parallel size 1``.
+    """
+    if name not in BATCH_KEYS:
+        return
+    gbs_key, mbs_key = BATCH_KEYS[name]
+    gbs, mbs = OmegaConf.select(cfg, gbs_key), OmegaConf.select(cfg, mbs_key)
+    if gbs % (mbs * world_size):
+        raise ConfigValueError(f"{gbs_key}={gbs} must be a multiple of {mbs_key}={mbs} x data-parallel size {world_size}")

@@ -27,7 +27,14 @@ from omegaconf import DictConfig
 from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import ConfigKeyError, ConfigValueError, check_keys, check_values, load_schema
+from nemo_aligner.utils.config import (
+    ConfigKeyError,
+    ConfigValueError,
+    check_batch_sizes,
+    check_keys,
+    check_values,
+    load_schema,
+)
 from nemo_aligner.utils.logging import build_loggers, get_logger
 from nemo_aligner.utils.runtime import build_fabric
 
@@ -91,10 +98,18 @@ def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
     return log_dir, checkpoints
 
 
-def setup_fabric(cfg: DictConfig, log_dir: Path):
+def setup_fabric(cfg: DictConfig, log_dir: Path, schema: str | None = None):
     """A launched Fabric for ``cfg.trainer``, logging to ``log_dir`` as ``cfg.exp_manager`` says, seeded with
-    ``cfg.model.seed``."""
-    return build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+    ``cfg.model.seed``. With ``schema`` (the recipe's config name), the batch sizes are checked against the real
+    data-parallel size (:func:`~nemo_aligner.utils.config.check_batch_sizes`) before anything loads.
+
+    Raises:
+        ConfigValueError: the global batch size is not a multiple of micro-batch size x data-parallel size.
+    """
+    fabric = build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+    if schema is not None:
+        check_batch_sizes(cfg, schema, fabric.world_size)
+    return fabric
 
 
 def load_pretrained(fabric, restore_from_path: Any) -> tuple[str, Any]:
