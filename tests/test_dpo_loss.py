@@ -125,3 +125,110 @@ def test_average_log_probs_and_default_rewards():
     # gt deltas: pair 0 defaults 0.5 - 0.25 = 0.25; pair 1 given 3 - 1 = 2
     expected = ((0.0 - 0.25) ** 2 + (0.5 - 2.0) ** 2) / 2
     assert m["preference_loss"].item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---- sft_average_log_probs default and rewards_all_* metrics (issue 10, item 10) ----------------------------------
+
+
+def test_sft_average_log_probs_follows_preference_average_log_probs():
+    from hydra import compose, initialize_config_dir
+
+    from nemo_aligner.utils.config import CONF_DIR
+
+    assert DPOLossConfig.from_cfg({"preference_average_log_probs": True}).sft_average_log_probs is True
+    assert DPOLossConfig.from_cfg({}).sft_average_log_probs is False
+    explicit = DPOLossConfig.from_cfg({"preference_average_log_probs": True, "sft_average_log_probs": False})
+    assert explicit.sft_average_log_probs is False
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("gpt_dpo", overrides=["model.dpo.preference_average_log_probs=true"])
+    assert DPOLossConfig.from_cfg(cfg.model.dpo).sft_average_log_probs is True
+    # and the SFT loss is then the per-token mean: chosen sums [-2, -0.5] over lengths [2, 1] -> -(-1 - 0.5) / 2
+    batch, logprobs = _known_batch()
+    _, m = dpo_loss_and_metrics(logprobs, torch.tensor([-3.0, -0.5, -1.5, -3.0]), batch,
+                                DPOLossConfig.from_cfg(cfg.model.dpo))
+    assert m["sft_loss"].item() == pytest.approx(0.75, abs=1e-6)
+
+
+def test_rewards_all_mean_and_std_closed_form():
+    batch, logprobs = _known_batch()
+    ref = torch.tensor([-3.0, -0.5, -1.5, -3.0])
+    _, m = dpo_loss_and_metrics(logprobs, ref, batch, DPOLossConfig(ref_policy_kl_penalty=0.5))
+    # implicit rewards 0.5 * [1, 0, 0.5, -1] = [0.5, 0, 0.25, -0.5]: mean 0.0625, unbiased variance
+    # ((0.4375)^2 + (0.0625)^2 + (0.1875)^2 + (0.5625)^2) / 3 = 0.546875 / 3
+    assert m["rewards_all_mean"].item() == pytest.approx(0.0625, abs=1e-7)
+    assert m["rewards_all_std"].item() == pytest.approx(math.sqrt(0.546875 / 3), abs=1e-6)
+    assert m["rewards_all_sq_mean"].item() == pytest.approx((0.25 + 0 + 0.0625 + 0.25) / 4, abs=1e-7)
+
+
+class _FakePolicy:
+    """Just enough of an AlignableModel for BaseTrainer.train_step/validate on one rank: per-token log-probs
+    are a fixed value per pair index, the reference comes from the precomputed table."""
+
+    data_parallel_rank, data_parallel_size = 0, 1
+
+    def __init__(self, token_logprob, ref_token_logprob):
+        # [n_pairs, 2]: per-token log-prob of (chosen, rejected) under the policy / the reference policy
+        self.token_logprob, self.ref_token_logprob = token_logprob, ref_token_logprob
+
+    def get_logprobs(self, batch, reference=False):
+        b = batch.num_pairs
+        side = (batch.seq_id >= b).long()
+        pair = batch.sample_index[batch.seq_id % b]
+        table = self.ref_token_logprob if reference else self.token_logprob
+        return table[pair, side].clone().requires_grad_(not reference)
+
+    def prepare_for_training_step(self):
+        pass
+
+    def accumulate(self, is_last):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        pass
+
+    def finish_training_step(self):
+        return {}
+
+    def inference(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def all_reduce_mean(self, values):
+        return dict(values)
+
+
+def test_rewards_all_std_is_over_the_whole_global_batch(tmp_path):
+    """With micro-batches of one pair, the logged std is that of all 2 x global_batch_size implicit rewards (as
+    NeMo-Aligner computes it over the gathered global batch), not the mean of per-micro-batch stds."""
+    from nemo_aligner.algorithms.base import TrainerConfig
+    from nemo_aligner.algorithms.dpo import DPOTrainer
+    from nemo_aligner.utils.checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    n = 4
+    data = [{"prompt_ids": [5], "chosen_ids": [7, 8], "rejected_ids": [9]} for _ in range(n)]
+    token_logprob, ref_token_logprob = -torch.rand(n, 2), -torch.rand(n, 2)
+    ref_table = -torch.rand(n, 2)  # precomputed reference sums used in training
+    beta = 0.5
+    trainer = DPOTrainer(
+        model=_FakePolicy(token_logprob, ref_token_logprob), train_dataset=data, val_dataset=data,
+        collate_fn=lambda ex: collate_preference_pairs(ex, pad_token_id=0),
+        cfg=TrainerConfig(global_batch_size=n, micro_batch_size=1, max_steps=1),
+        log_dir=tmp_path, checkpoints=CheckpointManager(tmp_path / "ckpt"),
+        loss_cfg=DPOLossConfig(ref_policy_kl_penalty=beta), ref_logprobs=ref_table,
+    )
+    metrics = trainer.train_step(trainer.sampler.micro_batches(0))
+    sums = torch.stack([token_logprob[:, 0] * 2, token_logprob[:, 1] * 1], dim=1)  # chosen 2 tokens, rejected 1
+    rewards = (beta * (sums - ref_table)).flatten().double()
+    assert metrics["rewards_all_mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    assert metrics["rewards_all_std"] == pytest.approx(rewards.std().item(), abs=1e-6)
+    assert "rewards_all_sq_mean" not in metrics
+    # validation runs the reference policy (no cache) over all 4 pairs, one per micro-batch
+    val = trainer.validate()
+    ref_sums = torch.stack([ref_token_logprob[:, 0] * 2, ref_token_logprob[:, 1] * 1], dim=1)
+    val_rewards = (beta * (sums - ref_sums)).flatten().double()
+    assert val["rewards_all_mean"] == pytest.approx(val_rewards.mean().item(), abs=1e-6)
+    assert val["rewards_all_std"] == pytest.approx(val_rewards.std().item(), abs=1e-6)

@@ -22,6 +22,7 @@ import torch
 from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import full_key, to_float, to_int
 from nemo_aligner.utils.logging import format_metrics, get_logger
 
 
@@ -41,17 +42,21 @@ class TrainerConfig:
 
     @classmethod
     def from_cfg(cls, trainer_section: Any, model_section: Any) -> "TrainerConfig":
-        """From ``trainer.<algorithm>`` (epochs, steps, intervals, clipping) and ``model`` (batch sizes, seed)."""
+        """From ``trainer.<algorithm>`` (epochs, steps, intervals, clipping) and ``model`` (batch sizes, seed).
+
+        Raises:
+            ConfigValueError: a value that is not of its field's type (``2.5`` for an integer is never truncated).
+        """
         return cls(
-            max_epochs=int(trainer_section.max_epochs),
-            max_steps=int(trainer_section.max_steps),
-            val_check_interval=int(trainer_section.val_check_interval),
-            save_interval=int(trainer_section.save_interval),
+            max_epochs=to_int(trainer_section.max_epochs, full_key(trainer_section, "max_epochs")),
+            max_steps=to_int(trainer_section.max_steps, full_key(trainer_section, "max_steps")),
+            val_check_interval=to_int(trainer_section.val_check_interval, full_key(trainer_section, "val_check_interval")),
+            save_interval=to_int(trainer_section.save_interval, full_key(trainer_section, "save_interval")),
             limit_val_batches=trainer_section.limit_val_batches,
-            gradient_clip_val=float(trainer_section.gradient_clip_val),
-            global_batch_size=int(model_section.global_batch_size),
-            micro_batch_size=int(model_section.micro_batch_size),
-            seed=int(model_section.get("seed", 1234)),
+            gradient_clip_val=to_float(trainer_section.gradient_clip_val, full_key(trainer_section, "gradient_clip_val")),
+            global_batch_size=to_int(model_section.global_batch_size, full_key(model_section, "global_batch_size")),
+            micro_batch_size=to_int(model_section.micro_batch_size, full_key(model_section, "micro_batch_size")),
+            seed=to_int(model_section.get("seed", 1234), full_key(model_section, "seed")),
         )
 
 

@@ -13,7 +13,12 @@ over response tokens, or averaged with ``preference_average_log_probs``), ``delt
 * ``rpo_fwd_kl``: ``KL(b || alpha)`` with the same ``alpha`` and ``b``.
 
 The optional SFT loss is the negative log-likelihood of the chosen response (sum or mean over its tokens,
-``sft_average_log_probs``). Total loss = ``preference_loss_weight * preference + sft_loss_weight * sft``.
+``sft_average_log_probs``, which follows ``preference_average_log_probs`` unless set, as in NeMo-Aligner).
+Total loss = ``preference_loss_weight * preference + sft_loss_weight * sft``.
+
+Metrics use the implicit rewards ``r = beta * h`` of Rafailov et al. 2023 (sec. 5): ``rewards_all_mean`` and
+``rewards_all_std`` are the mean and the (Bessel-corrected) standard deviation of ``r`` over the chosen and the
+rejected responses of the whole global batch together, as NeMo-Aligner's ``megatron_gpt_dpo_model`` logs them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 
 from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.models.alignable import AlignableModel
+from nemo_aligner.utils.config import ConfigValueError, dataclass_from_cfg
 from nemo_aligner.utils.fs import atomic_directory
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
@@ -85,7 +91,8 @@ def sequence_logprobs(token_logprobs: torch.Tensor, seq_id: torch.Tensor, num_se
 
 @dataclass
 class DPOLossConfig:
-    """The ``model.dpo`` section (NeMo-Aligner key names)."""
+    """The ``model.dpo`` section (NeMo-Aligner key names). ``sft_average_log_probs=None`` (the default) follows
+    ``preference_average_log_probs``, as NeMo-Aligner's ``sft_average_log_probs: ${.preference_average_log_probs}``."""
 
     ref_policy_kl_penalty: float = 0.2
     preference_loss: str = "dpo"
@@ -93,23 +100,31 @@ class DPOLossConfig:
     default_chosen_reward: float = 1.0
     default_rejected_reward: float = 0.0
     preference_average_log_probs: bool = False
-    sft_average_log_probs: bool = False
+    sft_average_log_probs: bool | None = None
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
 
+    def __post_init__(self):
+        if self.sft_average_log_probs is None:
+            self.sft_average_log_probs = self.preference_average_log_probs
+
     @classmethod
     def from_cfg(cls, cfg: Any) -> "DPOLossConfig":
-        """Build from a mapping, checking values before any model is loaded.
+        """Build from a mapping, checking values before any model is loaded. Each value is converted to its field's
+        type by :func:`~nemo_aligner.utils.config.dataclass_from_cfg` (``"false"`` is False, ``2.5`` is no integer).
 
         Raises:
-            ValueError: unknown ``preference_loss`` or ``ref_policy_kl_penalty <= 0``.
+            ConfigValueError (a ``ValueError``): a value of the wrong type (a boolean that is not
+                true/false/1/0/yes/no, ...), an unknown ``preference_loss`` or ``ref_policy_kl_penalty <= 0``; the
+                message names the ``model.dpo`` key.
         """
-        fields = cls.__dataclass_fields__
-        out = cls(**{k: type(fields[k].default)(cfg[k]) for k in fields if k in cfg})
+        out = dataclass_from_cfg(cls, cfg, "model.dpo")
         if out.preference_loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"model.dpo.preference_loss={out.preference_loss!r}: use one of {', '.join(PREFERENCE_LOSSES)}")
+            raise ConfigValueError(
+                f"model.dpo.preference_loss={out.preference_loss!r}: use one of {', '.join(PREFERENCE_LOSSES)}"
+            )
         if out.ref_policy_kl_penalty <= 0:
-            raise ValueError(f"model.dpo.ref_policy_kl_penalty must be > 0, got {out.ref_policy_kl_penalty}")
+            raise ConfigValueError(f"model.dpo.ref_policy_kl_penalty must be > 0, got {out.ref_policy_kl_penalty}")
         return out
 
 
@@ -128,7 +143,10 @@ def dpo_loss_and_metrics(
         ``(loss, metrics)``: scalar loss (mean over pairs) and detached scalar metrics ``loss``,
         ``preference_loss``, ``sft_loss``, ``acc`` (fraction of pairs with chosen reward > rejected reward),
         ``rewards_chosen_mean``, ``rewards_rejected_mean`` (implicit rewards ``beta * h``), ``reward_margin``,
-        ``chosen_lengths``, ``rejected_lengths`` (tokens).
+        ``rewards_all_mean``, ``rewards_all_std`` (mean and Bessel-corrected std of the ``2B`` implicit rewards of
+        chosen and rejected together; 0 for a single value), ``rewards_all_sq_mean`` (their mean square, which
+        :class:`DPOTrainer` uses to turn per-micro-batch values into the global batch's std), ``chosen_lengths``,
+        ``rejected_lengths`` (tokens).
     """
     b = batch.num_pairs
     device = logprobs.device
@@ -160,6 +178,7 @@ def dpo_loss_and_metrics(
     with torch.no_grad():
         rewards_chosen = cfg.ref_policy_kl_penalty * chosen_ratio
         rewards_rejected = cfg.ref_policy_kl_penalty * rejected_ratio
+        rewards_all = torch.cat([rewards_chosen, rewards_rejected])
         metrics = {
             "loss": loss.detach(),
             "preference_loss": pref.detach(),
@@ -168,6 +187,9 @@ def dpo_loss_and_metrics(
             "rewards_chosen_mean": rewards_chosen.mean(),
             "rewards_rejected_mean": rewards_rejected.mean(),
             "reward_margin": (rewards_chosen - rewards_rejected).mean(),
+            "rewards_all_mean": rewards_all.mean(),
+            "rewards_all_std": rewards_all.std() if rewards_all.numel() > 1 else rewards_all.new_zeros(()),
+            "rewards_all_sq_mean": rewards_all.square().mean(),
             "chosen_lengths": lengths[:b].mean(),
             "rejected_lengths": lengths[b:].mean(),
         }
@@ -202,7 +224,41 @@ class DPOTrainer(BaseTrainer):
     def loss_and_metrics(self, batch: Any, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logprobs = self.model.get_logprobs(batch)
         ref = self._ref_seq_logprobs(batch, use_cache=training)
+        if not training:
+            self._val_pairs += batch.num_pairs
         return dpo_loss_and_metrics(logprobs, ref, batch, self.loss_cfg)
+
+    def train_step(self, micro_batch_indices: list[list[int]]) -> dict[str, float]:
+        """The shared step, with ``rewards_all_std`` over the whole global batch (``2 * global_batch_size``
+        rewards), not the mean of the micro-batches' stds."""
+        metrics = super().train_step(micro_batch_indices)
+        return pooled_reward_std(metrics, 2 * self.cfg.global_batch_size)
+
+    def validate(self) -> dict[str, float]:
+        """The shared validation, with ``rewards_all_std`` over every validation reward of every rank."""
+        self._val_pairs = 0
+        metrics = super().validate()
+        world = self.model.data_parallel_size
+        pairs = self.model.all_reduce_mean({"pairs": float(self._val_pairs)})["pairs"] * world
+        return pooled_reward_std(metrics, round(2 * pairs)) if metrics else metrics
+
+    _val_pairs = 0
+
+
+def pooled_reward_std(metrics: dict[str, float], n: int) -> dict[str, float]:
+    """Replace ``rewards_all_std`` by the Bessel-corrected std of all ``n`` implicit rewards that
+    ``rewards_all_mean`` and ``rewards_all_sq_mean`` average (means over equally weighted rewards):
+    ``sqrt((E[r^2] - E[r]^2) * n / (n - 1))`` (0 when ``n < 2``). Drops the helper ``rewards_all_sq_mean``.
+
+    Returns:
+        ``metrics`` (changed in place) when it holds both moments, else ``metrics`` unchanged.
+    """
+    if "rewards_all_mean" not in metrics or "rewards_all_sq_mean" not in metrics:
+        return metrics
+    mean, sq_mean = metrics["rewards_all_mean"], metrics.pop("rewards_all_sq_mean")
+    variance = max(sq_mean - mean * mean, 0.0)
+    metrics["rewards_all_std"] = (variance * n / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return metrics
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from nemo_aligner.algorithms.online import (  # noqa: F401 (reward_fn_from_*: re
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import to_bool
 from nemo_aligner.utils.ppo_utils import (
     calculate_gae,
     calculate_kl_penalty,
@@ -123,10 +124,10 @@ class PPOConfig:
             save_interval=int(t.save_interval),
             gradient_clip_val=float(t.gradient_clip_val),
             initial_policy_kl_penalty=float(t.initial_policy_kl_penalty),
-            use_absolute_kl=bool(t.use_absolute_kl),
+            use_absolute_kl=to_bool(t.use_absolute_kl, "trainer.ppo.use_absolute_kl"),
             discount_factor=float(t.discount_factor),
             gae_lambda=float(t.gae_lambda),
-            normalize_advantages=bool(t.normalize_advantages),
+            normalize_advantages=to_bool(t.normalize_advantages, "trainer.ppo.normalize_advantages"),
             critic_warmup_steps=int(t.get("critic_warmup_steps", 0)),
             ppo_epochs=int(t.get("ppo_epochs", 1)),
             num_rollout_samples=int(p.num_rollout_samples),

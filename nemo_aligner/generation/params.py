@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemo_aligner.utils.config import to_bool
+
 #: NeMo ``sampling_params`` keys accepted and ignored here: ``add_BOS`` (BOS is decided by the tokenisation rules of
 #: :func:`nemo_aligner.data.prompts.tokenize_prompt`), ``all_probs`` and ``compute_logprob`` (the trainers compute
 #: log-probabilities with a separate forward pass, :meth:`AlignableModel.get_logprobs`).
@@ -73,7 +75,7 @@ class SamplingParams:
     end_strings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.use_greedy = bool(self.use_greedy)
+        self.use_greedy = to_bool(self.use_greedy, "sampling_params.use_greedy")
         self.temperature = float(self.temperature)
         self.top_k = int(self.top_k)
         self.top_p = float(self.top_p)

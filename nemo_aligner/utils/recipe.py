@@ -27,22 +27,55 @@ from omegaconf import DictConfig
 from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.config import (
+    ConfigKeyError,
+    ConfigValueError,
+    check_batch_sizes,
+    check_keys,
+    check_values,
+    load_schema,
+)
 from nemo_aligner.utils.logging import build_loggers, get_logger
 from nemo_aligner.utils.runtime import build_fabric
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError)
-"""Errors that are the user's mistake (bad config key, missing or malformed data file, an occupied log directory):
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataFormatError, ConfigKeyError, ConfigValueError, FileNotFoundError, FileExistsError
+)
+"""Errors that are the user's mistake (bad config key or value, missing or malformed data file, an occupied or
+unwritable log directory):
 :func:`run_or_exit` prints them as one ``error: ...`` line instead of a traceback."""
 
 
 def check_config(cfg: DictConfig, schema: str) -> None:
-    """Reject keys that ``conf/<schema>.yaml`` does not define.
+    """Reject keys that ``conf/<schema>.yaml`` does not define, then check (and normalise in place) every value
+    (:func:`~nemo_aligner.utils.config.check_values`). The first step of every recipe: a bad config fails here, in
+    milliseconds, before any data or model loads.
 
     Raises:
         ConfigKeyError: naming the unknown key (source ``"<schema> config"``).
+        ConfigValueError: naming the key of the first bad value and what it should be.
     """
-    check_keys(cfg, load_schema(schema), source=f"{schema} config")
+    reference = load_schema(schema)
+    check_keys(cfg, reference, source=f"{schema} config")
+    check_values(cfg, reference, schema)
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Create ``path`` (with parents) and check that a file can be written in it, so that an unusable log
+    directory fails before any data or model loads instead of at the first logged metric.
+
+    Raises:
+        ConfigValueError: naming ``key``, the path and the OS error.
+    """
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = f"{type(err).__name__}: {err.strerror or err}"
+        raise ConfigValueError(f"{key}={str(path)!r} is not a writable directory ({reason})") from None
 
 
 def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
@@ -51,8 +84,10 @@ def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
 
     Raises:
         FileExistsError: the directory already holds checkpoints and ``exp_manager.resume_if_exists`` is false.
+        ConfigValueError: the directory cannot be created or written (:func:`check_writable_dir`).
     """
     log_dir = Path(exp.explicit_log_dir)
+    check_writable_dir(log_dir, "exp_manager.explicit_log_dir")
     params = exp.checkpoint_callback_params
     checkpoints = CheckpointManager(log_dir / "checkpoints", params.save_top_k, params.monitor, params.get("mode", "min"))
     if not exp.resume_if_exists and checkpoints.latest() is not None:
@@ -63,10 +98,18 @@ def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
     return log_dir, checkpoints
 
 
-def setup_fabric(cfg: DictConfig, log_dir: Path):
+def setup_fabric(cfg: DictConfig, log_dir: Path, schema: str | None = None):
     """A launched Fabric for ``cfg.trainer``, logging to ``log_dir`` as ``cfg.exp_manager`` says, seeded with
-    ``cfg.model.seed``."""
-    return build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+    ``cfg.model.seed``. With ``schema`` (the recipe's config name), the batch sizes are checked against the real
+    data-parallel size (:func:`~nemo_aligner.utils.config.check_batch_sizes`) before anything loads.
+
+    Raises:
+        ConfigValueError: the global batch size is not a multiple of micro-batch size x data-parallel size.
+    """
+    fabric = build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+    if schema is not None:
+        check_batch_sizes(cfg, schema, fabric.world_size)
+    return fabric
 
 
 def load_pretrained(fabric, restore_from_path: Any) -> tuple[str, Any]:
@@ -77,9 +120,9 @@ def load_pretrained(fabric, restore_from_path: Any) -> tuple[str, Any]:
     from nemo_aligner.models.pretrained import resolve_pretrained
 
     if fabric.is_global_zero:
-        resolve_pretrained(str(restore_from_path))
+        resolve_pretrained(restore_from_path)
     fabric.barrier()
-    source = resolve_pretrained(str(restore_from_path))
+    source = resolve_pretrained(restore_from_path)
     return source, AutoTokenizer.from_pretrained(source)
 
 

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
     loss_cfg = DPOLossConfig.from_cfg(cfg.model.dpo)
     exp = cfg.exp_manager
     log_dir, checkpoints = checkpoint_manager(exp)
-    fabric = setup_fabric(cfg, log_dir)
+    fabric = setup_fabric(cfg, log_dir, "gpt_dpo")
 
     # Data: rank 0 tokenises into the on-disk cache first, then every rank memory-maps it.
     source, tokenizer = load_pretrained(fabric, cfg.pretrained_checkpoint.restore_from_path)

@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     train_cfg = data_cfg.train_ds
     if not as_list(train_cfg.get("file_path")):
         raise ValueError("model.data.train_ds.file_path names no file")
-    fabric = setup_fabric(cfg, log_dir)
+    fabric = setup_fabric(cfg, log_dir, "gpt_sft")
 
     # Data
     source, tokenizer = load_pretrained(fabric, cfg.pretrained_checkpoint.restore_from_path)

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
     log = get_logger()
     exp = cfg.exp_manager
     log_dir, checkpoints = checkpoint_manager(exp)
-    fabric = setup_fabric(cfg, log_dir)
+    fabric = setup_fabric(cfg, log_dir, "training_rm")
     if fabric.is_global_zero:
         atomic_write_text(log_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
