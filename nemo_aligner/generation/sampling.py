@@ -10,6 +10,8 @@ response whatever else is in the batch, whichever rows were dropped, and on howe
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from nemo_aligner.generation.params import SamplingParams
@@ -40,6 +42,16 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
     return z ^ _shift_right(z, 31)
+
+
+def response_seed(seed: int, prompt_index: int, response_index: int) -> int:
+    """The sampling seed of response ``response_index`` of the prompt with global index ``prompt_index`` (its index
+    in the dataset, not in a rank's or a micro-batch's share): the first 63 bits of
+    ``blake2b("{seed}:{prompt_index}:{response_index}")``. Given as the ``seeds=`` of
+    :func:`nemo_aligner.generation.generate`, it makes each response independent of how the prompts are split over
+    data-parallel ranks, micro-batches and interrupted runs, and different for every prompt and response."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{response_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def step_keys(row_keys: torch.Tensor, step: int) -> torch.Tensor:
