@@ -210,3 +210,15 @@ def test_end_strings_read_backslash_escapes_from_the_command_line():
 
     params = SamplingParams(end_strings=["\\n\\nHuman:", "a\\tb", "c\\\\d", "keep\\x", "\n\nreal"])
     assert params.end_strings == ["\n\nHuman:", "a\tb", "c\\d", "keep\\x", "\n\nreal"]
+
+
+def test_response_seed_moved_unchanged_and_shared_with_the_generate_script():
+    """``response_seed`` lives in nemo_aligner.generation (used by the online trainers and examples/.../generate.py);
+    its values are the ones the script had, so generation files stay reproducible across the move."""
+    from conftest import load_example_script
+    from nemo_aligner.generation import response_seed
+
+    assert load_example_script("generate").response_seed is response_seed
+    assert response_seed(1234, 5, 2) == 5823309164015794861 and response_seed(0, 0, 0) == 8866250585812870066
+    assert len({response_seed(7, i, j) for i in range(50) for j in range(4)}) == 200
+    assert all(0 <= response_seed(s, 3, 1) < 2**63 for s in range(20))

@@ -328,3 +328,54 @@ def test_local_critic_reset_restores_the_initial_state(tmp_path, tiny_model_dir)
     assert len(hf.optimizer.state) == 0 and hf.scheduler.last_epoch == 0
     assert hf.optimizer.param_groups[0]["lr"] == lr0 and torch.equal(torch.get_rng_state(), rng0)
     assert critic.train(rollouts, seed=3, step=0) == first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data-parallel seeding of PPO rollouts
+# ---------------------------------------------------------------------------------------------------------------
+def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tokenizer):
+    """PPO rollouts of step 0 and validation rollouts on 2 simulated ranks (the same prompt text everywhere): the
+    ranks' responses differ, and each global prompt gets the response of a 1-rank run (other rollout micro-batches).
+    The step stops at the first log-prob forward after generation."""
+    from conftest import build_tiny_model
+    from test_rs import EnginePolicy, step_responses_by_global_index
+
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+    from nemo_aligner.generation import LengthParams, SamplingParams
+    from nemo_aligner.utils.checkpoint import CheckpointManager
+
+    class Generated(Exception):
+        pass
+
+    class Actor(EnginePolicy):
+        def get_logprobs(self, batch, reference=False):
+            raise Generated
+
+    class Unused:
+        def __getattr__(self, name):
+            raise Generated
+
+    lm = build_tiny_model("llama", len(tokenizer), seed=5).eval()
+    prompt = tokenizer("Human: How do I bake bread? Assistant:", add_special_tokens=False)["input_ids"]
+
+    def run(rank: int, world_size: int, rollout_micro_batch_size: int):
+        actor = Actor(lm, rank, world_size)
+        cfg = PPOConfig(num_rollout_samples=4, rollout_micro_batch_size=rollout_micro_batch_size, global_batch_size=4,
+                        critic_global_batch_size=4, max_steps=1, num_val_samples=4)
+        trainer = PPOTrainer(actor, Unused(), Unused(), lambda p, r: [0.0] * len(r), [prompt] * 12, [prompt] * 4, cfg,
+                             SamplingParams(top_p=0.95), LengthParams(max_length=8), tmp_path / f"{rank}-{world_size}",
+                             CheckpointManager(tmp_path / f"ckpt-{rank}-{world_size}"), export_hf=False)
+        with pytest.raises(Generated):
+            trainer.train_step()
+        step = step_responses_by_global_index(actor, trainer, 1)
+        # validation rollouts: rank r has validation prompts r, r + W, ...
+        val = {rank + world_size * r["prompt_index"]: r["response_ids"]
+               for r in trainer.validation_rollouts(trainer.sampling_params, rollout_micro_batch_size)}
+        return step, val
+
+    (rank0, val0), (rank1, val1) = run(0, 2, 1), run(1, 2, 2)
+    assert len(rank0) == len(rank1) == 2 and not rank0.keys() & rank1.keys()
+    assert all(a != b for a, b in zip(rank0.values(), rank1.values())), (rank0, rank1)
+    assert sorted(val0) == [0, 2] and sorted(val1) == [1, 3]
+    assert all(a != b for a, b in zip(val0.values(), val1.values())), (val0, val1)
+    assert run(0, 1, 4) == ({**rank0, **rank1}, {**val0, **val1})

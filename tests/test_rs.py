@@ -127,10 +127,11 @@ class FakePolicy(AlignableModel):
         self.batches.append(batch)
         return self.weight.expand(batch.targets.numel()) * 1.0
 
-    def generate(self, prompt_ids, sampling_params, length_params, seed=None):
+    def generate(self, prompt_ids, sampling_params, length_params, seed=None, seeds=None):
         assert self.in_inference
         self.calls.append(("generate", len(prompt_ids), sampling_params.use_greedy))
-        responses = [[10 + (7 * (seed or 0) + 3 * row) % 40] * (1 + row % 3) for row in range(len(prompt_ids))]
+        seeds = seeds if seeds is not None else [seed or 0] * len(prompt_ids)
+        responses = [[10 + (7 * seeds[row] + 3 * row) % 40] * (1 + row % 3) for row in range(len(prompt_ids))]
         return GenerationOutput(responses, [True] * len(prompt_ids))
 
     def backward(self, loss):
@@ -185,7 +186,8 @@ def test_train_step_keeps_the_best_and_trains_on_them_in_configured_batches(tmp_
     assert reward_calls == [4, 4, 4]
     # kept: per prompt, the two highest rewards (ties: the earlier sample), best first
     indices = [i for mb in trainer.sampler.micro_batches(0) for i in mb]
-    rollouts = trainer.generate_rollouts([prompts[i] for i in indices], 3, SamplingParams(), 5, trainer._step_seed(0))
+    rollouts = trainer.generate_rollouts([prompts[i] for i in indices], 3, SamplingParams(), 5, trainer._step_seed(0),
+                                         prompt_indices=indices)
     expected = []
     for p in range(4):
         group = rollouts[3 * p : 3 * p + 3]
@@ -405,3 +407,68 @@ def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path, smollm2_rm_export):
     assert len(out["history"]) == 2
     assert all(m["rewards_kept_mean"] >= m["rewards_all_mean"] for m in out["history"])
     assert math.isfinite(out["val"]["global_rewards"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data-parallel seeding: a response depends on its global prompt index and sample index, not on the rank
+# ---------------------------------------------------------------------------------------------------------------
+class EnginePolicy(FakePolicy):
+    """:class:`FakePolicy` on a simulated data-parallel rank whose ``generate`` samples from a tiny Llama with the
+    real engine (``seed`` seeds a ``torch.Generator`` and ``seeds`` are per-row, as in ``HFCausalLM.generate``);
+    every response is recorded in generation order."""
+
+    def __init__(self, lm, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.lm = lm
+        self.data_parallel_rank, self.data_parallel_size = rank, world_size
+        self.generated: list[list[int]] = []
+
+    def generate(self, prompt_ids, sampling_params, length_params, seed=None, seeds=None):
+        from nemo_aligner.generation import generate
+
+        assert self.in_inference
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None and seeds is None else None
+        out = generate(self.lm, prompt_ids, sampling_params, length_params, eos_token_ids=[2], pad_token_id=0,
+                       generator=generator, seeds=seeds)
+        self.generated += out.response_ids
+        return out
+
+
+def step_responses_by_global_index(policy: EnginePolicy, trainer, num_per_prompt: int) -> dict[tuple[int, int], list]:
+    """``{(dataset index, sample index): response}`` of the responses ``policy`` generated for step 0 (rollouts
+    are prompt-major over the rank's sampler indices)."""
+    indices = [i for mb in trainer.sampler.micro_batches(0) for i in mb]
+    keys = [(i, j) for i in indices for j in range(num_per_prompt)]
+    assert len(policy.generated) == len(keys)
+    return dict(zip(keys, policy.generated))
+
+
+def test_rs_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tokenizer):
+    """Every prompt is the same text, so only the random numbers tell the responses apart. On 2 simulated ranks,
+    the ranks' responses differ (with one seed per generation call, whatever the rank, they were identical); and
+    each (global prompt, sample) gets the same response as in a 1-rank run with other generation micro-batches."""
+    from conftest import build_tiny_model
+
+    lm = build_tiny_model("llama", len(tokenizer), seed=4).eval()
+    prompt = tokenizer("Human: What is two plus two? Assistant:", add_special_tokens=False)["input_ids"]
+    prompts = [prompt] * 16
+    sampling, lengths = SamplingParams(temperature=1.0), LengthParams(max_length=8)
+
+    def run(rank: int, world_size: int, rollout_micro_batch_size: int):
+        policy = EnginePolicy(lm, rank, world_size)
+        cfg = RSConfig(num_rollout_samples=4, num_rollouts_per_prompt=2, top_n_rollouts=1,
+                       rollout_micro_batch_size=rollout_micro_batch_size, global_batch_size=2, micro_batch_size=1,
+                       max_steps=1)
+        run_dir = tmp_path / f"{rank}-{world_size}"
+        trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r], prompts, [], cfg, sampling, lengths,
+                            run_dir, CheckpointManager(run_dir / "ckpt"), export_hf=False)
+        trainer.train_step()
+        return step_responses_by_global_index(policy, trainer, 2)
+
+    rank0, rank1 = run(0, 2, 1), run(1, 2, 1)
+    assert not rank0.keys() & rank1.keys() and len(rank0) == len(rank1) == 4  # 2 prompts x 2 samples each
+    # (a) different random numbers on the two ranks: no response of rank 0 equals the same-position one of rank 1
+    assert all(a != b for a, b in zip(rank0.values(), rank1.values())), (rank0, rank1)
+    assert len({tuple(r) for r in [*rank0.values(), *rank1.values()]}) == 8  # and the samples of a prompt differ
+    # (b) the same responses as one rank generating all 4 prompts in calls of 3 responses
+    assert run(0, 1, 3) == {**rank0, **rank1}

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from nemo_aligner.algorithms.base import TrainingLoop
 from nemo_aligner.data.samplers import GlobalBatchSampler
+from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.logging import format_metrics, get_logger
@@ -223,27 +224,43 @@ class OnlineTrainer(TrainingLoop):
         """The sampling seed of step ``step`` (the same after a resume)."""
         return self.cfg.seed + 1_000_003 * (step + 1)
 
+    def step_prompt_indices(self) -> list[int]:
+        """This rank's prompts of step ``self.step`` as dataset indices (global, whatever the rank)."""
+        return [i for mb in self.sampler.micro_batches(self.step) for i in mb]
+
     def step_prompts(self) -> list[list[int]]:
-        """This rank's prompts of step ``self.step`` (deterministic, resumable order)."""
-        return [self.train_prompts[i] for mb in self.sampler.micro_batches(self.step) for i in mb]
+        """This rank's prompts of step ``self.step`` (deterministic, resumable order; :meth:`step_prompt_indices`)."""
+        return [self.train_prompts[i] for i in self.step_prompt_indices()]
 
     # ---- rollouts ---------------------------------------------------------------------------------------------
     def generate_rollouts(self, prompts: list[list[int]], num_per_prompt: int, sampling_params: Any,
-                          micro_batch_size: int, seed: int) -> list[dict]:
-        """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses (call
-        ``i`` seeded with ``seed + i``).
+                          micro_batch_size: int, seed: int,
+                          prompt_indices: Sequence[int] | None = None) -> list[dict]:
+        """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses.
+
+        Response ``j`` of prompt ``p`` samples with its own seed
+        ``response_seed(seed, prompt_indices[p], j)`` (:func:`nemo_aligner.generation.response_seed`), where
+        ``prompt_indices`` are the prompts' global indices (in the dataset, default ``0..len(prompts)-1``). So the
+        responses do not depend on how the prompts are split over data-parallel ranks or micro-batches, and two
+        ranks never share random numbers.
 
         Returns ``len(prompts) * num_per_prompt`` rollouts, prompt-major (rollout ``p * num_per_prompt + j`` is
         sample ``j`` of prompt ``p``), each ``{"prompt_ids", "response_ids", "input_ids", "prompt_length",
         "ended", "prompt_index", "sample_index"}``; an empty response becomes ``[eos_token_id]``.
+
+        Raises:
+            ValueError: ``prompt_indices`` does not have one entry per prompt.
         """
+        indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+        if len(indices) != len(prompts):
+            raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
         rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
         rollouts = []
         with self.model.inference():
-            for i, start in enumerate(range(0, len(rows), micro_batch_size)):
+            for start in range(0, len(rows), micro_batch_size):
                 chunk = rows[start : start + micro_batch_size]
                 out = self.model.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
-                                          seed=seed + i)
+                                          seeds=[response_seed(seed, indices[p], j) for p, j in chunk])
                 for (p, j), response, ended in zip(chunk, out.response_ids, out.ended):
                     response = list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)]
                     prompt = list(prompts[p])
@@ -256,14 +273,15 @@ class OnlineTrainer(TrainingLoop):
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_rollouts(self, sampling_params: Any, micro_batch_size: int,
                             score_micro_batch_size: int | None = None) -> list[dict]:
-        """One response (``sampling_params``, seed ``cfg.seed``) to each of this rank's share of the first
-        ``num_val_samples`` validation prompts, scored (:func:`score_rewards` in calls of
+        """One response (``sampling_params``, seeded by ``cfg.seed`` and the prompt's index) to each of this rank's
+        share of the first ``num_val_samples`` validation prompts, scored (:func:`score_rewards` in calls of
         ``score_micro_batch_size``); empty when this rank has no validation prompt."""
         rank, world = self.model.data_parallel_rank, self.model.data_parallel_size
         prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
         if not prompts:
             return []
-        rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed)
+        rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed,
+                                          prompt_indices=range(rank, rank + world * len(prompts), world))
         score_rewards(self.reward_fn, rollouts, score_micro_batch_size)
         return rollouts
 

@@ -521,7 +521,7 @@ class PPOTrainer(OnlineTrainer):
         seed = self._step_seed(self.step)
         start = time.perf_counter()
         rollouts = self.generate_rollouts(self.step_prompts(), 1, self.sampling_params, cfg.rollout_micro_batch_size,
-                                          seed)
+                                          seed, prompt_indices=self.step_prompt_indices())
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
         t0 = time.perf_counter()
         metrics.update(self.score_rollouts(rollouts))

@@ -380,7 +380,7 @@ class RSTrainer(OnlineTrainer):
         start = time.perf_counter()
         prompts = self.step_prompts()
         rollouts = self.generate_rollouts(prompts, cfg.num_rollouts_per_prompt, self.sampling_params,
-                                          cfg.rollout_micro_batch_size, seed)
+                                          cfg.rollout_micro_batch_size, seed, prompt_indices=self.step_prompt_indices())
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
         t0 = time.perf_counter()
         self.score_rollouts(rollouts)

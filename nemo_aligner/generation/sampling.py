@@ -10,6 +10,8 @@ response whatever else is in the batch, whichever rows were dropped, and on howe
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from nemo_aligner.generation.params import SamplingParams
@@ -42,20 +44,41 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
+def response_seed(seed: int, prompt_index: int, response_index: int) -> int:
+    """The sampling seed of response ``response_index`` of the prompt with global index ``prompt_index`` (its index
+    in the dataset, not in a rank's or a micro-batch's share): the first 63 bits of
+    ``blake2b("{seed}:{prompt_index}:{response_index}")``. Given as the ``seeds=`` of
+    :func:`nemo_aligner.generation.generate`, it makes each response independent of how the prompts are split over
+    data-parallel ranks, micro-batches and interrupted runs, and different for every prompt and response."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{response_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def step_keys(row_keys: torch.Tensor, step: int) -> torch.Tensor:
     """``[b]`` int64 per-row keys for decoding step ``step`` (0-based), from ``[b]`` int64 row keys."""
     return splitmix64(row_keys + _signed(((step + 1) * _STEP) & ((1 << 64) - 1)))
 
 
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Uniforms strictly inside (0, 1) from int64 random bits (any shape): float64, same shape.
+
+    ``U = (k + 0.5) / 2**52`` with ``k`` the top 52 bits. Every step is exact in float64 (``k + 0.5 < 2**52`` needs
+    53 significant bits, and the scaling is by a power of two), so ``U`` is the midpoint of one of ``2**52`` equal
+    cells, ``2**-53 <= U <= 1 - 2**-53``, and ``-log(-log U)`` is finite, between -3.60 and 36.74. (With 24 bits in
+    float32 the largest value ``(2**24 - 0.5) / 2**24`` rounds to 1.0, which gives ``G = +inf``.)
+    """
+    return (_shift_right(bits, 12).to(torch.float64) + 0.5) * (1.0 / (1 << 52))
+
+
 def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise ``[b, k]`` float32 for ``[b]`` int64 step keys and ``[b, k]`` (or ``[1, k]``) token ids.
 
-    ``U = (top 24 bits of splitmix64(key + token * golden) + 0.5) / 2**24`` lies strictly inside (0, 1), and
-    ``G = -log(-log U)``. The value for a given ``(key, token)`` does not depend on which other tokens are asked for.
+    ``U = uniform_from_bits(splitmix64(key + token * golden))`` (strictly inside (0, 1), see
+    :func:`uniform_from_bits`) and ``G = -log(-log U)``, computed in float64 and always finite. The value for a
+    given ``(key, token)`` does not depend on which other tokens are asked for.
     """
-    bits = splitmix64(keys[:, None] + token_ids * _GOLDEN)
-    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(uniform))
+    uniform = uniform_from_bits(splitmix64(keys[:, None] + token_ids * _GOLDEN))
+    return (-torch.log(-torch.log(uniform))).to(torch.float32)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -79,7 +102,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, keys: torch.Tens
         keys: ``[b]`` int64 step keys (:func:`step_keys`); unused when greedy.
 
     Returns:
-        ``[b]`` int64 token ids.
+        ``[b]`` int64 token ids; never a token whose logit is ``-inf`` (masked by top-k / top-p or banned), unless
+        the whole row is ``-inf``.
     """
     if params.is_greedy:
         return logits.argmax(dim=-1)
@@ -95,5 +119,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, keys: torch.Tens
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
         logits = logits.masked_fill(mass_before >= params.top_p, float("-inf"))  # the top token always survives
     token_ids = index if index is not None else torch.arange(vocab, device=logits.device)[None, :]
-    choice = (logits + gumbel_noise(keys, token_ids)).argmax(dim=-1)
+    # A masked token (-inf: top-k/top-p, the EOS ban) stays -inf whatever its noise, never -inf + inf = NaN,
+    # which argmax would return.
+    scores = torch.where(torch.isneginf(logits), float("-inf"), logits + gumbel_noise(keys, token_ids))
+    choice = scores.argmax(dim=-1)
     return choice if index is None else index.gather(1, choice[:, None]).squeeze(1)

@@ -74,7 +74,8 @@ class AlignableModel(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not produce values")
 
-    def generate(self, prompt_ids: list[list[int]], sampling_params: Any, length_params: Any, seed: int | None = None):
+    def generate(self, prompt_ids: list[list[int]], sampling_params: Any, length_params: Any, seed: int | None = None,
+                 seeds: list[int] | None = None):
         """Sample responses to tokenised prompts (policies): a
         :class:`nemo_aligner.generation.GenerationOutput` with one response per prompt.
 
@@ -83,6 +84,9 @@ class AlignableModel(ABC):
             sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` /
                 :class:`~nemo_aligner.generation.LengthParams`.
             seed: makes the sampling reproducible when given.
+            seeds: one seed per prompt instead of ``seed`` (each response then depends only on its prompt and its
+                seed; the online trainers pass :func:`nemo_aligner.generation.response_seed` of the global prompt
+                index).
 
         Raises:
             NotImplementedError: the model cannot generate.

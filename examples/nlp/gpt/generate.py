@@ -20,7 +20,6 @@ the number of ranks, the result does not depend on interruptions or on the numbe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.prompts import load_prompts, tokenize_prompt_example
-from nemo_aligner.generation import LengthParams, SamplingParams
+from nemo_aligner.generation import LengthParams, SamplingParams, response_seed
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, as_list, check_keys, load_schema
@@ -46,13 +45,6 @@ from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError)
 
 META_FILE = "meta.json"
-
-
-def response_seed(seed: int, prompt_index: int, response_index: int) -> int:
-    """The sampling seed of response ``response_index`` of prompt ``prompt_index``: the first 63 bits of
-    ``blake2b("{seed}:{prompt_index}:{response_index}")``, independent of ranks, batches and interruptions."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{response_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def read_part(path: Path) -> tuple[dict[int, dict], int]:
