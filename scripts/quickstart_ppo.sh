@@ -48,6 +48,9 @@ COMMON=(
   model.ppo.forward_micro_batch_size="$ROLLOUTS" model.ppo.num_val_samples=4 model.ppo.val_rollout_micro_batch_size=4
   model.ppo.length_params.max_length="$MAX_NEW"
   'model.ppo.sampling_params.end_strings=["\n\nHuman:"]'
+  # every response of this smoke test is cut at MAX_NEW=32 tokens (ended_fraction 0): with the default
+  # mask_truncated=true the actor would get no gradient at all, so train it on the truncated responses too
+  model.ppo.mask_truncated=false
   model.global_batch_size="$ROLLOUTS" model.micro_batch_size=2 model.encoder_seq_length=256
   model.optim.lr=1e-6 model.optim.sched.min_lr=1e-7
 )

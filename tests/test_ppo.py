@@ -212,6 +212,8 @@ LEARNING_OVERRIDES = [
     "trainer.ppo.max_epochs=100", "trainer.ppo.ppo_epochs=2", "trainer.ppo.gae_lambda=1.0",
     "trainer.ppo.val_check_interval=0", "model.ppo.num_rollout_samples=16", "model.ppo.length_params.max_length=4",
     "model.optim.lr=1e-2", "model.optim.sched.min_lr=1e-2", "critic.optim.lr=1e-3",
+    # the random tiny policy almost never emits EOS within 4 tokens: train on truncated responses too
+    "model.ppo.mask_truncated=false",
 ]
 
 
@@ -379,3 +381,110 @@ def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tok
     assert sorted(val0) == [0, 2] and sorted(val1) == [1, 3]
     assert all(a != b for a, b in zip(val0.values(), val1.values())), (val0, val1)
     assert run(0, 1, 4) == ({**rank0, **rank1}, {**val0, **val1})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# truncated rollouts (model.ppo.mask_truncated, NeMo-Aligner's is_end mask)
+# ---------------------------------------------------------------------------------------------------------------
+class _TableActor:
+    """A stand-in actor for :meth:`PPOTrainer.train_actor`: ``log pi(token) = theta[token]`` (one parameter per
+    token id, 0 at the start, so every ratio is 1); ``backward`` accumulates into ``theta.grad`` and
+    ``finish_training_step`` records it."""
+
+    data_parallel_size, data_parallel_rank, pad_token_id, device = 1, 0, 0, torch.device("cpu")
+
+    def __init__(self, vocab: int = 16):
+        self.theta = torch.zeros(vocab, requires_grad=True)
+        self.grads, self.losses = [], []
+
+    def prepare_for_training_step(self):
+        self.theta.grad = None
+
+    def accumulate(self, is_last):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def get_logprobs(self, batch):
+        return self.theta[batch.targets]
+
+    def backward(self, loss):
+        self.losses.append(float(loss))
+        loss.backward()
+
+    def finish_training_step(self):
+        grad = self.theta.grad
+        self.grads.append(torch.zeros_like(self.theta) if grad is None else grad.clone())
+        return {"grad_norm": float(self.grads[-1].norm()), "lr": 0.0}
+
+    def all_reduce_mean(self, values):
+        return dict(values)
+
+
+def _train_table_actor(mask_truncated: bool, micro_batch_size: int = 1):
+    from types import SimpleNamespace
+
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+
+    # rollout 0 ended at EOS (2); rollout 1 was cut at max_length (tokens 7, 8, 9); rollout 2 ended (an end string)
+    rollouts = [
+        {"input_ids": [1, 4, 5, 2], "prompt_length": 2, "response_ids": [5, 2], "ended": True,
+         "logprobs": [0.0, 0.0], "advantages": [1.0, 3.0]},
+        {"input_ids": [1, 4, 7, 8, 9], "prompt_length": 2, "response_ids": [7, 8, 9], "ended": False,
+         "logprobs": [0.0, 0.0, 0.0], "advantages": [2.0, -4.0, 5.0]},
+        {"input_ids": [1, 6, 11], "prompt_length": 2, "response_ids": [11], "ended": True,
+         "logprobs": [0.0], "advantages": [-2.0]},
+    ]
+    cfg = PPOConfig(ppo_epochs=1, global_batch_size=3, micro_batch_size=micro_batch_size, ratio_eps=0.2,
+                    mask_truncated=mask_truncated)
+    actor = _TableActor()
+    trainer = SimpleNamespace(cfg=cfg, actor=actor)
+    metrics = PPOTrainer.train_actor(trainer, rollouts, seed=0)
+    assert len(actor.grads) == 1
+    return actor.grads[0], metrics
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 3])
+def test_mask_truncated_drops_truncated_rollouts_from_the_actor_loss(micro_batch_size):
+    """At ratio 1 the clipped surrogate is ``mean_t(-A_t)`` over the tokens in the loss, so
+    ``d loss / d theta[token] = -A_token / (tokens in the loss)``. With ``mask_truncated`` the truncated rollout's
+    tokens (7, 8, 9) get no gradient and the mean is over the 3 tokens of the two ended rollouts; without it, over
+    all 6 tokens. The same for any micro-batching of the global batch."""
+    grad_on, metrics_on = _train_table_actor(True, micro_batch_size)
+    expected_on = torch.zeros(16)
+    for token, adv in ((5, 1.0), (2, 3.0), (11, -2.0)):
+        expected_on[token] = -adv / 3
+    assert torch.allclose(grad_on, expected_on, atol=1e-7), grad_on
+    assert metrics_on["policy_loss"] == pytest.approx(-(1.0 + 3.0 - 2.0) / 3, abs=1e-6)
+
+    grad_off, metrics_off = _train_table_actor(False, micro_batch_size)
+    expected_off = torch.zeros(16)
+    for token, adv in ((5, 1.0), (2, 3.0), (7, 2.0), (8, -4.0), (9, 5.0), (11, -2.0)):
+        expected_off[token] = -adv / 6
+    assert torch.allclose(grad_off, expected_off, atol=1e-7), grad_off
+    assert metrics_off["policy_loss"] == pytest.approx(-(1.0 + 3.0 + 2.0 - 4.0 + 5.0 - 2.0) / 6, abs=1e-6)
+
+
+def test_mask_truncated_batch_of_only_truncated_rollouts_gives_zero_gradient():
+    """A global batch in which no rollout ended: a zero gradient (NeMo-Aligner's "no valid tokens" case), no NaN."""
+    from types import SimpleNamespace
+
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+
+    rollouts = [{"input_ids": [1, 4, 7, 8], "prompt_length": 2, "response_ids": [7, 8], "ended": False,
+                 "logprobs": [0.0, 0.0], "advantages": [2.0, -4.0]} for _ in range(2)]
+    actor = _TableActor()
+    cfg = PPOConfig(global_batch_size=2, micro_batch_size=1, mask_truncated=True)
+    metrics = PPOTrainer.train_actor(SimpleNamespace(cfg=cfg, actor=actor), rollouts, seed=0)
+    assert torch.equal(actor.grads[0], torch.zeros(16))
+    assert metrics["policy_loss"] == 0.0 and all(math.isfinite(v) for v in metrics.values())
+
+
+def test_mask_truncated_config_default_and_parsing(tmp_path):
+    """``model.ppo.mask_truncated`` defaults to true (as NeMo-Aligner, which always masks); a string other than
+    true/false is an error naming the key."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    assert PPOConfig.from_cfg(ppo_cfg(tmp_path, "unused", prompts)).mask_truncated is True
+    assert PPOConfig.from_cfg(ppo_cfg(tmp_path, "unused", prompts, "model.ppo.mask_truncated=false")).mask_truncated is False
+    with pytest.raises(ValueError, match="model.ppo.mask_truncated"):
+        PPOConfig.from_cfg(ppo_cfg(tmp_path, "unused", prompts, "model.ppo.mask_truncated=maybe"))

@@ -41,7 +41,8 @@ def test_served_matches_colocated_first_step(tmp_path, tiny_model_dir, rm_dir):
     common = ["trainer.ppo.max_steps=1", "trainer.ppo.ppo_epochs=2", "model.global_batch_size=4",
               "model.optim.lr=1e-3", "critic.optim.lr=1e-3", "trainer.ppo.val_check_interval=0",
               f"reward_model.restore_from_path={rm_dir}", f"critic.restore_from_path={rm_dir}",
-              "exp_manager.export_hf=false"]
+              "exp_manager.export_hf=false",
+              "model.ppo.mask_truncated=false"]  # the tiny policy's 8-token responses are all truncated
     actor = load_example_script("train_gpt_ppo_actor")
 
     colocated = actor.run(ppo_cfg(tmp_path, tiny_model_dir, prompts, *common, run="colocated"))["history"][0]

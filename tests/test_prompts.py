@@ -130,3 +130,101 @@ def test_load_prompt_ids_keeps_the_last_tokens(tokenizer, tmp_path):
     ids, cut = load_prompt_ids(str(path), tokenizer, 3, max_prompts=2)
     assert len(ids) == 2 and cut == 1
     assert ids[0] == full[0][-3:] and ids[1] == full[1][-3:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sequence a reward model scores: the chat template's end-of-turn suffix (ChatML: <|im_end|> then "\n")
+# ---------------------------------------------------------------------------------------------------------------
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_chatml_tokenizer():
+    """A tiny byte-level BPE tokenizer with a ChatML template (SmolLM2's layout): EOS = pad-free ``<|im_end|>``,
+    an assistant turn is ``<|im_start|>assistant\\n{content}<|im_end|>\\n``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user\nHow do I bake bread?", "assistant\nMix flour and water.", "Human: hi"] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   chat_template=CHATML_TEMPLATE)
+
+
+def _check_scored_sequence_is_the_rm_training_sequence(tokenizer):
+    """For a chat prompt, a rollout that stopped at the end-of-turn token is scored as exactly the prompt + response
+    tokens reward-model data gives that conversation; truncated rollouts and plain-text prompts are scored as they
+    are. Returns the rule."""
+    from nemo_aligner.algorithms.online import score_rewards
+    from nemo_aligner.data.prompts import end_of_turn_rule
+
+    rule = end_of_turn_rule(tokenizer)
+    assert rule is not None and rule.end_id == tokenizer.eos_token_id
+    assert rule.suffix_ids == tuple(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    rm_prompt, rm_response = tokenize_prompt_response(messages, "Mix flour and water.", tokenizer)
+    assert tokenize_prompt(messages, tokenizer) == rm_prompt  # PPO / RS prompts are RM-data prompts
+    # the reward model was trained reading at the last token of rm_prompt + rm_response: "\n" after <|im_end|>
+    assert rm_response[-len(rule.suffix_ids) - 1] == tokenizer.eos_token_id
+    generated = rm_response[: len(rm_response) - len(rule.suffix_ids)]  # a rollout stops at <|im_end|> (EOS)
+    assert generated[-1] == tokenizer.eos_token_id
+    plain_prompt = tokenize_prompt("Human: hi", tokenizer)
+    rollouts = [
+        {"prompt_ids": rm_prompt, "response_ids": generated, "ended": True},
+        {"prompt_ids": rm_prompt, "response_ids": generated[:-1], "ended": False},  # cut at max_length
+        {"prompt_ids": plain_prompt, "response_ids": generated, "ended": True},  # plain text: RM data is text + EOS
+    ]
+    seen = []
+
+    def reward_fn(prompt_ids, response_ids):
+        seen.extend(list(p) + list(r) for p, r in zip(prompt_ids, response_ids))
+        return [float(len(r)) for r in response_ids]
+
+    rewards = score_rewards(reward_fn, rollouts, micro_batch_size=2, end_of_turn=rule)
+    assert seen[0] == rm_prompt + rm_response
+    assert seen[1] == rm_prompt + generated[:-1]
+    assert seen[2] == plain_prompt + generated
+    assert rewards == [len(rm_response), len(generated) - 1, len(generated)]
+    assert rollouts[0]["response_ids"] == generated  # what the policy and the critic train on is unchanged
+    return rule
+
+
+def test_ended_chat_rollout_is_scored_with_the_end_of_turn_suffix_tiny_chatml():
+    _check_scored_sequence_is_the_rm_training_sequence(build_chatml_tokenizer())
+
+
+@pytest.mark.slow
+def test_ended_chat_rollout_is_scored_with_the_end_of_turn_suffix_smollm2():
+    """The same with SmolLM2-135M-Instruct's own template (``<|im_end|>`` = EOS = id 2, then ``\\n`` = id 198)."""
+    from nemo_aligner.models.hf_causal_lm import load_tokenizer
+    from nemo_aligner.models.pretrained import resolve_pretrained
+
+    rule = _check_scored_sequence_is_the_rm_training_sequence(load_tokenizer(resolve_pretrained("smollm2-135m-instruct")))
+    assert (rule.end_id, rule.suffix_ids) == (2, (198,))
+
+
+def test_templates_that_end_the_turn_at_eos_need_no_suffix(tokenizer):
+    """The test tokenizer's template closes a turn with ``</s>`` = EOS and nothing after it: rollouts are scored
+    where they stop (no rule); a tokenizer without a chat template has none either."""
+    from nemo_aligner.data.prompts import end_of_turn_rule
+
+    assert end_of_turn_rule(tokenizer) is None
+    chatml = build_chatml_tokenizer()
+    chatml.chat_template = None
+    assert end_of_turn_rule(chatml) is None
+
+
+def test_prompt_budget_reserves_the_scored_suffix():
+    """prompt + response + suffix must fit the reward model: min(1024, 256 - 1) - 64 = 191."""
+    from nemo_aligner.data.prompts import prompt_token_budget
+
+    assert prompt_token_budget(1024, 64, 256) == 192
+    assert prompt_token_budget(1024, 64, 256, scored_suffix_tokens=1) == 191
+    assert prompt_token_budget(128, 64, 256, scored_suffix_tokens=1) == 64  # the policy's limit binds
+    assert prompt_token_budget(128, 64, None, scored_suffix_tokens=1) == 64

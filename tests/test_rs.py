@@ -472,3 +472,57 @@ def test_rs_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, toke
     assert len({tuple(r) for r in [*rank0.values(), *rank1.values()]}) == 8  # and the samples of a prompt differ
     # (b) the same responses as one rank generating all 4 prompts in calls of 3 responses
     assert run(0, 1, 3) == {**rank0, **rank1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scored sequence of a chat rollout (the reward model's read position)
+# ---------------------------------------------------------------------------------------------------------------
+def test_rs_scores_ended_chat_rollouts_with_the_end_of_turn_suffix(tmp_path):
+    """A ChatML policy (tiny tokenizer; SmolLM2's layout): reward-model data ends a chat response with
+    ``<|im_end|>\\n`` and the RM reads at the ``\\n``. Rollouts that stopped at ``<|im_end|>`` reach the reward
+    function with the ``\\n`` appended -- in training steps and in validation -- so the RM sees exactly its
+    training tokens; rollouts cut at max_length are scored as they are; what the policy trains on is unchanged."""
+    from test_prompts import build_chatml_tokenizer
+
+    from nemo_aligner.data.prompts import tokenize_prompt
+    from nemo_aligner.data.sequences import tokenize_prompt_response
+
+    tokenizer = build_chatml_tokenizer()
+    eos, newline = tokenizer.eos_token_id, tokenizer("\n", add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    prompt = tokenize_prompt(messages, tokenizer)
+    rm_prompt, rm_response = tokenize_prompt_response(messages, "Mix flour and water.", tokenizer)
+    content = rm_response[: -1 - len(newline)]
+
+    class ChatPolicy(FakePolicy):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = tokenizer
+
+        def generate(self, prompt_ids, sampling_params, length_params, seed=None, **kwargs):
+            # even rows stop at <|im_end|>, odd rows are cut at max_length
+            rows = range(len(prompt_ids))
+            return GenerationOutput([content + [eos] if j % 2 == 0 else content[:3] for j in rows],
+                                    [j % 2 == 0 for j in rows])
+
+    seen = []
+
+    def reward_fn(prompt_ids, response_ids):
+        seen.extend(list(p) + list(r) for p, r in zip(prompt_ids, response_ids))
+        return [float(len(r)) for r in response_ids]
+
+    policy = ChatPolicy()
+    cfg = RSConfig(num_rollout_samples=2, num_rollouts_per_prompt=2, top_n_rollouts=1, rollout_micro_batch_size=4,
+                   forward_micro_batch_size=4, global_batch_size=2, micro_batch_size=1, max_steps=1,
+                   num_val_samples=2, val_rollout_micro_batch_size=2)
+    trainer = RSTrainer(policy, reward_fn, [prompt] * 4, [prompt] * 2, cfg, SamplingParams(),
+                        LengthParams(max_length=len(content) + 1), tmp_path, CheckpointManager(tmp_path / "ckpt"),
+                        export_hf=False)
+    assert prompt == rm_prompt and trainer.end_of_turn is not None
+    _, kept = trainer.train_step()
+    assert seen == [rm_prompt + rm_response, prompt + content[:3]] * 2
+    # the ended response (longer once scored) is kept and trained on as generated: it ends at <|im_end|>
+    assert [r["response_ids"] for r in kept] == [content + [eos]] * 2
+    seen.clear()
+    trainer.validate()
+    assert seen == [rm_prompt + rm_response, prompt + content[:3]]

@@ -6,7 +6,8 @@
   and :func:`build_reward_fn` picks one of the two from an entry script's settings.
 * **Run length**: :func:`compute_online_max_steps` (steps of ``num_rollout_samples`` prompts each).
 * **The loop**: :class:`OnlineTrainer` generates rollouts (:meth:`OnlineTrainer.generate_rollouts`), scores them
-  (:func:`score_rewards`), runs validation rollouts on the first ``num_val_samples`` validation prompts and writes
+  (:func:`score_rewards`; a chat turn that ended is scored with the template's end-of-turn suffix, as the reward
+  model was trained), runs validation rollouts on the first ``num_val_samples`` validation prompts and writes
   their sample table, and drives ``fit`` (validation, checkpoints with the data position, exact resume, logging and
   the HF export, through :class:`~nemo_aligner.algorithms.base.TrainingLoop`). A subclass says what one step does
   (``train_step``) and what validation reports (``validate``).
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nemo_aligner.algorithms.base import TrainingLoop
+from nemo_aligner.data.prompts import EndOfTurn, end_of_turn_rule
 from nemo_aligner.data.samplers import GlobalBatchSampler
 from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
@@ -89,9 +91,17 @@ def build_reward_fn(
     return reward_fn_from_scorer(scorer, micro_batch_size), scorer.max_seq_length, f"local reward model {rm_path}"
 
 
-def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: int | None = None) -> list[float]:
+def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: int | None = None,
+                  end_of_turn: EndOfTurn | None = None) -> list[float]:
     """Set each rollout's ``reward`` with ``reward_fn`` in calls of ``micro_batch_size`` rollouts (``None``: one
     call for all); returns the rewards in rollout order.
+
+    The reward function gets each rollout's ``prompt_ids`` and its *scored* response: with ``end_of_turn`` (the
+    policy's chat template, :func:`~nemo_aligner.data.prompts.end_of_turn_rule`), a rollout that ``ended`` at the
+    end-of-turn token after a chat prompt is scored with the template's suffix appended (ChatML: ``<|im_end|>`` then
+    ``\\n``), the tokens reward-model training gave that turn, so the reward is read where the head was trained
+    (:meth:`~nemo_aligner.data.prompts.EndOfTurn.scored_response`). ``response_ids`` itself (what the policy and the
+    critic train on) is unchanged.
 
     Raises:
         RuntimeError: the reward function returned the wrong number of scores.
@@ -100,7 +110,10 @@ def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: i
     out: list[float] = []
     for start in range(0, len(rollouts), size):
         chunk = rollouts[start : start + size]
-        rewards = list(reward_fn([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk]))
+        responses = [r["response_ids"] if end_of_turn is None
+                     else end_of_turn.scored_response(r["prompt_ids"], r["response_ids"], r.get("ended", False))
+                     for r in chunk]
+        rewards = list(reward_fn([r["prompt_ids"] for r in chunk], responses))
         if len(rewards) != len(chunk):
             raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
         for r, value in zip(chunk, rewards):
@@ -205,6 +218,10 @@ class OnlineTrainer(TrainingLoop):
         self.is_global_zero = is_global_zero
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        # what the reward model reads after a chat turn that ended (the template's suffix after <|im_end|>)
+        stop_ids = getattr(model, "_eos_token_ids", None)
+        self.end_of_turn = (end_of_turn_rule(self.tokenizer, stop_ids() if callable(stop_ids) else None)
+                            if self.tokenizer is not None else None)
         self.sampler = GlobalBatchSampler(
             len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
             rank=model.data_parallel_rank, world_size=model.data_parallel_size, seed=cfg.seed,
@@ -282,7 +299,7 @@ class OnlineTrainer(TrainingLoop):
             return []
         rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed,
                                           prompt_indices=range(rank, rank + world * len(prompts), world))
-        score_rewards(self.reward_fn, rollouts, score_micro_batch_size)
+        score_rewards(self.reward_fn, rollouts, score_micro_batch_size, self.end_of_turn)
         return rollouts
 
     def _decode(self, ids: list[int]) -> str:

@@ -60,9 +60,23 @@ from nemo_aligner.utils.ppo_utils import (
     entropy_from_logits,
     flat_to_padded,
     kl_penalized_token_rewards,
+    masked_mean,
     padded_to_flat,
     ppo_policy_loss,
 )
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    """A config boolean: ``True``/``False`` (or a YAML-style ``"true"``/``"false"`` string).
+
+    Raises:
+        ValueError: naming ``key``, for anything else (``bool("false")`` would be True).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,7 +91,8 @@ class PPOConfig:
     ``use_absolute_kl``, ``discount_factor`` (gamma), ``gae_lambda``, ``normalize_advantages``,
     ``critic_warmup_steps`` (steps that train only the critic), ``ppo_epochs`` (passes over each rollout buffer).
     Rollouts (``model.ppo``): ``num_rollout_samples``, ``rollout_micro_batch_size``, ``forward_micro_batch_size``,
-    ``num_val_samples``, ``val_rollout_micro_batch_size``; loss: ``entropy_bonus``, ``ratio_eps``. Actor batches
+    ``num_val_samples``, ``val_rollout_micro_batch_size``; loss: ``entropy_bonus``, ``ratio_eps``,
+    ``mask_truncated`` (responses that did not end contribute nothing to the actor loss). Actor batches
     (``model``): ``global_batch_size``, ``micro_batch_size``, ``seed``. Critic batches (colocated ``critic``
     section): ``critic_global_batch_size``, ``critic_micro_batch_size``.
     """
@@ -101,6 +116,7 @@ class PPOConfig:
     val_rollout_micro_batch_size: int = 4
     entropy_bonus: float = 0.0
     ratio_eps: float = 0.2
+    mask_truncated: bool = True
     global_batch_size: int = 8
     micro_batch_size: int = 1
     critic_global_batch_size: int = 8
@@ -137,6 +153,7 @@ class PPOConfig:
             val_rollout_micro_batch_size=int(p.get("val_rollout_micro_batch_size") or p.rollout_micro_batch_size),
             entropy_bonus=float(p.entropy_bonus),
             ratio_eps=float(p.ratio_eps),
+            mask_truncated=_as_bool(p.get("mask_truncated", True), "model.ppo.mask_truncated"),
             global_batch_size=int(m.global_batch_size),
             micro_batch_size=int(m.micro_batch_size),
             critic_global_batch_size=int(critic.get("global_batch_size") or m.global_batch_size),
@@ -457,7 +474,7 @@ class PPOTrainer(OnlineTrainer):
         values = self.critic.infer(rollouts)
         timing["time_inference_policy_critic"] = time.perf_counter() - start
         start = time.perf_counter()
-        score_rewards(self.reward_fn, rollouts)
+        score_rewards(self.reward_fn, rollouts, end_of_turn=self.end_of_turn)
         timing["time_inference_reward"] = time.perf_counter() - start
         for r, lp, ilp, v in zip(rollouts, logprobs, init_logprobs, values):
             n = len(r["response_ids"])
@@ -473,6 +490,12 @@ class PPOTrainer(OnlineTrainer):
         Each global batch (``global_batch_size / data-parallel size`` rollouts on this rank) is one optimizer step;
         the loss is the token-weighted mean over the batch of the clipped surrogate (Schulman et al. 2017 eq. 7)
         minus ``entropy_bonus`` times the mean token entropy (eq. 9).
+
+        With ``mask_truncated`` (NeMo-Aligner's ``is_end`` mask, always on there) only the tokens of rollouts that
+        ``ended`` (EOS or an end string) enter the loss and the entropy: a response cut at ``max_length`` gives no
+        gradient, and the mean is over the ended rollouts' tokens of the batch. A batch without an ended rollout
+        makes an optimizer step with a zero gradient. ``clip_fraction``, ``approx_kl`` and ``ratio_mean`` are
+        over the same tokens (0 for such a batch).
         """
         cfg = self.cfg
         per_rank = max(cfg.global_batch_size // self.actor.data_parallel_size, 1)
@@ -485,7 +508,8 @@ class PPOTrainer(OnlineTrainer):
             for g in range(0, len(order), per_rank):
                 group = [rollouts[i] for i in order[g : g + per_rank]]
                 micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
-                total_tokens = sum(len(r["response_ids"]) for r in group)
+                keep = [not cfg.mask_truncated or bool(r["ended"]) for r in group]
+                total_tokens = sum(len(r["response_ids"]) for r, k in zip(group, keep) if k)
                 self.actor.prepare_for_training_step()
                 step_sums: dict[str, float] = {}
                 for i, chunk in enumerate(micro):
@@ -493,13 +517,19 @@ class PPOTrainer(OnlineTrainer):
                     device = self.actor.device
                     old = torch.tensor([v for r in chunk for v in r["logprobs"]], dtype=torch.float32, device=device)
                     adv = torch.tensor([v for r in chunk for v in r["advantages"]], dtype=torch.float32, device=device)
-                    weight = old.numel() / total_tokens
+                    chunk_keep = keep[i * cfg.micro_batch_size : i * cfg.micro_batch_size + len(chunk)]
+                    mask = None
+                    if not all(chunk_keep):  # 1 on the tokens of the rollouts that enter the loss
+                        mask = torch.tensor([float(k) for r, k in zip(chunk, chunk_keep) for _ in r["response_ids"]],
+                                            dtype=torch.float32, device=device)
+                    kept_tokens = old.numel() if mask is None else float(mask.sum())
+                    weight = kept_tokens / total_tokens if total_tokens else 0.0
                     entropies: list[torch.Tensor] = []
                     with self.actor.accumulate(is_last=i == len(micro) - 1):
                         with capture_entropy(self.actor, entropies):
                             logprobs = self.actor.get_logprobs(batch)
-                        pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps)
-                        entropy = entropies[-1].mean() if entropies else torch.zeros((), device=device)
+                        pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps, mask)
+                        entropy = masked_mean(entropies[-1], mask) if entropies else torch.zeros((), device=device)
                         loss = pg_loss - cfg.entropy_bonus * entropy
                         self.actor.backward(loss * weight)
                     metrics.update(policy_loss=pg_loss.detach(), entropy=entropy.detach(), actor_loss=loss.detach())

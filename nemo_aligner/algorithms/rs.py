@@ -317,7 +317,7 @@ class RSTrainer(OnlineTrainer):
         Raises:
             RuntimeError: the reward function returned the wrong number of scores.
         """
-        score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size)
+        score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size, self.end_of_turn)
 
     def select(self, rollouts: list[dict], num_prompts: int) -> tuple[list[dict], dict[str, float]]:
         """Keep the ``top_n_rollouts`` best of each prompt's ``num_rollouts_per_prompt`` scored rollouts

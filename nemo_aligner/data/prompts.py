@@ -12,6 +12,11 @@ Other keys are ignored. Prompts are tokenised with the rules of
 :func:`nemo_aligner.data.sequences.tokenize_prompt_response` (chat template with a generation prompt for messages;
 the tokenizer's special tokens, e.g. BOS, for plain text), so a policy sees the same prompt tokens in DPO, PPO and
 rejection sampling.
+
+Where an online run scores a response: :func:`end_of_turn_rule` reads from the chat template what the reward-model
+training tokenisation puts after the end-of-turn token of an assistant turn (ChatML: ``<|im_end|>`` then ``\n``), so
+that a rollout that stopped at that token is scored with the same tokens, at the position the reward head was trained
+on (:meth:`EndOfTurn.scored_response`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
 from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _split_hh_transcript, check_messages
@@ -198,17 +203,19 @@ def load_prompt_ids(paths, tokenizer, max_prompt_tokens: int,
 
 
 def prompt_token_budget(encoder_seq_length: int, max_response_tokens: int,
-                        reward_model_max_seq_length: int | None = None) -> int:
+                        reward_model_max_seq_length: int | None = None, scored_suffix_tokens: int = 0) -> int:
     """The most prompt tokens an online run (PPO, rejection sampling) may keep, so that every prompt + response fits
-    the policy and the reward model: ``min(encoder_seq_length, reward_model_max_seq_length) - max_response_tokens``
-    (the reward model's limit only when given).
+    the policy and the reward model: ``min(encoder_seq_length, reward_model_max_seq_length - scored_suffix_tokens)
+    - max_response_tokens`` (the reward model's limit only when given). ``scored_suffix_tokens`` is the length of
+    the end-of-turn suffix the reward model also reads (``len(EndOfTurn.suffix_ids)``, see :func:`end_of_turn_rule`).
 
     Raises:
         ValueError: no room is left for a prompt (the budget is < 1).
     """
     seq_len = int(encoder_seq_length)
-    if reward_model_max_seq_length is not None and int(reward_model_max_seq_length) < seq_len:
-        seq_len = int(reward_model_max_seq_length)  # every prompt + response must fit the reward model too
+    if reward_model_max_seq_length is not None:
+        rm_len = int(reward_model_max_seq_length) - max(int(scored_suffix_tokens), 0)
+        seq_len = min(seq_len, rm_len)  # every prompt + response (+ the scored suffix) must fit the reward model too
     budget = seq_len - int(max_response_tokens)
     if budget < 1:
         raise ValueError(f"a sequence limit of {seq_len} tokens (model.encoder_seq_length, or the reward model's "
@@ -234,3 +241,101 @@ def load_train_val_prompt_ids(data_cfg, tokenizer,
         val, _ = load_prompt_ids(data_cfg.data_prefix.validation, tokenizer, max_prompt_tokens,
                                  data_cfg.get("max_val_prompts"))
     return train, val, cut
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sequence a reward model scores
+# ---------------------------------------------------------------------------------------------------------------
+#: The probe conversations :func:`end_of_turn_rule` renders (two, so a suffix that depends on the content is caught).
+_PROBES = (([{"role": "user", "content": "Hi"}], "Hello there."), ([{"role": "user", "content": "2+2?"}], "4"))
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """How a chat template closes an assistant turn, as the reward-model training tokenisation
+    (:func:`nemo_aligner.data.sequences.tokenize_prompt_response`) writes it.
+
+    A chat response is ``content + end_id + suffix_ids`` there (ChatML, e.g. SmolLM2: ``... <|im_end|> \\n``), so a
+    reward model trained on chat comparisons reads its reward at the last suffix token. A rollout stops at
+    ``end_id`` (an EOS / stop token); :meth:`scored_response` appends ``suffix_ids`` so that it is scored at the
+    same position.
+
+    Attributes:
+        end_id: the token that ends an assistant turn (a stop token of generation).
+        suffix_ids: the tokens the template writes after it (non-empty).
+        generation_prompt_ids: the tokens a chat prompt ends with (the template's generation prompt, e.g.
+            ``<|im_start|>assistant\\n``; when the template has none, the close of the previous turn,
+            ``end_id + suffix_ids``): only a response to such a prompt gets the suffix. A plain-text prompt's
+            response is tokenised ``text + EOS`` in reward-model data and is scored as it is.
+    """
+
+    end_id: int
+    suffix_ids: tuple[int, ...]
+    generation_prompt_ids: tuple[int, ...]
+
+    def is_chat_prompt(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether ``prompt_ids`` ends with :attr:`generation_prompt_ids` (a prompt rendered by the chat template)."""
+        n = len(self.generation_prompt_ids)
+        return len(prompt_ids) >= n and tuple(int(t) for t in prompt_ids[len(prompt_ids) - n :]) == self.generation_prompt_ids
+
+    def scored_response(self, prompt_ids: Sequence[int], response_ids: Sequence[int], ended: bool) -> list[int]:
+        """The response tokens a reward model scores for a rollout: ``response_ids + suffix_ids`` when the rollout
+        ``ended`` on :attr:`end_id` after a chat prompt (:meth:`is_chat_prompt`), else ``response_ids`` unchanged
+        (a truncated response, one stopped by an end string, or a plain-text prompt)."""
+        response = [int(t) for t in response_ids]
+        if ended and response and response[-1] == self.end_id and self.is_chat_prompt(prompt_ids):
+            return response + list(self.suffix_ids)
+        return response
+
+
+def _stop_token_ids(tokenizer, extra: Sequence[int] | None) -> set[int]:
+    """EOS, ``extra`` (e.g. a ``generation_config``'s EOS ids) and the tokenizer's special tokens: the candidates for
+    the token that closes an assistant turn."""
+    ids = {int(t) for t in (extra or []) if t is not None}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    ids.update(int(t) for t in (getattr(tokenizer, "all_special_ids", None) or []))
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, tok in decoder.items() if getattr(tok, "special", False))
+    return ids
+
+
+def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> EndOfTurn | None:
+    """Read :class:`EndOfTurn` from ``tokenizer``'s chat template, or ``None`` when rollouts need no suffix.
+
+    Two probe conversations (a user turn, an assistant reply) are tokenised as reward-model data is
+    (:func:`~nemo_aligner.data.sequences.tokenize_prompt_response`); the last stop token of the response (EOS, a
+    token of ``stop_token_ids``, or another special token) is the end-of-turn token and what follows it the suffix.
+
+    Returns ``None`` when the tokenizer has no chat template, the response has no such token, or nothing follows it
+    (e.g. Llama 3's ``<|eot_id|>``): the reward model then reads where a rollout stops.
+
+    Raises:
+        ValueError: the two probes disagree on the end-of-turn token or its suffix (a template whose turn ending
+            depends on the content cannot be reproduced from token ids).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from nemo_aligner.data.sequences import tokenize_prompt_response
+
+    stops = _stop_token_ids(tokenizer, stop_token_ids)
+    found = set()
+    for messages, reply in _PROBES:
+        prompt_ids, response_ids = tokenize_prompt_response(messages, reply, tokenizer)
+        last = max((i for i, t in enumerate(response_ids) if int(t) in stops), default=None)
+        if last is None:
+            found.add(None)
+            continue
+        nogen = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+                          add_special_tokens=False)["input_ids"]
+        prompt_ids, nogen = [int(t) for t in prompt_ids], [int(t) for t in nogen]
+        gen = tuple(prompt_ids[len(nogen):]) if prompt_ids[: len(nogen)] == nogen else ()
+        end, suffix = int(response_ids[last]), tuple(int(t) for t in response_ids[last + 1 :])
+        found.add((end, suffix, gen or (end, *suffix)))
+    if len(found) != 1:
+        raise ValueError(f"the chat template ends assistant turns differently for different replies ({sorted(map(str, found))}); "
+                         "the reward model's read position cannot be reproduced for rollouts")
+    rule = found.pop()
+    if rule is None or not rule[1]:
+        return None
+    return EndOfTurn(*rule)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from nemo_aligner.algorithms.online import build_reward_fn
 from nemo_aligner.algorithms.rs import RSConfig, RSTrainer, compute_rs_max_steps
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.prompts import load_train_val_prompt_ids, prompt_token_budget
+from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_ids, prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
@@ -80,7 +80,9 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path))
     tokenizer = load_tokenizer(source)
     reward_fn, rm_max_len, reward_desc = reward_source(cfg, fabric, rs_cfg.forward_micro_batch_size, reward_fn)
-    max_prompt_tokens = prompt_token_budget(cfg.model.encoder_seq_length, length.max_length, rm_max_len)
+    end_of_turn = end_of_turn_rule(tokenizer)  # an ended chat turn is scored with its suffix (ChatML: "\n")
+    max_prompt_tokens = prompt_token_budget(cfg.model.encoder_seq_length, length.max_length, rm_max_len,
+                                            len(end_of_turn.suffix_ids) if end_of_turn else 0)
     train_prompts, val_prompts, cut = load_train_val_prompt_ids(cfg.model.data, tokenizer, max_prompt_tokens)
     max_steps = compute_rs_max_steps(len(train_prompts), rs_cfg)
     if fabric.is_global_zero:
