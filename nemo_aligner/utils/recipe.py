@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError
 from nemo_aligner.utils.config import ConfigKeyError, check_keys, load_schema
 from nemo_aligner.utils.logging import build_loggers, get_logger
 from nemo_aligner.utils.runtime import build_fabric
@@ -34,6 +34,7 @@ from nemo_aligner.utils.runtime import build_fabric
 USER_ERRORS: tuple[type[BaseException], ...] = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError)
 """Errors that are the user's mistake (bad config key, missing or malformed data file, an occupied log directory):
 :func:`run_or_exit` prints them as one ``error: ...`` line instead of a traceback."""
+USER_ERRORS += (NonFiniteError, DamagedCheckpointError)  # a diverged run, a damaged checkpoint: clear stops too
 
 
 def check_config(cfg: DictConfig, schema: str) -> None:
