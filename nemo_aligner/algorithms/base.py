@@ -12,6 +12,7 @@ its data position, exact resume, logging a validation and the HF export.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ import torch
 
 from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
 from nemo_aligner.models.alignable import AlignableModel
-from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, step_of_name
 from nemo_aligner.utils.config import full_key, to_float, to_int
-from nemo_aligner.utils.logging import format_metrics, get_logger
+from nemo_aligner.utils.logging import format_metrics, get_logger, trim_csv_log
 
 
 @dataclass
@@ -125,18 +126,65 @@ class TrainingLoop:
             self.checkpoints.prune()
 
     def _maybe_resume(self) -> None:
-        """Restore the latest checkpoint (model, optimizer, scheduler, RNG, step, :meth:`_restore`) when ``resume``
-        and there is one."""
-        latest = self.checkpoints.latest() if self.resume else None
+        """Restore the newest valid checkpoint (model, optimizer, scheduler, RNG, step, :meth:`_restore`) when
+        ``resume`` and there is one, and make ``<log_dir>/csv/metrics.csv`` continue from it.
+
+        A damaged checkpoint (missing or unparseable ``meta.json``, missing or truncated ``state.pt``: see
+        :func:`~nemo_aligner.utils.checkpoint.checkpoint_problem`) newer than the one resumed from is named in a
+        warning and left on disk; its step is trained (and saved) again. Rows that a killed run logged after the
+        resumed step are dropped from the CSV log (all of them for a fresh run), so each step appears once.
+
+        Raises:
+            DamagedCheckpointError: checkpoints exist but none is valid (restarting from step 0 would silently
+                overwrite them), or the chosen checkpoint fails to load; the message names the path.
+        """
+        if self.resume:
+            valid = self.checkpoints.checkpoints()
+            latest = valid[-1][0] if valid else None
+            latest_step = int(valid[-1][1]["step"]) if valid else -1
+            damaged = [(path, problem) for path, problem in self.checkpoints.damaged()
+                       if step_of_name(path) > latest_step or step_of_name(path) < 0]
+            if damaged and latest is None:
+                listing = "; ".join(f"{path}: {problem}" for path, problem in damaged)
+                raise DamagedCheckpointError(
+                    f"cannot resume: no valid checkpoint in {self.checkpoints.directory} ({listing}). Move the "
+                    "damaged directories away to start over, or restore them from a backup"
+                )
+            if self.is_global_zero:
+                for path, problem in damaged:
+                    self.log.warning(f"warning: checkpoint {path} is damaged ({problem}); resuming from {latest} "
+                                     "instead")
+        else:
+            latest = None
         if latest is None:
+            if self.is_global_zero:
+                trim_csv_log(self.log_dir, -1)
             return
-        extra = self.model.load_checkpoint(str(latest))
+        try:
+            extra = self.model.load_checkpoint(str(latest))
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+            raise DamagedCheckpointError(f"cannot load checkpoint {latest / 'state.pt'}: {err}") from err
         self.step = int(extra["step"])
         self._restore(extra)
         self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
         if self.is_global_zero:
+            dropped = trim_csv_log(self.log_dir, self.step)
+            note = f"; dropped {dropped} CSV log rows logged after it" if dropped else ""
             self.log.info(f"resumed from {latest} at {self.name} step {self.step} "
-                          f"(consumed_samples={extra.get('consumed_samples')})")
+                          f"(consumed_samples={extra.get('consumed_samples')}){note}")
+
+    @contextlib.contextmanager
+    def _stop_on_non_finite(self):
+        """Around one training step: a :class:`~nemo_aligner.utils.checkpoint.NonFiniteError` from the model (the
+        optimizer step was skipped, so the weights are those of the last finite step) is re-raised naming this
+        loop's step and the last checkpoint, which is kept."""
+        try:
+            yield
+        except NonFiniteError as err:
+            latest = self.checkpoints.latest()
+            kept = f"the last checkpoint, {latest}, is kept" if latest is not None else "no checkpoint was written"
+            raise NonFiniteError(f"training stopped at {self.name} step {self.step + 1}/{self.max_steps}: {err}; "
+                                 f"{kept}") from err
 
     def _run_validation(self) -> dict[str, float]:
         """:meth:`validate`, logged under ``val/`` and summarised in one line (rank 0); returns the metrics."""
@@ -305,7 +353,8 @@ class BaseTrainer(TrainingLoop):
         )
         val_every, save_every = int(self.cfg.val_check_interval), int(self.cfg.save_interval)
         while self.step < self.max_steps:
-            metrics = self.train_step(self.sampler.micro_batches(self.step))
+            with self._stop_on_non_finite():
+                metrics = self.train_step(self.sampler.micro_batches(self.step))
             self.step += 1
             metrics["epoch"] = (self.step - 1) // self.sampler.steps_per_epoch
             metrics["consumed_samples"] = self.step * self.cfg.global_batch_size

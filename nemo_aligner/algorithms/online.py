@@ -349,7 +349,8 @@ class OnlineTrainer(TrainingLoop):
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
                         dynamic_ncols=True)
         while self.step < self.max_steps:
-            metrics, _ = self.train_step()
+            with self._stop_on_non_finite():
+                metrics, _ = self.train_step()
             self.step += 1
             metrics["consumed_samples"] = self.step * self.samples_per_step
             metrics.update(self._counters())

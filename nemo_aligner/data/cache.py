@@ -5,6 +5,13 @@ into an Arrow dataset in a temporary directory under the cache, writes its count
 and renames the directory into place under a key of the file and the settings only when it is complete (so an
 error leaves nothing behind, and concurrent builders of the same key do not clash). Later calls with the same file
 and settings memory-map the published directory instead of tokenising again.
+
+Leftovers of a killed build (``.tmp-*`` directories under the cache) are removed by the next build in the same cache
+(:func:`clean_stale_temporaries`). Each temporary directory records its owner (pid, host name, pid namespace) in
+:data:`OWNER_FILE`. One is removed only when it is certainly abandoned: its owner ran on this host, in this pid
+namespace, and that process no longer exists; or, for an owner elsewhere (or a directory without an owner record),
+nothing in it has been modified for :data:`STALE_AFTER_S` seconds. A concurrent build's live directory is never
+removed: its process exists, or (on another host) it keeps writing its rows into the directory.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -22,12 +31,20 @@ import datasets
 import numpy as np
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+from nemo_aligner.utils.fs import make_readable
 
 STATS_FILE = "stats.json"
 """Name of the counters file inside a cached dataset directory; its presence marks the directory complete."""
 
 TOKENIZER_PROBE = "The quick brown fox. 123 \n\nHuman:"
 """Sentence whose token ids are part of :func:`tokenizer_fingerprint`."""
+
+OWNER_FILE = "owner.json"
+"""Name of the owner record (``pid``, ``host``, ``pid_namespace``) inside a temporary build directory."""
+
+STALE_AFTER_S = 24 * 3600
+"""A temporary build directory whose owner cannot be checked (another host, no owner record) is removed once
+nothing in it has been modified for this many seconds."""
 
 Rows = Callable[[int, int], Iterable["dict | None"]]
 """``rows(shard, num_shards)``: the rows of one shard of a file (see :func:`build_cached_dataset`)."""
@@ -122,10 +139,13 @@ def build_cached_dataset(
         raise FileNotFoundError(missing_message.format(path=path))
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final_dir = cache_root / dir_name.format(stem=path.name.split(".")[0], key=cache_key(path, kind, key_parts))
+    if cache_root.is_dir():
+        clean_stale_temporaries(cache_root)
     if not (final_dir / STATS_FILE).is_file():
         cache_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
         try:
+            (work_dir / OWNER_FILE).write_text(json.dumps(_owner()))
             num_shards = max(1, num_proc or 1)
             try:
                 dataset = _generate_dataset(rows, features, tuple(counters), kept, extra_counts, num_shards, work_dir, final_dir)
@@ -141,10 +161,78 @@ def build_cached_dataset(
             dataset.save_to_disk(str(work_dir / "dataset"))
             stats.update(path=str(path), cache_path=str(final_dir))
             (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
+            make_readable(work_dir / "dataset")  # a shared cache: readable by other users under umask 022
             publish(work_dir / "dataset", final_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     return load_cached_dataset(final_dir)
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[4026531836]`` on Linux), or None where it cannot be read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner() -> dict:
+    """The owner record of a temporary build directory made by this process."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_namespace": _pid_namespace()}
+
+
+def _pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists here (one owned by another user counts as existing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_modified(directory: Path) -> float:
+    """The newest modification time (seconds since the epoch) of ``directory`` and everything below it."""
+    newest = directory.stat().st_mtime
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+            except OSError:  # removed meanwhile
+                pass
+    return newest
+
+
+def _is_abandoned(directory: Path, now: float) -> bool:
+    """The rule of the module docstring: owner on this host and pid namespace -> abandoned iff its process is gone;
+    otherwise abandoned iff untouched for :data:`STALE_AFTER_S` seconds."""
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        owner = None
+    if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
+        here = owner.get("host") == socket.gethostname() and owner.get("pid_namespace") == _pid_namespace()
+        if here:
+            return not _pid_exists(owner["pid"])
+    try:
+        return now - _last_modified(directory) > STALE_AFTER_S
+    except OSError:  # removed meanwhile
+        return False
+
+
+def clean_stale_temporaries(cache_root: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Remove the abandoned ``.tmp-*`` build directories directly under ``cache_root`` (left by a killed build;
+    see the module docstring for the rule, which never removes a live build's directory). Returns what was removed.
+    Directories that cannot be removed (e.g. another user's) are skipped."""
+    now = time.time() if now is None else now
+    removed = []
+    for directory in sorted(Path(cache_root).glob(".tmp-*")):
+        if directory.is_dir() and not directory.is_symlink() and _is_abandoned(directory, now):
+            shutil.rmtree(directory, ignore_errors=True)
+            if not directory.exists():
+                removed.append(directory)
+    return removed
 
 
 def publish(built_dir: Path, final_dir: Path) -> None:

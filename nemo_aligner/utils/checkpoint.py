@@ -3,6 +3,11 @@
 Layout under ``<log_dir>/checkpoints/``: one directory per save, ``step=<N>`` holding ``state.pt`` and
 ``meta.json`` (written last by the model's atomic save). Directories starting with ``.`` are incomplete temporaries
 and are ignored (and removed on the next save).
+
+A ``step=<N>`` directory whose ``meta.json`` is missing, unparseable or lacks an integer ``step``, or whose
+``state.pt`` is missing or truncated (a single-file ``state.pt`` must be a complete zip archive, as ``torch.save``
+writes it; a sharded one a directory with its ``.metadata``), is *damaged*: it is never resumed from, ranked or
+pruned (it is left for inspection), and :meth:`CheckpointManager.damaged` reports it.
 """
 
 from __future__ import annotations
@@ -10,7 +15,46 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite (NaN or infinite) loss, gradient norm or weight. The optimizer step was
+    skipped and nothing non-finite was saved; the message names the step and what was non-finite."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint cannot be resumed from (and no older valid one exists); the message names its path."""
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be resumed from, or None if it looks complete.
+
+    Checks ``meta.json`` (present, a JSON object with an integer ``step``) and ``state.pt`` (present; a file must
+    be a complete zip archive, which is how ``torch.save`` writes it, so a truncated one is caught before loading;
+    a directory, a sharded FSDP checkpoint, must hold its ``.metadata``). Cheap: reads ``meta.json`` and the end of
+    ``state.pt`` only.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        return "meta.json is missing"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"meta.json is not valid JSON ({err})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        return "meta.json has no integer 'step'"
+    state = path / "state.pt"
+    if state.is_dir():
+        if not (state / ".metadata").is_file():
+            return "state.pt/.metadata is missing (incomplete sharded checkpoint)"
+    elif not state.is_file():
+        return "state.pt is missing"
+    elif state.stat().st_size == 0 or not zipfile.is_zipfile(state):
+        return f"state.pt is truncated or corrupt ({state.stat().st_size} bytes, not a complete torch.save archive)"
+    return None
 
 
 class CheckpointManager:
@@ -39,24 +83,38 @@ class CheckpointManager:
         """Directory of the checkpoint taken after optimizer step ``step``."""
         return self.directory / f"step={step:07d}"
 
-    def checkpoints(self) -> list[tuple[Path, dict]]:
-        """Complete checkpoints as ``(path, meta)``, oldest step first."""
-        found = []
+    def _scan(self) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
+        """``(valid as (path, meta), damaged as (path, problem))``, each ordered by step (oldest first).
+
+        Temporaries (names starting with ``.``) are skipped; so is a directory that is neither named ``step=<N>``
+        nor holds a ``meta.json`` (not a checkpoint at all)."""
+        valid, damaged = [], []
         if not self.directory.is_dir():
-            return found
+            return valid, damaged
         for path in self.directory.iterdir():
-            meta_file = path / "meta.json"
-            if path.name.startswith(".") or not meta_file.is_file():
+            if path.name.startswith(".") or not path.is_dir():
                 continue
-            try:
-                meta = json.loads(meta_file.read_text())
-            except json.JSONDecodeError:
+            if not path.name.startswith("step=") and not (path / "meta.json").is_file():
                 continue
-            found.append((path, meta))
-        return sorted(found, key=lambda item: int(item[1].get("step", -1)))
+            problem = checkpoint_problem(path)
+            if problem is None:
+                valid.append((path, json.loads((path / "meta.json").read_text())))
+            else:
+                damaged.append((path, problem))
+        valid.sort(key=lambda item: int(item[1]["step"]))
+        damaged.sort(key=lambda item: step_of_name(item[0]))
+        return valid, damaged
+
+    def checkpoints(self) -> list[tuple[Path, dict]]:
+        """Complete (not damaged) checkpoints as ``(path, meta)``, oldest step first."""
+        return self._scan()[0]
+
+    def damaged(self) -> list[tuple[Path, str]]:
+        """Damaged checkpoint directories as ``(path, problem)`` (see :func:`checkpoint_problem`), by step."""
+        return self._scan()[1]
 
     def latest(self) -> Path | None:
-        """The checkpoint with the highest step, or None."""
+        """The valid checkpoint with the highest step, or None (damaged ones are skipped: see :meth:`damaged`)."""
         found = self.checkpoints()
         return found[-1][0] if found else None
 
@@ -67,7 +125,8 @@ class CheckpointManager:
         return float(value) if self.mode == "min" else -float(value)
 
     def prune(self) -> list[Path]:
-        """Delete checkpoints outside the top-k (never the latest) and stale temporaries; return what was removed."""
+        """Delete checkpoints outside the top-k (never the latest) and stale temporaries; return what was removed.
+        Damaged checkpoints are left alone."""
         removed = []
         if self.directory.is_dir():
             for path in self.directory.iterdir():
@@ -91,3 +150,11 @@ class CheckpointManager:
         if not found:
             return None
         return min(found, key=lambda item: (self._score(item[1]), -int(item[1].get("step", 0))))[0]
+
+
+def step_of_name(path: Path) -> int:
+    """``N`` of a ``step=<N>`` directory name (-1 if the name has no number)."""
+    try:
+        return int(path.name.split("=", 1)[1])
+    except (IndexError, ValueError):
+        return -1

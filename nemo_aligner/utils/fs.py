@@ -1,4 +1,10 @@
-"""Atomic file-system helpers: write into a temporary sibling, then rename, so readers never see half a file."""
+"""Atomic file-system helpers: write into a temporary sibling, then rename, so readers never see half a file.
+
+Durability: every file and directory of the new copy is ``fsync``-ed *before* the rename, and the parent directory
+after it, so a power loss leaves either the old copy or the complete new one, never a renamed but empty one.
+Permissions: ``tempfile`` creates 0700 directories and 0600 files; :func:`make_readable` gives the finished copy the
+permissions a plain ``mkdir``/``open`` would have under the process umask (e.g. 0755/0644 for umask 022).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,67 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(directory: str | os.PathLike) -> None:
+    """Give ``directory``, everything below it, ordinary permissions: ``0777 & ~umask`` for directories and
+    ``0666 & ~umask`` for files (``mkdtemp`` / ``mkstemp`` / safetensors create 0700 / 0600 entries that other users
+    cannot read). Symbolic links are left alone."""
+    mask = _umask()
+    root = Path(directory)
+    root.chmod(0o777 & ~mask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            path = Path(parent) / name
+            if not path.is_symlink():
+                path.chmod(0o777 & ~mask)
+        for name in files:
+            path = Path(parent) / name
+            if not path.is_symlink():
+                path.chmod(0o666 & ~mask)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """``fsync`` a directory, making the entries created, renamed or removed in it durable (no-op where the platform
+    cannot open directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """``fsync`` a file, or every file and directory below (and including) a directory, deepest first."""
+    path = Path(path)
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for parent, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            file = Path(parent) / name
+            if not file.is_symlink():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final_path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``final_path``; on success rename it to ``final_path``.
 
     If the body raises, the temporary directory is removed and ``final_path`` is untouched. With ``overwrite`` an
     existing ``final_path`` is replaced only after the new directory is complete (rename old aside, rename new in,
-    delete old), so at every instant one complete copy exists.
+    delete old), so at every instant one complete copy exists. Before the rename the new directory gets ordinary
+    permissions (:func:`make_readable`) and is ``fsync``-ed.
 
     Raises:
         FileExistsError: ``final_path`` exists and ``overwrite`` is False.
@@ -28,6 +88,8 @@ def atomic_directory(final_path: str | os.PathLike, overwrite: bool = True) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        make_readable(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -37,17 +99,26 @@ def atomic_directory(final_path: str | os.PathLike, overwrite: bool = True) -> I
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; the file gets ``0666 & ~umask``
+    permissions and is ``fsync``-ed before the rename, its directory after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)

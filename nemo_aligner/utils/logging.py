@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 
 _LOG = logging.getLogger("nemo_aligner")
 
@@ -38,8 +43,80 @@ def get_logger() -> logging.Logger:
     return _LOG
 
 
+CSV_METRICS = Path("csv") / "metrics.csv"
+"""Where the CSV metrics of a run go, relative to its log directory."""
+
+
+class _AppendingWriter(_ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (its header is read back so new
+    columns still rewrite the header) instead of deleted, which wiped the history of every resumed run."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(key for key in header if key)
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` that appends to the ``metrics.csv`` of an earlier (killed or finished) run in the same directory.
+
+    Rows that a killed run wrote after its last checkpoint are dropped when the run resumes
+    (:func:`trim_csv_log`, called by the training loops), so each step appears once."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self._root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def trim_csv_log(log_dir: str | Path, last_step: int) -> int:
+    """Drop the rows of ``<log_dir>/csv/metrics.csv`` whose ``step`` is greater than ``last_step`` (the step of the
+    checkpoint a run resumes from; ``-1`` for a fresh run, which removes the file): they were logged by a run killed
+    after that checkpoint and are logged again. Rewritten atomically; a missing file is a no-op.
+
+    Returns:
+        The number of rows dropped.
+    """
+    from nemo_aligner.utils.fs import atomic_write_text
+
+    path = Path(log_dir) / CSV_METRICS
+    if not path.is_file():
+        return 0
+    if last_step < 0:
+        with open(path, newline="") as f:
+            count = sum(1 for _ in csv.DictReader(f))
+        path.unlink()
+        return count
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def step_of(row: dict) -> float:
+        try:
+            return float(row.get("step") or "nan")
+        except ValueError:
+            return float("nan")
+
+    kept = [row for row in rows if step_of(row) <= last_step]  # NaN (no step) compares False: dropped
+    if len(kept) == len(rows):
+        return 0
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, out.getvalue())
+    return len(rows) - len(kept)
+
+
 def build_loggers(log_dir: str | Path, exp_cfg: Any) -> list:
     """TensorBoard and CSV loggers writing under ``log_dir`` (plus W&B when ``create_wandb_logger`` is true).
+
+    The CSV logger (:class:`AppendingCSVLogger`) continues ``csv/metrics.csv`` across resumes.
 
     Raises:
         ImportError: W&B requested but ``wandb`` is not installed (``pip install nemo_aligner[wandb]``).
@@ -47,7 +124,7 @@ def build_loggers(log_dir: str | Path, exp_cfg: Any) -> list:
     log_dir = Path(log_dir)
     loggers = [
         TensorBoardLogger(root_dir=str(log_dir), name="tensorboard", version=""),
-        CSVLogger(root_dir=str(log_dir), name="csv", version="", flush_logs_every_n_steps=1),
+        AppendingCSVLogger(root_dir=str(log_dir), name="csv", version="", flush_logs_every_n_steps=1),
     ]
     if exp_cfg.get("create_wandb_logger", False):
         try:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError
 from nemo_aligner.utils.config import (
     ConfigKeyError,
     ConfigValueError,
@@ -39,7 +39,8 @@ from nemo_aligner.utils.logging import build_loggers, get_logger
 from nemo_aligner.utils.runtime import build_fabric
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataFormatError, ConfigKeyError, ConfigValueError, FileNotFoundError, FileExistsError
+    DataFormatError, ConfigKeyError, ConfigValueError, NonFiniteError, DamagedCheckpointError, FileNotFoundError,
+    FileExistsError,
 )
 """Errors that are the user's mistake (bad config key or value, missing or malformed data file, an occupied or
 unwritable log directory):
