@@ -288,3 +288,68 @@ def test_served_critic_checkpoints_follow_the_actors_top_k(tmp_path, tiny_model_
     actor_steps = steps(Path(out["log_dir"]) / "checkpoints")
     assert "step=0000003" in actor_steps and len(actor_steps) <= 2  # the best one and the latest
     assert steps(tmp_path / "critic" / "checkpoints") == actor_steps
+
+
+def _standardised_rm(tmp_path, rm_dir, mean, std):
+    """A copy of the tiny RM export whose config.json stores reward_standardization {mean, std}."""
+    import json
+    import shutil
+
+    from nemo_aligner.models.reward_model import STANDARDIZATION_KEY
+
+    path = tmp_path / "standardised_rm"
+    shutil.copytree(rm_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config[STANDARDIZATION_KEY] = {"mean": mean, "std": std}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
+    """An RM export with reward_standardization {mean 0.7, std 0.05}: the critic initialised from it (colocated and
+    served) outputs (head - 0.7) / 0.05, the scale of the rewards. The value read where the token after the response
+    would be predicted equals the RM's (standardised) reward of that response, and the value loss trains on the
+    standardised values. The critic server's model.reward_standardization keys override the export's."""
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.models.critic import HFCritic
+    from nemo_aligner.models.reward_model import RewardScorer
+    from nemo_aligner.servers.critic_server import RemoteCritic
+    from nemo_aligner.utils.runtime import build_fabric
+
+    mean, std = 0.7, 0.05
+    std_rm = _standardised_rm(tmp_path, rm_dir, mean, std)
+    fabric = build_fabric(OmegaConf.create({"accelerator": "cpu", "devices": 1}), seed=5)
+    model_cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": 1e-3}})
+    critic = HFCritic(fabric, model_cfg, str(std_rm), max_steps=1)
+    raw_critic = HFCritic(fabric, model_cfg, str(rm_dir), max_steps=1)
+    rollouts = _critic_rollouts()
+    values, raw = critic.infer_values(rollouts, 4), raw_critic.infer_values(rollouts, 4)
+    assert (critic.reward_mean, critic.reward_std) == (mean, std) and (raw_critic.reward_mean, raw_critic.reward_std) == (0.0, 1.0)
+    for v, r in zip(values, raw):
+        assert v == pytest.approx([(x - mean) / std for x in r], rel=1e-5, abs=1e-4)
+    rewards = RewardScorer.from_pretrained(str(std_rm)).score([r["input_ids"][:-1] for r in rollouts])
+    assert [v[-1] for v in values] == pytest.approx(rewards, rel=1e-4, abs=1e-4)
+    assert max(abs(x) for x in rewards) > 1.0  # far from the raw head's scale (|raw| < 0.2 here)
+
+    # training: one optimizer step on all four rollouts; values_mean is that of the standardised values before it
+    metrics = critic.train_on_rollouts([dict(r, values=v) for r, v in zip(rollouts, values)], 4, 4)
+    flat = [x for v in values for x in v]
+    assert metrics["values_mean"] == pytest.approx(sum(flat) / len(flat), rel=1e-4)
+
+    def server(*overrides):
+        return load_example_script("serve_ppo_critic").build(compose_cfg(
+            "gpt_ppo_critic", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={std_rm}",
+            f"exp_manager.explicit_log_dir={tmp_path / 'critic'}", "exp_manager.export_hf=false", *overrides))[0]
+
+    with BackgroundServer(server()) as url:
+        served = RemoteCritic(url, max_retries=0).infer(rollouts)
+    for a, b in zip(served, values):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    with BackgroundServer(server("model.reward_standardization.enable=true", "model.reward_standardization.mean=0.0",
+                                 "model.reward_standardization.std=1.0")) as url:
+        overridden = RemoteCritic(url, max_retries=0).infer(rollouts)
+    for a, b in zip(overridden, raw):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="reward_standardization.enable=true needs"):
+        server("model.reward_standardization.enable=true")
