@@ -274,7 +274,9 @@ class HFCritic(HFModel):
 
         Each epoch visits the rollouts in an order shuffled by ``random.Random(seed + epoch)``, in global batches of
         ``global_batch_size`` (one optimizer step each; an incomplete last batch is still a step) cut into
-        micro-batches of ``micro_batch_size``.
+        micro-batches of ``micro_batch_size``. Under data parallelism (``W`` ranks, each passing its own rollouts)
+        a global batch is ``global_batch_size / W`` rollouts of each rank, as for the actor, so a PPO step makes
+        the optimizer steps of one process holding all the rollouts.
 
         Args:
             rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
@@ -291,13 +293,14 @@ class HFCritic(HFModel):
             n = len(r["input_ids"]) - int(r["prompt_length"])
             if len(r["values"]) != n or len(r["returns"]) != n:
                 raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
+        per_rank = max(global_batch_size // self.data_parallel_size, 1)
         sums: dict[str, float] = {}
         steps = 0
         for epoch in range(epochs):
             order = list(range(len(rollouts)))
             random.Random(seed + epoch).shuffle(order)
-            for g in range(0, len(order), global_batch_size):
-                group = [rollouts[i] for i in order[g : g + global_batch_size]]
+            for g in range(0, len(order), per_rank):
+                group = [rollouts[i] for i in order[g : g + per_rank]]
                 micro = [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
                 total_tokens = sum(len(r["values"]) for r in group)
                 self.prepare_for_training_step()

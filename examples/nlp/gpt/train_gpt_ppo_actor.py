@@ -94,7 +94,7 @@ def colocated_critic(cfg: DictConfig, fabric, ppo_cfg: PPOConfig, max_steps: int
     })
     model = HFCritic(
         fabric, critic_model_cfg, str(critic_path),
-        max_steps=max_steps * ppo_cfg.optimizer_steps_per_ppo_step(ppo_cfg.critic_global_batch_size),
+        max_steps=ppo_cfg.critic_optimizer_steps(max_steps),  # warm-up included; the same on every rank
         gradient_clip_val=ppo_cfg.gradient_clip_val,
         loss_clip_val=float(cfg.critic.loss_clip_val),
         precision=precision,
