@@ -398,7 +398,8 @@ def test_two_rank_colocated_critic_steps_and_lr_match_one_rank(tmp_path, tiny_mo
     cmd = lambda run: _ppo_command(tmp_path, tiny_model_dir, prompts, run,  # noqa: E731
                                    f"reward_model.restore_from_path={rm_dir}", f"critic.restore_from_path={rm_dir}",
                                    "model.global_batch_size=4", "model.micro_batch_size=2",
-                                   "critic.optim.sched.min_lr=1e-4")
+                                   "critic.optim.sched.min_lr=1e-4",
+                                   "exp_manager.checkpoint_callback_params.save_top_k=-1")
     _run_ranks(cmd("one"), 1)
     _run_ranks(cmd("two"), 2)
     for step in (1, 2):

@@ -135,7 +135,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     if fabric.is_global_zero:
         log.info(f"{len(train_prompts)} training prompts ({cut} cut to {max_prompt_tokens} tokens), "
                  f"{len(val_prompts)} validation prompts; {max_steps} PPO steps of {ppo_cfg.num_rollout_samples} "
-                 f"rollouts ({'served' if served else 'colocated'} mode); reward from {reward_desc}; "
+                 f"rollouts ({'served' if served else 'colocated'} mode, {fabric.world_size} rank(s)); reward from {reward_desc}; "
                  f"logs and checkpoints in {log_dir}")
 
     precision = normalize_precision(cfg.trainer.precision)
