@@ -488,3 +488,55 @@ def test_mask_truncated_config_default_and_parsing(tmp_path):
     assert PPOConfig.from_cfg(ppo_cfg(tmp_path, "unused", prompts, "model.ppo.mask_truncated=false")).mask_truncated is False
     with pytest.raises(ValueError, match="model.ppo.mask_truncated"):
         PPOConfig.from_cfg(ppo_cfg(tmp_path, "unused", prompts, "model.ppo.mask_truncated=maybe"))
+
+def test_critic_warmup_takes_no_ppo_step_and_resumes_exactly(tmp_path, tiny_model_dir, ppo_script, monkeypatch):
+    """critic_warmup_steps=2, max_steps=3 (NeMo-Aligner's warm-up): 3 PPO steps that all update the actor, on 3
+    prompt batches; step 1 first trains the critic on 2 extra rollout buffers (2 x 2 optimizer steps, in the critic's
+    LR schedule of (3 + 2) x 2 steps). A crash after the step-2 checkpoint and a resume (no second warm-up) give the
+    uninterrupted run's metrics and final weights."""
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    overrides = [*LEARNING_OVERRIDES, "trainer.ppo.critic_warmup_steps=2", "trainer.ppo.max_steps=3",
+                 "trainer.ppo.save_interval=2", "trainer.ppo.val_check_interval=1", "model.ppo.num_rollout_samples=8",
+                 "critic.optim.sched.min_lr=1e-4", "exp_manager.export_hf=false"]
+    reward = target_fraction_reward(range(3, 80))
+    straight = ppo_script.run(ppo_cfg(tmp_path, tiny_model_dir, prompts, *overrides, run="straight"), reward_fn=reward)
+    hist = straight["history"]
+    assert straight["trainer"].step == 3 and len(hist) == 3
+    assert [h["actor_optimizer_steps"] for h in hist] == [2, 2, 2]  # ppo_epochs=2 x one global batch of 8
+    assert [h["consumed_samples"] for h in hist] == [8, 16, 24]
+    assert hist[0]["critic_warmup_optimizer_steps"] == 4 and "critic_warmup_optimizer_steps" not in hist[1]
+    assert [h["critic_optimizer_steps"] for h in hist] == [2, 2, 2]
+    critic_state = torch.load(Path(straight["log_dir"]) / "critic_checkpoints" / "step=0000003" / "state.pt",
+                              map_location="cpu", weights_only=False)
+    assert critic_state["scheduler"]["last_epoch"] == 10  # (3 PPO steps + 2 warm-up buffers) x 2
+    assert critic_state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the schedule ran to its end
+
+    original_save, before_kill = PPOTrainer._save, []
+
+    def save_then_die(self):
+        original_save(self)
+        if self.step == 2:
+            before_kill.extend(self.history)
+            raise _Killed
+
+    monkeypatch.setattr(PPOTrainer, "_save", save_then_die)
+    resumed_cfg = ppo_cfg(tmp_path, tiny_model_dir, prompts, *overrides, run="resumed")
+    with pytest.raises(_Killed):
+        ppo_script.run(resumed_cfg, reward_fn=reward)
+    monkeypatch.setattr(PPOTrainer, "_save", original_save)
+    resumed = ppo_script.run(resumed_cfg, reward_fn=reward)
+    assert resumed["trainer"].step == 3 and len(resumed["history"]) == 1
+    assert "critic_warmup_optimizer_steps" not in resumed["history"][0]  # no second warm-up after a resume
+    for step, (a, b) in enumerate(zip(hist, before_kill + resumed["history"]), start=1):
+        assert a.keys() == b.keys(), step
+        for key in sorted(a):
+            if not (key.startswith("time_") or key == "step_time"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key)
+    for sub in ("checkpoints", "critic_checkpoints"):
+        a = _state(Path(straight["log_dir"]) / sub / "step=0000003")
+        b = _state(Path(resumed["log_dir"]) / sub / "step=0000003")
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert torch.equal(a[name], b[name]), (sub, name)

@@ -289,3 +289,158 @@ def test_served_critic_checkpoints_follow_the_actors_top_k(tmp_path, tiny_model_
     actor_steps = steps(Path(out["log_dir"]) / "checkpoints")
     assert "step=0000003" in actor_steps and len(actor_steps) <= 2  # the best one and the latest
     assert steps(tmp_path / "critic" / "checkpoints") == actor_steps
+
+
+def _standardised_rm(tmp_path, rm_dir, mean, std):
+    """A copy of the tiny RM export whose config.json stores reward_standardization {mean, std}."""
+    import json
+    import shutil
+
+    from nemo_aligner.models.reward_model import STANDARDIZATION_KEY
+
+    path = tmp_path / "standardised_rm"
+    shutil.copytree(rm_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config[STANDARDIZATION_KEY] = {"mean": mean, "std": std}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
+    """An RM export with reward_standardization {mean 0.7, std 0.05}: the critic initialised from it (colocated and
+    served) outputs (head - 0.7) / 0.05, the scale of the rewards. The value read where the token after the response
+    would be predicted equals the RM's (standardised) reward of that response, and the value loss trains on the
+    standardised values. The critic server's model.reward_standardization keys override the export's."""
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.models.critic import HFCritic
+    from nemo_aligner.models.reward_model import RewardScorer
+    from nemo_aligner.servers.critic_server import RemoteCritic
+    from nemo_aligner.utils.runtime import build_fabric
+
+    mean, std = 0.7, 0.05
+    std_rm = _standardised_rm(tmp_path, rm_dir, mean, std)
+    fabric = build_fabric(OmegaConf.create({"accelerator": "cpu", "devices": 1}), seed=5)
+    model_cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": 1e-3}})
+    critic = HFCritic(fabric, model_cfg, str(std_rm), max_steps=1)
+    raw_critic = HFCritic(fabric, model_cfg, str(rm_dir), max_steps=1)
+    rollouts = _critic_rollouts()
+    values, raw = critic.infer_values(rollouts, 4), raw_critic.infer_values(rollouts, 4)
+    assert (critic.reward_mean, critic.reward_std) == (mean, std) and (raw_critic.reward_mean, raw_critic.reward_std) == (0.0, 1.0)
+    for v, r in zip(values, raw):
+        assert v == pytest.approx([(x - mean) / std for x in r], rel=1e-5, abs=1e-4)
+    rewards = RewardScorer.from_pretrained(str(std_rm)).score([r["input_ids"][:-1] for r in rollouts])
+    assert [v[-1] for v in values] == pytest.approx(rewards, rel=1e-4, abs=1e-4)
+    assert max(abs(x) for x in rewards) > 1.0  # far from the raw head's scale (|raw| < 0.2 here)
+
+    # training: one optimizer step on all four rollouts; values_mean is that of the standardised values before it
+    metrics = critic.train_on_rollouts([dict(r, values=v) for r, v in zip(rollouts, values)], 4, 4)
+    flat = [x for v in values for x in v]
+    assert metrics["values_mean"] == pytest.approx(sum(flat) / len(flat), rel=1e-4)
+
+    def server(*overrides):
+        return load_example_script("serve_ppo_critic").build(compose_cfg(
+            "gpt_ppo_critic", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={std_rm}",
+            f"exp_manager.explicit_log_dir={tmp_path / 'critic'}", "exp_manager.export_hf=false", *overrides))[0]
+
+    with BackgroundServer(server()) as url:
+        served = RemoteCritic(url, max_retries=0).infer(rollouts)
+    for a, b in zip(served, values):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    with BackgroundServer(server("model.reward_standardization.enable=true", "model.reward_standardization.mean=0.0",
+                                 "model.reward_standardization.std=1.0")) as url:
+        overridden = RemoteCritic(url, max_retries=0).infer(rollouts)
+    for a, b in zip(overridden, raw):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="reward_standardization.enable=true needs"):
+        server("model.reward_standardization.enable=true")
+
+
+def _ppo_command(tmp_path, model_dir, prompts, run, *overrides):
+    """The PPO actor script as a subprocess (2 ranks need their own processes): 8 rollouts per step, 2 steps."""
+    import sys
+
+    from conftest import REPO
+
+    return [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_ppo_actor.py"),
+            f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{prompts}]",
+            f"model.data.data_prefix.validation=[{prompts}]", f"exp_manager.explicit_log_dir={tmp_path / run}",
+            "trainer.accelerator=cpu", "model.encoder_seq_length=64", "model.ppo.length_params.max_length=4",
+            "model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=4", "trainer.ppo.max_steps=2",
+            "trainer.ppo.save_interval=1", "trainer.ppo.val_check_interval=0", "model.optim.lr=1e-3",
+            "critic.optim.lr=1e-3", "exp_manager.export_hf=false", *overrides]
+
+
+def _run_ranks(cmd, ranks):
+    import os
+    import subprocess
+
+    extra = [f"trainer.devices={ranks}", "trainer.strategy=ddp"] if ranks > 1 else []
+    proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if ranks > 1:
+        assert f"{ranks} rank(s)" in proc.stderr
+    return proc
+
+
+def _csv_column(run_dir, key):
+    import csv
+
+    rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_two_rank_colocated_critic_steps_and_lr_match_one_rank(tmp_path, tiny_model_dir, rm_dir):
+    """Data parallelism over 2 gloo processes, critic global batch 4 of 8 rollouts: each rank trains its replica on
+    2 of its 4 rollouts per optimizer step, so after every PPO step the critic has made the one-process run's 2
+    optimizer steps and sits at the same point of its LR schedule (not 1 step, half-way through its decay)."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    cmd = lambda run: _ppo_command(tmp_path, tiny_model_dir, prompts, run,  # noqa: E731
+                                   f"reward_model.restore_from_path={rm_dir}", f"critic.restore_from_path={rm_dir}",
+                                   "model.global_batch_size=4", "model.micro_batch_size=2",
+                                   "critic.optim.sched.min_lr=1e-4",
+                                   "exp_manager.checkpoint_callback_params.save_top_k=-1")
+    _run_ranks(cmd("one"), 1)
+    _run_ranks(cmd("two"), 2)
+    for step in (1, 2):
+        states = [torch.load(tmp_path / run / "critic_checkpoints" / f"step={step:07d}" / "state.pt",
+                             map_location="cpu", weights_only=False) for run in ("one", "two")]
+        assert [s["scheduler"]["last_epoch"] for s in states] == [2 * step, 2 * step]
+        lrs = [s["optimizer"]["param_groups"][0]["lr"] for s in states]
+        assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
+    assert lrs[0] == pytest.approx(1e-4)  # the schedule of 2 PPO steps x 2 optimizer steps ran to its end
+    for run in ("one", "two"):
+        assert _csv_column(tmp_path / run, "train/critic_optimizer_steps") == [2.0, 2.0]
+        assert _csv_column(tmp_path / run, "train/actor_optimizer_steps") == [2.0, 2.0]
+
+
+def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_dir, rm_dir):
+    """Served mode with 2 actor ranks: rank 0 sends the critic server all 8 rollouts of a PPO step in one /train,
+    so the server trains once per PPO step (one optimizer step of its global batch 8), not once per rank on 4."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    critic_app = load_example_script("serve_ppo_critic").build(compose_cfg(
+        "gpt_ppo_critic", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={rm_dir}",
+        "model.optim.lr=1e-3", "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.ppo.max_steps=2",
+        f"exp_manager.explicit_log_dir={tmp_path / 'critic'}", "exp_manager.export_hf=false"))[0]
+    critic = critic_app.state.critic
+    trained, original = [], critic.train_on_rollouts
+    critic.train_on_rollouts = lambda rollouts, *a, **k: (trained.append(len(rollouts)), original(rollouts, *a, **k))[1]
+    policy_app, _ = load_example_script("serve_initial_policy").build(compose_cfg(
+        "inference_initial_policy", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}"))
+    rm_app, _ = load_example_script("serve_reward_model").build(
+        compose_cfg("inference_rm", "trainer.accelerator=cpu", f"rm_model_file={rm_dir}"))
+    with BackgroundServer(critic_app) as critic_url, BackgroundServer(policy_app) as policy_url, \
+            BackgroundServer(rm_app) as rm_url:
+        port = lambda url: url.rsplit(":", 1)[1]  # noqa: E731
+        _run_ranks(_ppo_command(tmp_path, tiny_model_dir, prompts, "served", "model.global_batch_size=8",
+                                "model.micro_batch_size=4", "remote_critic_rm.enable=true",
+                                f"remote_critic_rm.critic.port={port(critic_url)}",
+                                f"remote_critic_rm.initial_policy.port={port(policy_url)}",
+                                f"remote_critic_rm.reward_model.port={port(rm_url)}"), 2)
+    assert trained == [8, 8]  # one /train per PPO step, with both ranks' rollouts
+    assert critic.scheduler.last_epoch == 2  # one optimizer step per PPO step, as a one-rank actor gives
+    assert _csv_column(tmp_path / "served", "train/critic_optimizer_steps") == [1.0, 1.0]
+    steps = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("."))  # noqa: E731
+    assert "step=0000002" in steps(tmp_path / "critic" / "checkpoints")  # saved once, by rank 0
+    assert steps(tmp_path / "critic" / "checkpoints") == steps(tmp_path / "served" / "checkpoints")

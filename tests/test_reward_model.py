@@ -222,6 +222,7 @@ def test_end_to_end_training_centring_export_and_eval(tmp_path, tiny_model_dir, 
         "trainer.rm.max_epochs=20", "trainer.rm.max_steps=16", "trainer.rm.val_check_interval=8",
         "trainer.rm.save_interval=16", "model.global_batch_size=8", "model.micro_batch_size=4", "model.optim.lr=1e-3",
         "model.data.pack_sequences=true", "model.reward_standardization.enable=true",
+        "model.reward_standardization.std=1.0",  # centring only (the measured std: test_standardization_keeps_...)
     )
     out = rm_script.run(cfg)
     hist = out["history"]
@@ -290,3 +291,35 @@ def test_shared_prefix_scores_ranked_lists_like_separate_sequences(tiny_model_di
     torch.testing.assert_close(shared, single, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="does not fit max_row_length"):
         collate_reward_examples(examples, 0, pack=True, max_row_length=8, shared_prefix=True)
+
+
+def test_standardization_keeps_the_measured_std_in_the_export(tmp_path, tiny_model_dir, rm_script):
+    """reward_standardization.enable=true with mean and std unset: the export's config.json stores the measured
+    mean and the measured (population) std of the raw training rewards, and RewardScorer's training scores then
+    have mean 0 and std 1. A given std is kept instead of the measured one."""
+    import statistics
+
+    data = write_text_pairs(tmp_path / "pairs.jsonl")
+    common = ["trainer.rm.max_steps=4", "trainer.rm.val_check_interval=4", "trainer.rm.save_interval=4",
+              "model.global_batch_size=8", "model.micro_batch_size=4", "model.optim.lr=1e-3",
+              "model.reward_standardization.enable=true"]
+    out = rm_script.run(rm_cfg(tmp_path, tiny_model_dir, data, data, *common))
+    export = Path(out["log_dir"]) / "hf_export"
+    stored = json.loads((export / "config.json").read_text())["reward_standardization"]
+    assert stored == pytest.approx(out["reward_standardization"])
+    scorer = RewardScorer.from_pretrained(str(export))
+    texts = [json.loads(line)["text"] for line in open(data)]
+    seqs = [list(scorer.tokenizer(t)["input_ids"]) + [scorer.tokenizer.eos_token_id] for t in texts]
+    standardised = scorer.score(seqs)
+    scorer.mean, scorer.std = 0.0, 1.0
+    raw = scorer.score(seqs)
+    assert stored["mean"] == pytest.approx(statistics.fmean(raw), abs=1e-5)
+    assert stored["std"] == pytest.approx(statistics.pstdev(raw), rel=1e-4)
+    assert abs(stored["std"] - 1.0) > 1e-3  # measured, not the old default of 1
+    assert statistics.fmean(standardised) == pytest.approx(0.0, abs=1e-4)
+    assert statistics.pstdev(standardised) == pytest.approx(1.0, rel=1e-4)
+
+    fixed = rm_script.run(rm_cfg(tmp_path / "fixed", tiny_model_dir, data, data, *common,
+                                 "model.reward_standardization.std=2.5"))
+    assert fixed["reward_standardization"]["std"] == 2.5
+    assert fixed["reward_standardization"]["mean"] == pytest.approx(stored["mean"], abs=1e-5)  # same training

@@ -9,15 +9,22 @@ One PPO *step* (NeMo-Aligner's "PPO step"):
 3. **Advantages.** Per-token rewards ``-beta * KL_t`` plus the score at the last token (Ouyang et al. 2022 eq. 2;
    Ziegler et al. 2019), GAE (Schulman et al. 2016 eq. 11-16) with ``discount_factor`` and ``gae_lambda``,
    optionally whitened (``normalize_advantages``).
-4. **Training.** The critic regresses the returns with the clipped value loss; after ``critic_warmup_steps``
-   steps the actor minimises the clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the
-   entropy, for ``ppo_epochs`` passes over the rollout buffer in global batches of ``model.global_batch_size``.
+4. **Training.** The critic regresses the returns with the clipped value loss, then the actor minimises the
+   clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the entropy, each for
+   ``ppo_epochs`` passes over the rollout buffer in global batches (``critic_global_batch_size``,
+   ``model.global_batch_size``) split evenly over the data-parallel ranks.
+
+**Critic warm-up** (``critic_warmup_steps = K``, as in NeMo-Aligner): before the actor's first update of a fresh
+run, the critic trains on ``K`` extra rollout buffers of step 1's prompts (each sampled with its own seed and scored
+by the critic as it stands), so step 1's advantages come from a warmed-up critic. The warm-up takes no PPO step and
+no prompts: ``max_steps`` PPO steps still update the actor ``max_steps`` times on ``max_steps`` prompt batches.
 
 The trainer sees the four roles through small interfaces, so each can live in this process or behind HTTP:
 
 * actor: an :class:`~nemo_aligner.models.alignable.AlignableModel` policy (always local; the master);
-* critic: :class:`CriticHandle` -- :class:`LocalCritic` (colocated) or
-  :class:`nemo_aligner.servers.critic_server.RemoteCritic`;
+* critic: :class:`CriticHandle` -- :class:`LocalCritic` (colocated; one replica per data-parallel rank, each
+  training on its share of the global batch) or :class:`nemo_aligner.servers.critic_server.RemoteCritic` (served;
+  one critic for all ranks: rank 0 sends it every rank's rollouts, so it trains once per PPO step);
 * initial policy: :class:`InitialPolicyHandle` -- :class:`LocalInitialPolicy` (the actor's frozen reference copy,
   or its LoRA adapters switched off) or :class:`nemo_aligner.servers.initial_policy_server.RemoteInitialPolicy`;
 * reward: any ``reward_fn(prompt_ids, response_ids) -> list[float]``
@@ -89,7 +96,8 @@ class PPOConfig:
     Loop (``trainer.ppo``): ``max_epochs`` (passes over the prompts), ``max_steps`` (-1: all), ``val_check_interval``,
     ``save_interval``, ``gradient_clip_val``. Advantages (``trainer.ppo``): ``initial_policy_kl_penalty`` (beta),
     ``use_absolute_kl``, ``discount_factor`` (gamma), ``gae_lambda``, ``normalize_advantages``,
-    ``critic_warmup_steps`` (steps that train only the critic), ``ppo_epochs`` (passes over each rollout buffer).
+    ``critic_warmup_steps`` (extra critic-only rollout buffers before step 1; no PPO step), ``ppo_epochs`` (passes
+    over each rollout buffer).
     Rollouts (``model.ppo``): ``num_rollout_samples``, ``rollout_micro_batch_size``, ``forward_micro_batch_size``,
     ``num_val_samples``, ``val_rollout_micro_batch_size``; loss: ``entropy_bonus``, ``ratio_eps``,
     ``mask_truncated`` (responses that did not end contribute nothing to the actor loss). Actor batches
@@ -186,11 +194,21 @@ class PPOConfig:
             raise ValueError("trainer.ppo.discount_factor and gae_lambda must lie in [0, 1]")
         if self.ppo_epochs < 1:
             raise ValueError(f"trainer.ppo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.critic_warmup_steps < 0:
+            raise ValueError(f"trainer.ppo.critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+        if self.critic_global_batch_size < 1 or self.critic_micro_batch_size < 1:
+            raise ValueError("critic.global_batch_size and critic.micro_batch_size must be >= 1")
 
     def optimizer_steps_per_ppo_step(self, global_batch_size: int | None = None) -> int:
-        """Optimizer steps made on one rollout buffer: ``ppo_epochs * ceil(num_rollout_samples / gbs)``."""
+        """Optimizer steps made on one rollout buffer: ``ppo_epochs * ceil(num_rollout_samples / gbs)`` (on every
+        data-parallel rank alike: each takes ``gbs / W`` of its ``num_rollout_samples / W`` rollouts per step)."""
         gbs = global_batch_size or self.global_batch_size
         return self.ppo_epochs * math.ceil(self.num_rollout_samples / gbs)
+
+    def critic_optimizer_steps(self, ppo_steps: int) -> int:
+        """Critic optimizer steps of a run of ``ppo_steps`` PPO steps, warm-up included (its LR schedule):
+        ``(ppo_steps + critic_warmup_steps) * optimizer_steps_per_ppo_step(critic_global_batch_size)``."""
+        return (ppo_steps + self.critic_warmup_steps) * self.optimizer_steps_per_ppo_step(self.critic_global_batch_size)
 
 
 def compute_ppo_max_steps(num_prompts: int, cfg: PPOConfig) -> int:
@@ -217,13 +235,22 @@ def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[list[fl
 
 
 class CriticHandle(Protocol):
-    """What the PPO trainer needs from a critic (local or remote)."""
+    """What the PPO trainer needs from a critic (local or remote).
+
+    ``shared`` (class attribute, default ``False``): one critic serves every data-parallel rank (a server). The
+    trainer then calls :meth:`train` on rank 0 only, with the rollouts of all ranks, and :meth:`save`,
+    :meth:`load`, :meth:`reset` on rank 0 only; otherwise every rank calls every method (with its own rollouts).
+    """
+
+    shared: bool
 
     def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
         """Values of each response token of each rollout (``{"input_ids", "prompt_length"}``)."""
 
     def train(self, rollouts: Sequence[dict], seed: int, step: int) -> dict[str, float]:
-        """Critic training of PPO step ``step`` on rollouts with ``values`` and ``returns``; returns metrics."""
+        """Critic training on rollouts with ``values`` and ``returns``; returns metrics. ``step`` numbers the
+        trainings of a run (warm-up buffer ``w`` is ``w``, PPO step ``s`` (0-based) is ``critic_warmup_steps + s``),
+        so that a retried request can be recognised."""
 
     def save(self, step: int) -> None:
         """Checkpoint the critic as of PPO step ``step``."""
@@ -256,7 +283,12 @@ class LocalCritic:
 
     :meth:`reset` costs nothing for a critic this handle has not trained or loaded yet (the usual colocated case: the
     process built it for this run), and re-reads the initial weights otherwise.
+
+    Under data parallelism every rank holds a replica and trains it on its own rollouts, ``global_batch_size / W``
+    of them per optimizer step (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`).
     """
+
+    shared = False
 
     def __init__(self, critic, checkpoint_dir: str | Path, forward_micro_batch_size: int, global_batch_size: int,
                  micro_batch_size: int, epochs: int = 1):
@@ -419,8 +451,9 @@ class PPOTrainer(OnlineTrainer):
         eos_token_id: appended to an empty response (a response needs at least one token).
 
     Raises:
-        ValueError: too few prompts for one step, or ``num_rollout_samples`` not a multiple of
-            ``rollout_micro_batch_size`` x data-parallel size.
+        ValueError: too few prompts for one step, ``num_rollout_samples`` not a multiple of
+            ``rollout_micro_batch_size`` x data-parallel size, or a global batch size (``model.global_batch_size``;
+            ``critic.global_batch_size`` of a colocated critic) not a multiple of the data-parallel size.
 
     Generation, validation rollouts, the sample table and the loop (``fit``) are
     :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s; this class says what a PPO step does.
@@ -456,6 +489,13 @@ class PPOTrainer(OnlineTrainer):
                 f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
                 f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
             )
+        batches = [("model.global_batch_size", cfg.global_batch_size)]
+        if not getattr(critic, "shared", False):  # a served critic trains on the gathered batch, in one process
+            batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
+        for key, size in batches:
+            if size % world:
+                raise ValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
+                                 f"trains on {key} / {world} of its rollouts per optimizer step)")
         super().__init__(actor, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
                          checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id,
                          rollout_micro_batch_size=cfg.rollout_micro_batch_size)
@@ -544,11 +584,44 @@ class PPOTrainer(OnlineTrainer):
         out["actor_optimizer_steps"] = float(steps)
         return out
 
-    # ---- one PPO step -----------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], list[dict]]:
-        """Run PPO step ``self.step``: rollouts, inference, advantages, critic then actor training."""
+    # ---- critic training --------------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        """Wait for every data-parallel rank (a collective on the actor's process group)."""
+        if self.actor.data_parallel_size > 1:
+            self.actor.all_reduce(torch.zeros(1, device=self.actor.device), "sum")
+
+    def _on_critic_owner(self, fn: Callable[[], Any]) -> None:
+        """``fn()`` on every rank for a per-rank critic; for a shared (served) one on rank 0 only, then a barrier,
+        so that no rank talks to the critic before the call is done."""
+        if not getattr(self.critic, "shared", False):
+            fn()
+            return
+        if self.actor.data_parallel_rank == 0:
+            fn()
+        self._barrier()
+
+    def train_critic(self, rollouts: list[dict], seed: int, round_index: int) -> dict[str, float]:
+        """One critic training on this PPO step's rollout buffer (``round_index``: see :meth:`CriticHandle.train`).
+
+        A per-rank (colocated) critic trains on this rank's rollouts (each rank ``critic_global_batch_size / W`` per
+        optimizer step, gradients averaged by DDP). A shared (served) critic gets every rank's rollouts, gathered on
+        rank 0 in rank order, in one request, so it trains once per PPO step on the full global batch; its metrics
+        are then given to every rank.
+        """
+        world = self.actor.data_parallel_size
+        if not getattr(self.critic, "shared", False) or world == 1:
+            return self.critic.train(rollouts, seed=seed, step=round_index)
+        keys = ("input_ids", "prompt_length", "values", "returns")
+        shards = _all_gather_objects([{k: r[k] for k in keys} for r in rollouts], world)
+        metrics = None
+        if self.actor.data_parallel_rank == 0:
+            metrics = self.critic.train([r for shard in shards for r in shard], seed=seed, step=round_index)
+        return _all_gather_objects(metrics, world)[0]
+
+    def _rollout_buffer(self, seed: int) -> tuple[list[dict], dict[str, float]]:
+        """This rank's rollouts of step ``self.step``'s prompts, sampled with ``seed``, scored (log-probs, values,
+        rewards) and with advantages and returns; plus their metrics."""
         cfg = self.cfg
-        seed = self._step_seed(self.step)
         start = time.perf_counter()
         rollouts = self.generate_rollouts(self.step_prompts(), 1, self.sampling_params, cfg.rollout_micro_batch_size,
                                           seed, prompt_indices=self.step_prompt_indices())
@@ -559,13 +632,51 @@ class PPOTrainer(OnlineTrainer):
         reduce = self.actor.all_reduce if self.actor.data_parallel_size > 1 else None
         metrics.update(compute_advantages(rollouts, cfg, reduce))
         metrics.update(rollout_metrics(rollouts))
+        return rollouts, metrics
+
+    def _warmup_seed(self, index: int) -> int:
+        """The sampling seed of critic warm-up buffer ``index`` (apart from every step's :meth:`_step_seed`)."""
+        return self.cfg.seed + 2**40 + 1_000_003 * index
+
+    def warm_up_critic(self) -> dict[str, float]:
+        """NeMo-Aligner's critic warm-up, run before the actor's first update of a fresh run: ``critic_warmup_steps``
+        times, a rollout buffer of step 1's prompts (its own seed, values from the critic as trained so far) and one
+        critic training on it. The actor, the data position and the step count do not change.
+
+        Returns:
+            ``critic_warmup_<metric>``: the warm-up trainings' mean ``value_loss``, ``explained_variance`` and
+            ``rewards_mean``, their total ``optimizer_steps``; ``time_critic_warmup`` (seconds).
+        """
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        for w in range(self.cfg.critic_warmup_steps):
+            seed = self._warmup_seed(w)
+            rollouts, buffer_metrics = self._rollout_buffer(seed)
+            critic_metrics = self.train_critic(rollouts, seed, round_index=w)
+            for k, v in {**critic_metrics, "rewards_mean": buffer_metrics["rewards_mean"]}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n = max(self.cfg.critic_warmup_steps, 1)
+        out = {f"critic_warmup_{k}": sums.get(k, 0.0) / n for k in ("value_loss", "explained_variance", "rewards_mean")}
+        out["critic_warmup_optimizer_steps"] = sums.get("critic_optimizer_steps", 0.0)
+        out["time_critic_warmup"] = time.perf_counter() - start
+        return out
+
+    # ---- one PPO step -----------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """Run PPO step ``self.step``: rollouts, inference, advantages, critic then actor training (after the critic
+        warm-up of :meth:`warm_up_critic` when this is the first step of a fresh run)."""
+        cfg = self.cfg
+        seed = self._step_seed(self.step)
+        start = time.perf_counter()
+        warmup = self.warm_up_critic() if self.step == 0 and cfg.critic_warmup_steps > 0 else {}
+        rollouts, metrics = self._rollout_buffer(seed)
+        metrics.update(warmup)
         t0 = time.perf_counter()
-        critic_metrics = self.critic.train(rollouts, seed=seed, step=self.step)
+        critic_metrics = self.train_critic(rollouts, seed, round_index=cfg.critic_warmup_steps + self.step)
         metrics.update({f"critic_{k}" if k in ("grad_norm", "lr", "returns_mean") else k: v for k, v in critic_metrics.items()})
         metrics["time_train_critic"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if self.step >= cfg.critic_warmup_steps:
-            metrics.update(self.train_actor(rollouts, seed))
+        metrics.update(self.train_actor(rollouts, seed))
         metrics["time_train_actor"] = time.perf_counter() - t0
         metrics["time_train"] = metrics["time_train_critic"] + metrics["time_train_actor"]
         metrics["step_time"] = time.perf_counter() - start
@@ -593,8 +704,8 @@ class PPOTrainer(OnlineTrainer):
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _save(self) -> None:
         """Checkpoint the critic, then the actor (an actor checkpoint never exists without its critic); rank 0
-        then prunes both to the same steps (the actor's top-k)."""
-        self.critic.save(self.step)
+        then prunes both to the same steps (the actor's top-k). A shared (served) critic is saved by rank 0 alone."""
+        self._on_critic_owner(lambda: self.critic.save(self.step))
         super()._save()
         if self.is_global_zero:
             self.critic.prune({int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()})
@@ -606,14 +717,26 @@ class PPOTrainer(OnlineTrainer):
         self._critic_restored = False
         super()._maybe_resume()
         if not self._critic_restored:
-            self.critic.reset()
+            self._on_critic_owner(self.critic.reset)
 
     def _restore(self, extra: dict) -> None:
-        self.critic.load(int(extra["step"]))
+        self._on_critic_owner(lambda: self.critic.load(int(extra["step"])))
         self._critic_restored = True
 
     def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"reward": f"{metrics['rewards_mean']:.3g}", "kl": f"{metrics['init_policy_kl']:.3g}"}
+
+
+def _all_gather_objects(obj: Any, world: int) -> list[Any]:
+    """``[obj of rank 0, ..., obj of rank W-1]`` on every rank (``torch.distributed.all_gather_object`` on the
+    default process group, the data-parallel one); ``[obj]`` on one rank."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def rollout_metrics(rollouts: Sequence[dict]) -> dict[str, float]:

@@ -4,11 +4,18 @@ The critic is an ``AutoModelForSequenceClassification(num_labels=1)`` model -- t
 model export, so it is normally initialised from the reward model (as in NeMo-Aligner), or from any causal-LM
 checkpoint (its ``score`` head then starts random). Its scalar ``score`` head is applied at every position that
 predicts a response token: the value ``V(s_t)`` of the state just before response token ``t`` is taken.
+
+Values are on the rewards' scale: a reward-model export that stores ``reward_standardization = {"mean": m, "std":
+s}`` (see :mod:`nemo_aligner.models.reward_model`) gives rewards ``(raw - m) / s``, so the critic initialised from it
+outputs ``V = (w^T h - m) / s`` too, at inference and in the value loss (as NeMo-Aligner's critic, which applies the
+reward model's ``reward_standardization`` to its value head). A critic from a causal-LM checkpoint has ``m = 0``,
+``s = 1``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from typing import Any, Sequence
 
@@ -20,6 +27,7 @@ from lightning.fabric import Fabric
 from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences
 from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.models.reward_model import STANDARDIZATION_KEY, standardization_from_config
 from nemo_aligner.utils.ppo_utils import explained_variance, ppo_value_loss
 
 
@@ -93,7 +101,8 @@ class TokenValues(nn.Module):
     ) -> torch.Tensor:
         """Shapes: ids/positions ``[R, T]``; mask ``[R, T]`` or ``[R, 1, T, T]`` bool; ``pred_*`` ``[N]``.
 
-        Returns ``[N]`` float32 head outputs (values, in reward units).
+        Returns ``[N]`` float32 raw head outputs ``w^T h`` (before the standardisation of
+        :meth:`HFCritic.get_values`).
         """
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(
@@ -127,6 +136,29 @@ def load_value_model(source: str, model_cfg: Any, precision: str = "32-true") ->
     return model
 
 
+def critic_standardization(config: Any, model_cfg: Any) -> tuple[float, float]:
+    """``(mean, std)`` of the critic's values: ``model_cfg.reward_standardization.{mean, std}`` when its ``enable``
+    is true (NeMo-Aligner's critic keys), else the ``reward_standardization`` entry of the checkpoint's ``config``
+    (``(0, 1)`` without one).
+
+    Raises:
+        ValueError: enabled without a finite mean and a finite std > 0; a bad entry in ``config``.
+    """
+    override = model_cfg.get("reward_standardization") if hasattr(model_cfg, "get") else None
+    if override is not None and bool(override.get("enable", False)):
+        mean, std = override.get("mean"), override.get("std")
+        try:
+            mean, std = float(mean), float(std)
+        except (TypeError, ValueError):
+            raise ValueError(f"model.reward_standardization.enable=true needs a mean and a std > 0, got mean={mean!r}, "
+                             f"std={std!r}") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"model.reward_standardization.enable=true needs a finite mean and a finite std > 0, got "
+                             f"mean={mean}, std={std}")
+        return mean, std
+    return standardization_from_config(config)
+
+
 class HFCritic(HFModel):
     """The PPO critic as an :class:`~nemo_aligner.models.alignable.AlignableModel` (full-parameter training).
 
@@ -141,8 +173,13 @@ class HFCritic(HFModel):
             (NeMo-Aligner ``model.loss_clip_val``).
         precision: Fabric precision string.
 
+    Values are standardised like the rewards (see the module docstring): ``reward_mean``/``reward_std`` come from
+    the checkpoint's ``config.json`` entry ``reward_standardization``, or from ``model_cfg.reward_standardization``
+    (NeMo-Aligner's ``{enable, mean, std}``) when it is enabled; the choice is written into the critic's own export.
+
     Raises:
-        ValueError: the checkpoint has no scalar head or an unsupported optimizer.
+        ValueError: the checkpoint has no scalar head or an unsupported optimizer; a bad
+            ``reward_standardization`` (enabled without a mean and a std > 0, or a bad entry in ``config.json``).
 
     :meth:`reset` returns the critic to the state it had right after construction; for that it keeps only small
     things (the RNG states before and after loading, the empty optimizer's and the scheduler's initial state dicts)
@@ -165,6 +202,8 @@ class HFCritic(HFModel):
         model = load_value_model(self.source, model_cfg, precision)
         score_head(model)
         self.loss_clip_val = loss_clip_val
+        self.reward_mean, self.reward_std = critic_standardization(model.config, model_cfg)
+        setattr(model.config, STANDARDIZATION_KEY, {"mean": self.reward_mean, "std": self.reward_std})
         super().__init__(
             fabric, TokenValues(model), model, load_tokenizer(self.source), model_cfg.optim, max_steps, gradient_clip_val
         )
@@ -198,14 +237,18 @@ class HFCritic(HFModel):
         _set_rng_state(self._rng_after_init)
 
     def get_values(self, batch: SequenceBatch) -> torch.Tensor:
-        """``[N]`` float32 values, one per target (response) token of ``batch``, read at the position predicting it."""
+        """``[N]`` float32 values ``(w^T h - reward_mean) / reward_std``, one per target (response) token of
+        ``batch``, read at the position predicting it (with grad outside ``no_grad``)."""
         b = batch.to(self.device)
-        return self.module(b.input_ids, b.position_ids, b.attention_mask, b.pred_row, b.pred_col)
+        raw = self.module(b.input_ids, b.position_ids, b.attention_mask, b.pred_row, b.pred_col)
+        return (raw - self.reward_mean) / self.reward_std
 
     def get_rewards(self, batch: SequenceBatch) -> torch.Tensor:
-        """``[S]`` float32 head output at each sequence's last token (what a reward model reads)."""
+        """``[S]`` float32 standardised head output at each sequence's last token (what
+        :class:`~nemo_aligner.models.reward_model.RewardScorer` returns for the same weights)."""
         b = batch.to(self.device)
-        return self.module(b.input_ids, b.position_ids, b.attention_mask, b.last_row, b.last_col)
+        raw = self.module(b.input_ids, b.position_ids, b.attention_mask, b.last_row, b.last_col)
+        return (raw - self.reward_mean) / self.reward_std
 
     # ---- PPO helpers ------------------------------------------------------------------------------------------
     def _collate(self, rollouts: Sequence[dict]) -> SequenceBatch:
@@ -237,7 +280,9 @@ class HFCritic(HFModel):
 
         Each epoch visits the rollouts in an order shuffled by ``random.Random(seed + epoch)``, in global batches of
         ``global_batch_size`` (one optimizer step each; an incomplete last batch is still a step) cut into
-        micro-batches of ``micro_batch_size``.
+        micro-batches of ``micro_batch_size``. Under data parallelism (``W`` ranks, each passing its own rollouts)
+        a global batch is ``global_batch_size / W`` rollouts of each rank, as for the actor, so a PPO step makes
+        the optimizer steps of one process holding all the rollouts.
 
         Args:
             rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
@@ -254,13 +299,14 @@ class HFCritic(HFModel):
             n = len(r["input_ids"]) - int(r["prompt_length"])
             if len(r["values"]) != n or len(r["returns"]) != n:
                 raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
+        per_rank = max(global_batch_size // self.data_parallel_size, 1)
         sums: dict[str, float] = {}
         steps = 0
         for epoch in range(epochs):
             order = list(range(len(rollouts)))
             random.Random(seed + epoch).shuffle(order)
-            for g in range(0, len(order), global_batch_size):
-                group = [rollouts[i] for i in order[g : g + global_batch_size]]
+            for g in range(0, len(order), per_rank):
+                group = [rollouts[i] for i in order[g : g + per_rank]]
                 micro = [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
                 total_tokens = sum(len(r["values"]) for r in group)
                 self.prepare_for_training_step()

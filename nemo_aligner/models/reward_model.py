@@ -132,7 +132,12 @@ def load_reward_backbone(source: str, model_cfg: Any, precision: str = "32-true"
     return model
 
 
-def _standardization_from_config(config: Any) -> tuple[float, float]:
+def standardization_from_config(config: Any) -> tuple[float, float]:
+    """``(mean, std)`` of a model config's ``reward_standardization`` entry (``(0, 1)`` when it has none).
+
+    Raises:
+        ValueError: a non-finite mean, or a std that is not finite and > 0.
+    """
     value = getattr(config, STANDARDIZATION_KEY, None) or {}
     mean, std = float(value.get("mean", 0.0) or 0.0), float(value.get("std", 1.0) or 1.0)
     if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
@@ -177,7 +182,7 @@ class HFRewardModel(HFModel):
         model = load_reward_backbone(self.source, model_cfg, precision, pad_token_id=tokenizer.pad_token_id)
         model, use_lora = apply_peft(model, model_cfg.get("peft"), task_type="SEQ_CLS", modules_to_save=["score"])
         self.max_seq_length = max_seq_length
-        self.reward_mean, self.reward_std = _standardization_from_config(_unwrap(model).config)
+        self.reward_mean, self.reward_std = standardization_from_config(_unwrap(model).config)
         super().__init__(
             fabric, ScalarHead(model), model, tokenizer, model_cfg.optim, max_steps, gradient_clip_val, use_lora
         )
@@ -272,7 +277,7 @@ class RewardScorer:
         model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if model.config.num_labels != 1:
             raise ValueError(f"{directory}: a reward model needs num_labels=1, this one has {model.config.num_labels}")
-        mean, std = _standardization_from_config(model.config)
+        mean, std = standardization_from_config(model.config)
         max_len = getattr(model.config, MAX_SEQ_LENGTH_KEY, None)
         if max_len is None:
             max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

@@ -7,7 +7,8 @@ API (JSON; errors are ``{"error": "<message>"}``, see :func:`nemo_aligner.server
   requests are gathered into micro-batches by :class:`~nemo_aligner.servers.batching.DynamicBatcher`.
 * ``POST /train`` ``{"step": int, "seed": int, "run_id": str (optional), "token_ids", "prompt_lengths",
   "values": [[float]], "returns": [[float]]}`` -> ``{"metrics": {...}}``: one PPO step of clipped-value-loss
-  training (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``(run_id, step)``: a
+  training on the rollouts of every data-parallel rank of the actor (rank 0 gathers and sends them; ``step`` numbers
+  the trainings of a run, critic warm-up included, see :class:`~nemo_aligner.algorithms.ppo.CriticHandle`) (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``(run_id, step)``: a
   retried request for the step just trained by the same actor run returns the stored metrics without training
   again; another run (a fresh actor process, which sends a new ``run_id``) is always trained, even at the same step.
 * ``POST /save`` ``{"step": int}`` / ``POST /load`` ``{"step": int}``: checkpoint ``<checkpoint_dir>/step=<N>`` (the
@@ -223,7 +224,13 @@ class RemoteCritic(HTTPClient):
         max_items_per_request: ``/infer`` requests are split into chunks this big.
         run_id: sent with every ``/train`` so that the server's retry cache never answers another run's request
             (default: a fresh random id per client, i.e. per actor process).
+
+    ``shared = True``: one server serves every data-parallel rank of the actor, so the PPO trainer sends ``/train``
+    (with all ranks' rollouts), ``/save``, ``/load`` and ``/reset`` from rank 0 only; the server then trains once per
+    PPO step on the whole global batch (its ``model.global_batch_size``), as a one-process actor run would.
     """
+
+    shared = True
 
     def __init__(self, base_url: str = "http://127.0.0.1:5557", *args, max_items_per_request: int = 256,
                  run_id: str | None = None, **kwargs):

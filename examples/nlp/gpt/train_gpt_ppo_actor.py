@@ -94,7 +94,7 @@ def colocated_critic(cfg: DictConfig, fabric, ppo_cfg: PPOConfig, max_steps: int
     })
     model = HFCritic(
         fabric, critic_model_cfg, str(critic_path),
-        max_steps=max_steps * ppo_cfg.optimizer_steps_per_ppo_step(ppo_cfg.critic_global_batch_size),
+        max_steps=ppo_cfg.critic_optimizer_steps(max_steps),  # warm-up included; the same on every rank
         gradient_clip_val=ppo_cfg.gradient_clip_val,
         loss_clip_val=float(cfg.critic.loss_clip_val),
         precision=precision,
@@ -137,7 +137,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     if fabric.is_global_zero:
         log.info(f"{len(train_prompts)} training prompts ({cut} cut to {max_prompt_tokens} tokens), "
                  f"{len(val_prompts)} validation prompts; {max_steps} PPO steps of {ppo_cfg.num_rollout_samples} "
-                 f"rollouts ({'served' if served else 'colocated'} mode); reward from {reward_desc}; "
+                 f"rollouts ({'served' if served else 'colocated'} mode, {fabric.world_size} rank(s)); reward from {reward_desc}; "
                  f"logs and checkpoints in {log_dir}")
 
     precision = normalize_precision(cfg.trainer.precision)

@@ -115,13 +115,19 @@ def run(cfg: DictConfig) -> dict:
     standardization = None
     if std_cfg.enable:
         mean, std = std_cfg.get("mean"), std_cfg.get("std")
-        if mean is None:
-            mean, _, count = compute_reward_statistics(
+        if mean is None or std is None:  # measure what is not given (NeMo-Aligner keys: reward_standardization.*)
+            measured_mean, measured_std, count = compute_reward_statistics(
                 model, train_ds, collate, trainer_cfg.micro_batch_size, std_cfg.get("num_samples")
             )
             if fabric.is_global_zero:
-                log.info(f"reward standardisation: mean raw reward {mean:.4f} over {count} training responses")
-        model.set_standardization(float(mean), float(std) if std is not None else 1.0)
+                log.info(f"reward standardisation: raw reward mean {measured_mean:.4f}, std {measured_std:.4f} over "
+                         f"{count} training responses")
+            if std is None and not measured_std > 0:
+                raise ValueError(f"model.reward_standardization: the raw rewards of {count} training responses all "
+                                 f"equal {measured_mean:.6g} (std 0); set model.reward_standardization.std")
+            mean = measured_mean if mean is None else mean
+            std = measured_std if std is None else std
+        model.set_standardization(float(mean), float(std))
         standardization = {"mean": model.reward_mean, "std": model.reward_std}
     if exp.get("export_hf", True):
         model.export_hf(str(log_dir / "hf_export"))
