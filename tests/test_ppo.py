@@ -354,6 +354,8 @@ def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tok
             raise Generated
 
     class Unused:
+        shared = False  # a colocated critic (read by PPOTrainer's batch-size check)
+
         def __getattr__(self, name):
             raise Generated
 
