@@ -145,16 +145,18 @@ def test_type_errors_come_from_the_schema_naming_the_key(name, override, message
 
 
 def test_check_config_types_null_default_keys_from_the_schema():
-    """``critic.global_batch_size`` is null in the YAML, so its type is only known from PPOConfig: a bad value is a
-    ConfigValueError naming the key before anything loads (it was a bare ``int('abc')`` ValueError)."""
+    """``model.rs.forward_micro_batch_size`` is null in the YAML, so its type is only known from RSConfig: a bad value
+    is a ConfigValueError naming the key before anything loads (check_values let it through, and RSConfig.from_cfg
+    then failed with a bare ``int('abc')`` ValueError)."""
     from nemo_aligner.utils.config import check_values
 
-    cfg = _compose("gpt_ppo_actor", ["critic.global_batch_size=abc"])
-    with pytest.raises(ConfigValueError, match=r"^critic\.global_batch_size='abc': expected an integer"):
-        check_values(cfg, load_schema("gpt_ppo_actor"), "gpt_ppo_actor")
-    cfg = _compose("gpt_ppo_actor", ["critic.global_batch_size=4.0"])
-    check_values(cfg, load_schema("gpt_ppo_actor"), "gpt_ppo_actor")
-    assert cfg.critic.global_batch_size == 4 and type(cfg.critic.global_batch_size) is int
+    cfg = _compose("gpt_rs_actor", ["model.rs.forward_micro_batch_size=abc"])
+    with pytest.raises(ConfigValueError, match=r"^model\.rs\.forward_micro_batch_size='abc': expected an integer"):
+        check_values(cfg, load_schema("gpt_rs_actor"), "gpt_rs_actor")
+    cfg = _compose("gpt_rs_actor", ["model.rs.forward_micro_batch_size=4.0"])
+    check_values(cfg, load_schema("gpt_rs_actor"), "gpt_rs_actor")
+    assert cfg.model.rs.forward_micro_batch_size == 4 and type(cfg.model.rs.forward_micro_batch_size) is int
+    assert RSConfig.from_cfg(cfg).forward_micro_batch_size == 4
 
 
 def test_unknown_key_is_still_an_error_naming_it():
