@@ -4,6 +4,7 @@ object builds from it, the dataclass defaults agree with the YAML, and the conf 
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -170,8 +171,13 @@ def test_unknown_key_is_still_an_error_naming_it():
 def test_conf_ships_in_the_wheel_and_is_found_outside_the_repo(tmp_path):
     """``pip wheel .`` puts conf/*.yaml in the wheel as nemo_aligner/conf/, and an installed copy (``--target``, the
     repository not on sys.path, run from elsewhere) finds them with load_schema and CONF_DIR."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    src.mkdir()
+    for part in ("setup.py", "MANIFEST.in", "README.md"):  # a copy of the tree: setuptools builds in-tree
+        shutil.copy(REPO / part, src / part)
+    for part in ("conf", "nemo_aligner"):
+        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels)], check=True, cwd=tmp_path, capture_output=True, timeout=600)
     wheel = next(wheels.glob("nemo_aligner-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
