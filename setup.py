@@ -4,7 +4,12 @@ setup(
     name="nemo_aligner",
     version="0.1.0",
     description="Align causal language models with human preferences: SFT, reward models, PPO, DPO/IPO/RPO.",
-    packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]),
+    # The reference configs ship inside the package as nemo_aligner/conf/*.yaml, mapped from the repository's own
+    # conf/ (which stays the one copy users edit and the docs link to): entry scripts and load_schema find them on a
+    # wheel or non-editable install too (nemo_aligner.utils.config.CONF_DIR). No symlink, no copy in the tree.
+    packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]) + ["nemo_aligner.conf"],
+    package_dir={"nemo_aligner.conf": "conf"},
+    package_data={"nemo_aligner.conf": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

@@ -23,42 +23,40 @@ import torch
 from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, step_of_name
-from nemo_aligner.utils.config import full_key, to_float, to_int
+from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
 from nemo_aligner.utils.logging import format_metrics, get_logger, trim_csv_log
 
 
+@config_schema("gpt_dpo", trainer="trainer.dpo", batch="model", model="model")
+@config_schema("training_rm", trainer="trainer.rm", batch="model", model="model")
+@config_schema("gpt_sft", trainer="trainer.sft", batch="model.data.train_ds", model=None)
 @dataclass
 class TrainerConfig:
-    """The ``trainer.<algorithm>`` section plus batch sizes (NeMo-Aligner key names)."""
+    """The ``trainer.<algorithm>`` section plus batch sizes (NeMo-Aligner key names): the type and default of each
+    key, registered in the structured configs of ``gpt_dpo``, ``training_rm`` and ``gpt_sft``
+    (:func:`~nemo_aligner.utils.config.config_schema`). Sections: ``trainer`` = ``trainer.<algorithm>``, ``batch``
+    = where the recipe keeps its batch sizes (``model``; SFT: ``model.data.train_ds``), ``model`` = ``model``
+    (``seed``; SFT reads its seed from ``batch``, which has none, so SFT keeps the default)."""
 
-    max_epochs: int = 1
-    max_steps: int = -1
-    val_check_interval: int = 100
-    save_interval: int = 100
-    limit_val_batches: int | float = 1.0
-    gradient_clip_val: float = 1.0
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seed: int = 1234
+    max_epochs: int = key("trainer", 1)
+    max_steps: int = key("trainer", -1)
+    val_check_interval: int = key("trainer", 100)
+    save_interval: int = key("trainer", 100)
+    limit_val_batches: int | float = key("trainer", 1.0)  # int: batches, float: fraction of the validation set
+    gradient_clip_val: float = key("trainer", 1.0)
+    global_batch_size: int = key("batch", 8)
+    micro_batch_size: int = key("batch", 1)
+    seed: int = key("model", 1234)
 
     @classmethod
     def from_cfg(cls, trainer_section: Any, model_section: Any) -> "TrainerConfig":
-        """From ``trainer.<algorithm>`` (epochs, steps, intervals, clipping) and ``model`` (batch sizes, seed).
+        """From ``trainer.<algorithm>`` (epochs, steps, intervals, clipping) and ``model`` (batch sizes, seed); an
+        absent key takes the field's default.
 
         Raises:
             ConfigValueError: a value that is not of its field's type (``2.5`` for an integer is never truncated).
         """
-        return cls(
-            max_epochs=to_int(trainer_section.max_epochs, full_key(trainer_section, "max_epochs")),
-            max_steps=to_int(trainer_section.max_steps, full_key(trainer_section, "max_steps")),
-            val_check_interval=to_int(trainer_section.val_check_interval, full_key(trainer_section, "val_check_interval")),
-            save_interval=to_int(trainer_section.save_interval, full_key(trainer_section, "save_interval")),
-            limit_val_batches=trainer_section.limit_val_batches,
-            gradient_clip_val=to_float(trainer_section.gradient_clip_val, full_key(trainer_section, "gradient_clip_val")),
-            global_batch_size=to_int(model_section.global_batch_size, full_key(model_section, "global_batch_size")),
-            micro_batch_size=to_int(model_section.micro_batch_size, full_key(model_section, "micro_batch_size")),
-            seed=to_int(model_section.get("seed", 1234), full_key(model_section, "seed")),
-        )
+        return dataclass_from_sections(cls, {"trainer": trainer_section, "batch": model_section, "model": model_section})
 
 
 def compute_max_steps(num_samples: int, cfg: TrainerConfig) -> int:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.models.alignable import AlignableModel
-from nemo_aligner.utils.config import ConfigValueError, dataclass_from_cfg
+from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_cfg
 from nemo_aligner.utils.fs import atomic_directory
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
@@ -89,12 +89,15 @@ def sequence_logprobs(token_logprobs: torch.Tensor, seq_id: torch.Tensor, num_se
     return out.index_add(0, seq_id.to(token_logprobs.device), token_logprobs)
 
 
+@config_schema("gpt_dpo", main="model.dpo")
 @dataclass
 class DPOLossConfig:
-    """The ``model.dpo`` section (NeMo-Aligner key names). ``sft_average_log_probs=None`` (the default) follows
+    """The ``model.dpo`` section (NeMo-Aligner key names): the type and default of each of its loss keys, registered
+    as the ``model.dpo`` part of the ``gpt_dpo`` structured config (:func:`~nemo_aligner.utils.config.config_schema`);
+    the defaults are ``conf/gpt_dpo.yaml``'s values. ``sft_average_log_probs=None`` (the default) follows
     ``preference_average_log_probs``, as NeMo-Aligner's ``sft_average_log_probs: ${.preference_average_log_probs}``."""
 
-    ref_policy_kl_penalty: float = 0.2
+    ref_policy_kl_penalty: float = 0.1  # beta; was 0.2 here while conf/gpt_dpo.yaml (what every run used) says 0.1
     preference_loss: str = "dpo"
     gt_reward_scale: float = 1.0
     default_chosen_reward: float = 1.0

@@ -60,7 +60,7 @@ from nemo_aligner.algorithms.online import (  # noqa: F401 (reward_fn_from_*: re
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import to_bool
+from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
 from nemo_aligner.utils.ppo_utils import (
     calculate_gae,
     calculate_kl_penalty,
@@ -89,6 +89,7 @@ def _as_bool(value: Any, key: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------------------------
+@config_schema("gpt_ppo_actor", trainer="trainer.ppo", ppo="model.ppo", model="model", critic="critic")
 @dataclass
 class PPOConfig:
     """``trainer.ppo`` and ``model.ppo`` settings plus batch sizes (NeMo-Aligner key names).
@@ -103,72 +104,60 @@ class PPOConfig:
     ``mask_truncated`` (responses that did not end contribute nothing to the actor loss). Actor batches
     (``model``): ``global_batch_size``, ``micro_batch_size``, ``seed``. Critic batches (colocated ``critic``
     section): ``critic_global_batch_size``, ``critic_micro_batch_size``.
+
+    Each field is the one place of its key's type and default (its section and key name are in
+    :func:`~nemo_aligner.utils.config.key`), registered as the ``gpt_ppo_actor`` structured config; the defaults
+    are ``conf/gpt_ppo_actor.yaml``'s values. Nullable keys (null or absent: derived) are
+    ``forward_micro_batch_size``, ``val_rollout_micro_batch_size`` (-> ``rollout_micro_batch_size``),
+    ``num_val_samples`` (-> ``num_rollout_samples``) and the critic batch sizes (-> the actor's).
     """
 
-    max_epochs: int = 1
-    max_steps: int = -1
-    val_check_interval: int = 10
-    save_interval: int = 10
-    gradient_clip_val: float = 1.0
-    initial_policy_kl_penalty: float = 0.01
-    use_absolute_kl: bool = True
-    discount_factor: float = 1.0
-    gae_lambda: float = 0.95
-    normalize_advantages: bool = True
-    critic_warmup_steps: int = 0
-    ppo_epochs: int = 1
-    num_rollout_samples: int = 8
-    rollout_micro_batch_size: int = 4
-    forward_micro_batch_size: int = 4
-    num_val_samples: int = 8
-    val_rollout_micro_batch_size: int = 4
-    entropy_bonus: float = 0.0
-    ratio_eps: float = 0.2
-    mask_truncated: bool = True
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    critic_global_batch_size: int = 8
-    critic_micro_batch_size: int = 1
-    seed: int = 1234
-    num_val_samples_to_show: int = 4
+    max_epochs: int = key("trainer", 1)
+    max_steps: int = key("trainer", -1)
+    val_check_interval: int = key("trainer", 10)
+    save_interval: int = key("trainer", 10)
+    gradient_clip_val: float = key("trainer", 1.0)
+    initial_policy_kl_penalty: float = key("trainer", 0.01)
+    use_absolute_kl: bool = key("trainer", True)
+    discount_factor: float = key("trainer", 1.0)
+    gae_lambda: float = key("trainer", 0.95)
+    normalize_advantages: bool = key("trainer", True)
+    critic_warmup_steps: int = key("trainer", 0)
+    ppo_epochs: int = key("trainer", 1)
+    num_rollout_samples: int = key("ppo", 8)
+    rollout_micro_batch_size: int = key("ppo", 4)
+    forward_micro_batch_size: int = key("ppo", 4, nullable=True)
+    num_val_samples: int = key("ppo", 8, nullable=True)
+    val_rollout_micro_batch_size: int = key("ppo", 4, nullable=True)
+    entropy_bonus: float = key("ppo", 0.0)
+    ratio_eps: float = key("ppo", 0.2)
+    mask_truncated: bool = key("ppo", True)
+    global_batch_size: int = key("model", 8)
+    micro_batch_size: int = key("model", 1)
+    critic_global_batch_size: int = key("critic", 8, name="global_batch_size", nullable=True)
+    critic_micro_batch_size: int = key("critic", 1, name="micro_batch_size", nullable=True)
+    seed: int = key("model", 1234)
+    num_val_samples_to_show: int = key("ppo", 4)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "PPOConfig":
-        """From a full actor config (``trainer.ppo``, ``model.ppo``, ``model``, optional ``critic``).
+        """From a full actor config (``trainer.ppo``, ``model.ppo``, ``model``, optional ``critic``); an absent key
+        takes the field's default, a null (or 0) nullable key its derived value (see the class docstring).
 
         Raises:
+            ConfigValueError: a value of the wrong type, naming its key.
             ValueError: an out-of-range value (see :meth:`check`).
         """
-        t, p, m = cfg.trainer.ppo, cfg.model.ppo, cfg.model
-        critic = cfg.get("critic") or {}
-        out = cls(
-            max_epochs=int(t.max_epochs),
-            max_steps=int(t.max_steps),
-            val_check_interval=int(t.val_check_interval),
-            save_interval=int(t.save_interval),
-            gradient_clip_val=float(t.gradient_clip_val),
-            initial_policy_kl_penalty=float(t.initial_policy_kl_penalty),
-            use_absolute_kl=to_bool(t.use_absolute_kl, "trainer.ppo.use_absolute_kl"),
-            discount_factor=float(t.discount_factor),
-            gae_lambda=float(t.gae_lambda),
-            normalize_advantages=to_bool(t.normalize_advantages, "trainer.ppo.normalize_advantages"),
-            critic_warmup_steps=int(t.get("critic_warmup_steps", 0)),
-            ppo_epochs=int(t.get("ppo_epochs", 1)),
-            num_rollout_samples=int(p.num_rollout_samples),
-            rollout_micro_batch_size=int(p.rollout_micro_batch_size),
-            forward_micro_batch_size=int(p.get("forward_micro_batch_size") or p.rollout_micro_batch_size),
-            num_val_samples=int(p.get("num_val_samples") or p.num_rollout_samples),
-            val_rollout_micro_batch_size=int(p.get("val_rollout_micro_batch_size") or p.rollout_micro_batch_size),
-            entropy_bonus=float(p.entropy_bonus),
-            ratio_eps=float(p.ratio_eps),
-            mask_truncated=_as_bool(p.get("mask_truncated", True), "model.ppo.mask_truncated"),
-            global_batch_size=int(m.global_batch_size),
-            micro_batch_size=int(m.micro_batch_size),
-            critic_global_batch_size=int(critic.get("global_batch_size") or m.global_batch_size),
-            critic_micro_batch_size=int(critic.get("micro_batch_size") or m.micro_batch_size),
-            seed=int(m.get("seed", 1234)),
-            num_val_samples_to_show=int(p.get("num_val_samples_to_show", 4)),
+        out = dataclass_from_sections(
+            cls, {"trainer": cfg.trainer.ppo, "ppo": cfg.model.ppo, "model": cfg.model, "critic": cfg.get("critic") or {}}
         )
+        derived = {"forward_micro_batch_size": out.rollout_micro_batch_size,
+                   "val_rollout_micro_batch_size": out.rollout_micro_batch_size,
+                   "num_val_samples": out.num_rollout_samples,
+                   "critic_global_batch_size": out.global_batch_size, "critic_micro_batch_size": out.micro_batch_size}
+        for name, value in derived.items():
+            if not getattr(out, name):  # null, absent or 0, as NeMo-Aligner's `x or y`
+                setattr(out, name, value)
         out.check()
         return out
 

@@ -50,11 +50,13 @@ from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------------------------
+@config_schema("gpt_rs_actor", trainer="trainer.rs", rs="model.rs", model="model")
 @dataclass
 class RSConfig:
     """``trainer.rs`` and ``model.rs`` settings plus batch sizes (NeMo-Aligner key names).
@@ -67,53 +69,47 @@ class RSConfig:
     ``val_rollout_micro_batch_size``, ``num_val_samples`` (validation prompts), ``num_val_samples_to_show`` (rows
     of the sample table). Training batches (``model``): ``global_batch_size``, ``micro_batch_size`` (kept
     rollouts), ``seed``.
+
+    Each field is the one place of its key's type and default (:func:`~nemo_aligner.utils.config.key`), registered
+    as the ``gpt_rs_actor`` structured config; the defaults are ``conf/gpt_rs_actor.yaml``'s values. Nullable keys
+    (null or absent: derived): ``forward_micro_batch_size``, ``val_rollout_micro_batch_size`` (->
+    ``rollout_micro_batch_size``), ``num_val_samples`` (-> ``num_rollout_samples``).
     """
 
-    max_epochs: int = 1
-    max_steps: int = -1
-    val_check_interval: int = 10
-    save_interval: int = 10
-    gradient_clip_val: float = 1.0
-    num_rollout_samples: int = 8
-    num_rollouts_per_prompt: int = 4
-    top_n_rollouts: int = 1
-    rollout_micro_batch_size: int = 8
-    forward_micro_batch_size: int = 8
-    num_val_samples: int = 8
-    val_rollout_micro_batch_size: int = 8
-    num_val_samples_to_show: int = 4
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seed: int = 1234
+    max_epochs: int = key("trainer", 1)
+    max_steps: int = key("trainer", -1)
+    val_check_interval: int = key("trainer", 10)
+    save_interval: int = key("trainer", 10)
+    gradient_clip_val: float = key("trainer", 1.0)
+    num_rollout_samples: int = key("rs", 8)
+    num_rollouts_per_prompt: int = key("rs", 4)
+    top_n_rollouts: int = key("rs", 1)
+    rollout_micro_batch_size: int = key("rs", 8)
+    forward_micro_batch_size: int = key("rs", 8, nullable=True)
+    num_val_samples: int = key("rs", 8, nullable=True)
+    val_rollout_micro_batch_size: int = key("rs", 8, nullable=True)
+    num_val_samples_to_show: int = key("rs", 4)
+    global_batch_size: int = key("model", 8)
+    micro_batch_size: int = key("model", 1)
+    seed: int = key("model", 1234)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "RSConfig":
-        """From a full RS config (``trainer.rs``, ``model.rs``, ``model``); null micro-batch sizes default to
-        ``rollout_micro_batch_size`` and a null ``num_val_samples`` to ``num_rollout_samples``.
+        """From a full RS config (``trainer.rs``, ``model.rs``, ``model``); an absent key takes the field's default,
+        null (or 0) micro-batch sizes default to ``rollout_micro_batch_size`` and a null ``num_val_samples`` to
+        ``num_rollout_samples``.
 
         Raises:
+            ConfigValueError: a value of the wrong type, naming its key.
             ValueError: an out-of-range value (see :meth:`check`).
         """
-        t, r, m = cfg.trainer.rs, cfg.model.rs, cfg.model
-        rollout_mbs = int(r.rollout_micro_batch_size)
-        out = cls(
-            max_epochs=int(t.max_epochs),
-            max_steps=int(t.max_steps),
-            val_check_interval=int(t.val_check_interval),
-            save_interval=int(t.save_interval),
-            gradient_clip_val=float(t.gradient_clip_val),
-            num_rollout_samples=int(r.num_rollout_samples),
-            num_rollouts_per_prompt=int(r.num_rollouts_per_prompt),
-            top_n_rollouts=int(r.top_n_rollouts),
-            rollout_micro_batch_size=rollout_mbs,
-            forward_micro_batch_size=int(r.get("forward_micro_batch_size") or rollout_mbs),
-            num_val_samples=int(r.get("num_val_samples") or r.num_rollout_samples),
-            val_rollout_micro_batch_size=int(r.get("val_rollout_micro_batch_size") or rollout_mbs),
-            num_val_samples_to_show=int(r.get("num_val_samples_to_show", 4)),
-            global_batch_size=int(m.global_batch_size),
-            micro_batch_size=int(m.micro_batch_size),
-            seed=int(m.get("seed", 1234)),
-        )
+        out = dataclass_from_sections(cls, {"trainer": cfg.trainer.rs, "rs": cfg.model.rs, "model": cfg.model})
+        derived = {"forward_micro_batch_size": out.rollout_micro_batch_size,
+                   "val_rollout_micro_batch_size": out.rollout_micro_batch_size,
+                   "num_val_samples": out.num_rollout_samples}
+        for name, value in derived.items():
+            if not getattr(out, name):  # null, absent or 0, as NeMo-Aligner's `x or y`
+                setattr(out, name, value)
         out.check()
         return out
 

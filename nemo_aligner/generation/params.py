@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_aligner.utils.config import to_bool
+from nemo_aligner.utils.config import config_schema, to_bool
 
 #: NeMo ``sampling_params`` keys accepted and ignored here: ``add_BOS`` (BOS is decided by the tokenisation rules of
 #: :func:`nemo_aligner.data.prompts.tokenize_prompt`), ``all_probs`` and ``compute_logprob`` (the trainers compute
@@ -44,9 +44,15 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+@config_schema("generation", main="generation.sampling_params")
+@config_schema("gpt_ppo_actor", main="model.ppo.sampling_params")
+@config_schema("gpt_rs_actor", main="model.rs.sampling_params")
 @dataclass
 class SamplingParams:
-    """How the next token is chosen (NeMo-Aligner ``sampling_params``).
+    """How the next token is chosen (NeMo-Aligner ``sampling_params``). The fields are the type and default of each
+    key of the ``sampling_params`` sections of ``conf/generation.yaml``, ``gpt_ppo_actor.yaml`` and
+    ``gpt_rs_actor.yaml`` (:func:`~nemo_aligner.utils.config.config_schema`); the defaults are the neutral values
+    (no filtering, no penalty) that all three files use.
 
     Attributes:
         use_greedy: pick the arg-max token (then ``temperature``, ``top_k`` and ``top_p`` are ignored).
@@ -114,9 +120,14 @@ class SamplingParams:
         return cls(**{k: _get(cfg, k, getattr(default, k)) for k in known})
 
 
+@config_schema("generation", main="generation.length_params")
+@config_schema("gpt_ppo_actor", main="model.ppo.length_params")
+@config_schema("gpt_rs_actor", main="model.rs.length_params")
 @dataclass
 class LengthParams:
-    """Response length limits in tokens (NeMo-Aligner ``length_params``).
+    """Response length limits in tokens (NeMo-Aligner ``length_params``). The fields are the type and default of
+    each ``length_params`` key (:func:`~nemo_aligner.utils.config.config_schema`); the defaults are
+    ``conf/generation.yaml``'s, and the PPO and RS files set their recipes' own values (64 and 1), which win.
 
     Attributes:
         max_length: the most NEW tokens generated per response (the prompt is not counted), EOS included.
@@ -145,7 +156,8 @@ class LengthParams:
             ValueError: an unknown key or an out-of-range value.
         """
         _check_known(cfg, ("max_length", "min_length"), "length_params")
-        return cls(max_length=_get(cfg, "max_length", 256), min_length=_get(cfg, "min_length", 0))
+        default = cls()
+        return cls(**{k: _get(cfg, k, getattr(default, k)) for k in ("max_length", "min_length")})
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import typing
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -13,7 +14,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 #: Sections whose contents are passed through to another library and are therefore not checked.
 OPEN_SECTIONS = ("hydra", "exp_manager.wandb_logger_kwargs")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _find_conf_dir() -> Path:
+    """The directory of the reference YAML files: ``nemo_aligner/conf/`` inside an installed package (a wheel or a
+    regular ``pip install .``: setup.py copies the repository's ``conf/`` there at build time), else the repository's
+    own ``conf/`` (an editable install or a checkout on ``PYTHONPATH``)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "conf"
+    if (installed / "gpt_dpo.yaml").is_file():
+        return installed
+    return package.parent / "conf"
+
+
+#: The reference configs: the ``config_path`` of every entry script and the schemas of :func:`load_schema`.
+CONF_DIR = _find_conf_dir()
 
 
 class ConfigKeyError(KeyError):
@@ -440,8 +455,8 @@ def world_size_of(cfg: DictConfig) -> int | None:
 
 def check_values(cfg: DictConfig, schema: DictConfig, name: str) -> None:
     """Check every value of ``cfg`` (a config of the recipe ``conf/<name>.yaml``, whose keys
-    :func:`check_keys` has accepted) against :data:`RECIPE_RULES` ``[name]``, :data:`COMMON_RULES` and the types of
-    ``schema``'s defaults, then the cross-key rules (``global_batch_size`` a multiple of ``micro_batch_size`` x the
+    :func:`check_keys` has accepted) against :data:`RECIPE_RULES` ``[name]``, :data:`COMMON_RULES`, the field types of
+    the recipe's config dataclasses (:func:`apply_schema`; ``schema``'s defaults type the other keys), then the cross-key rules (``global_batch_size`` a multiple of ``micro_batch_size`` x the
     data-parallel size, ``min_lr <= lr``). Values are normalised in place (``"false"`` -> ``False``, ``2.0`` ->
     ``2``), so the recipe reads plain Python values afterwards. Runs in microseconds, before any data or model loads.
 
@@ -462,7 +477,7 @@ def check_values(cfg: DictConfig, schema: DictConfig, name: str) -> None:
             continue
         rule = next((r for pattern, r in rules if fnmatchcase(key, pattern)), None)
         if rule is None:
-            kind = type(default)
+            kind = schema_type_of(name, key) or type(default)  # the config dataclass's field type, else the YAML's
             if kind not in _CONVERTERS:
                 continue
             if value is None:
@@ -472,6 +487,7 @@ def check_values(cfg: DictConfig, schema: DictConfig, name: str) -> None:
         if type(normalised) is not type(value) or normalised != value:
             OmegaConf.update(cfg, key, normalised, merge=False, force_add=False)
 
+    apply_schema(cfg, name)  # the types of the config dataclasses (keys whose YAML value is null included)
     check_batch_sizes(cfg, name, world_size_of(cfg) or 1)
     for optim in ("model.optim", "critic.optim"):
         lr, min_lr = OmegaConf.select(cfg, f"{optim}.lr"), OmegaConf.select(cfg, f"{optim}.sched.min_lr")
@@ -494,3 +510,202 @@ def check_batch_sizes(cfg: DictConfig, name: str, world_size: int) -> None:
     gbs, mbs = OmegaConf.select(cfg, gbs_key), OmegaConf.select(cfg, mbs_key)
     if gbs % (mbs * world_size):
         raise ConfigValueError(f"{gbs_key}={gbs} must be a multiple of {mbs_key}={mbs} x data-parallel size {world_size}")
+
+
+# ---- typed schemas: the config dataclasses as Hydra structured configs ---------------------------------------------
+#
+# One rule for every key a dataclass covers: the dataclass field is the one place of the key's type and of its
+# default; the YAML file fills the dataclass's structured config with values (a key the YAML leaves out takes the
+# field's default). A dataclass that serves one section of one recipe (DPOLossConfig, PPOConfig, RSConfig) has the
+# shipped YAML's value as its default; one shared by several recipes (TrainerConfig, SamplingParams, LengthParams)
+# has a neutral default and each YAML states its recipe's own value, which wins. tests/test_conf_compose.py checks
+# both rules against every file of conf/.
+
+_NO_DEFAULT = dataclasses.MISSING
+
+
+def key(section: str = "", default: Any = _NO_DEFAULT, *, name: str | None = None, nullable: bool = False,
+        default_factory: Any = _NO_DEFAULT) -> Any:
+    """A field of a config dataclass read from the key ``<section>.<name>`` (``name`` defaults to the field's
+    name; ``section`` names one of the sections given to :func:`config_schema` and :func:`dataclass_from_sections`,
+    ``""`` its main one). ``nullable``: the YAML may set null ("derived from another key", e.g.
+    ``critic.global_batch_size: null`` -> ``model.global_batch_size``), which ``from_cfg`` resolves."""
+    metadata = {"section": section, "name": name, "nullable": nullable}
+    if default_factory is not _NO_DEFAULT:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _key_of(f: dataclasses.Field) -> tuple[str, str, bool]:
+    return f.metadata.get("section", ""), f.metadata.get("name") or f.name, bool(f.metadata.get("nullable"))
+
+
+def _schema_type(annotation: Any, nullable: bool) -> Any:
+    """The OmegaConf type of a field: ``X | None`` -> ``Optional[X]``; ``list[X]`` -> ``List[X]``; a union of
+    several types (``int | float``) -> ``Any`` (OmegaConf 2.3 types no unions)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    is_optional = nullable or type(None) in typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        kind: Any = typing.List[args[0]] if args else typing.List[Any]
+    elif origin is not None and len(args) > 1:
+        return Any
+    elif origin is not None:
+        kind = args[0]
+    else:
+        kind = annotation
+    return typing.Optional[kind] if is_optional else kind
+
+
+def schema_fields(cls: type, sections: dict[str, str]) -> list[tuple[str, Any, Any, dataclasses.Field]]:
+    """``(dotted key, OmegaConf type, default, field)`` of every field of the config dataclass ``cls`` whose
+    sections map to config prefixes as ``sections`` says (``{"": "model.dpo"}``; ``{"trainer": "trainer.ppo",
+    "model": "model", ...}``)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        section, name, nullable = _key_of(f)
+        prefix = sections[section]
+        if prefix is None:  # a section this recipe's YAML does not have (the field keeps its default)
+            continue
+        default = f.default_factory() if f.default_factory is not _NO_DEFAULT else f.default
+        out.append((f"{prefix}.{name}" if prefix else name, _schema_type(hints[f.name], nullable), default, f))
+    return out
+
+
+#: recipe (reference config name) -> the config dataclasses that type it, as ``(class, sections)``.
+SCHEMAS: dict[str, list[tuple[type, dict[str, str]]]] = {}
+
+
+def config_schema(recipe: str, **sections: str) -> Callable[[type], type]:
+    """Class decorator: the config dataclass types keys of ``conf/<recipe>.yaml``; ``sections`` maps the field
+    sections of :func:`key` to dotted config prefixes (the keyword ``main`` for the ``""`` section). Stacks, for a
+    dataclass that serves several recipes or several sections of one. The recipe's structured config
+    (:func:`recipe_schema`) is registered in Hydra's ConfigStore as ``nemo_aligner_schema/<recipe>``."""
+    mapping = {("" if k == "main" else k): v for k, v in sections.items()}
+
+    def register(cls: type) -> type:
+        SCHEMAS.setdefault(recipe, []).append((cls, mapping))
+        try:
+            from hydra.core.config_store import ConfigStore
+
+            ConfigStore.instance().store(group="nemo_aligner_schema", name=recipe, node=_schema_class(recipe))
+        except ImportError:  # Hydra is only needed by the entry scripts
+            pass
+        return cls
+
+    return register
+
+
+def _schema_class(recipe: str) -> type:
+    """One nested dataclass per config section of ``recipe``, built from the fields of its config dataclasses."""
+    tree: dict = {}
+    for cls, sections in SCHEMAS.get(recipe, []):
+        for dotted, kind, default, _ in schema_fields(cls, sections):
+            node = tree
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = (kind, default)
+
+    def build(name: str, node: dict) -> type:
+        specs = []
+        for k, v in node.items():
+            if isinstance(v, dict):
+                sub = build(f"{name}_{k}", v)
+                specs.append((k, sub, dataclasses.field(default_factory=sub)))
+            else:
+                kind, default = v
+                factory = (lambda d=default: list(d)) if isinstance(default, list) else None
+                specs.append((k, kind, dataclasses.field(default_factory=factory) if factory else
+                              dataclasses.field(default=default)))
+        return dataclasses.make_dataclass(name, specs)
+
+    return build(f"{recipe}_schema", tree)
+
+
+def recipe_schema(recipe: str) -> DictConfig:
+    """The structured config (:func:`omegaconf.OmegaConf.structured`) of the keys the config dataclasses of
+    ``recipe`` type, left open (not struct) so that the keys no dataclass covers pass through to
+    :func:`check_keys` and the rules of :func:`check_values`."""
+    schema = OmegaConf.structured(_schema_class(recipe))
+
+    def open_(node: DictConfig) -> None:
+        OmegaConf.set_struct(node, False)  # each dataclass node carries its own struct flag
+        for k in node.keys():
+            if isinstance(node._get_node(k), DictConfig):
+                open_(node._get_node(k))
+
+    open_(schema)
+    return schema
+
+
+def schema_type_of(recipe: str, dotted: str) -> type | None:
+    """The Python type (``bool``, ``int``, ``float``, ``str``) the config dataclasses of ``recipe`` give the key
+    ``dotted``, or None where no dataclass covers it (or its type is not a scalar)."""
+    for cls, sections in SCHEMAS.get(recipe, []):
+        for key_path, kind, _, _ in schema_fields(cls, sections):
+            if key_path == dotted:
+                args = [a for a in typing.get_args(kind) if a is not type(None)]
+                kind = args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+                return kind if kind in (bool, int, float, str) else None
+    return None
+
+
+def apply_schema(cfg: DictConfig, recipe: str) -> DictConfig:
+    """``cfg`` merged onto :func:`recipe_schema` ``(recipe)``: the YAML (and command-line) values fill the typed
+    dataclass fields, keys the config leaves out take the fields' defaults.
+
+    Raises:
+        ConfigValueError: a value the schema's type rejects, one line naming the dotted key, the value and the type,
+            e.g. ``critic.global_batch_size='abc': expected int or null (PPOConfig.critic_global_batch_size)``.
+    """
+    from omegaconf.errors import ValidationError
+
+    try:
+        return OmegaConf.merge(recipe_schema(recipe), cfg)
+    except ValidationError as err:
+        dotted = str(err.full_key or err.key)
+        value = OmegaConf.select(cfg, dotted, default=None, throw_on_resolution_failure=False)
+        owner = next((f"{cls.__name__}.{f.name}" for cls, sections in SCHEMAS.get(recipe, [])
+                      for path, _, _, f in schema_fields(cls, sections) if path == dotted), "schema")
+        kind = next((k for cls, sections in SCHEMAS.get(recipe, [])
+                     for path, k, _, _ in schema_fields(cls, sections) if path == dotted), None)
+        raise _fail(dotted, value, f"{_type_name(kind)} ({owner})") from None
+
+
+def _type_name(kind: Any) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def dataclass_from_sections(cls: type, sections: dict[str, Any]) -> Any:
+    """An instance of the config dataclass ``cls`` read from the config sections ``sections`` (the field sections of
+    :func:`key` -> a mapping, e.g. ``{"trainer": cfg.trainer.ppo, "model": cfg.model}``). An absent key takes the
+    field's default; a nullable field (:func:`key`) absent or null is None, for the caller to derive; each value is converted to the field's type
+    with :func:`coerce` (``"false"`` -> False, ``2.0`` -> 2, ``2.5`` for an integer is an error).
+
+    Raises:
+        ConfigValueError: a value of the wrong type (null for a field that is not nullable), naming its dotted key.
+    """
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        section, name, nullable = _key_of(f)
+        mapping = sections.get(section)
+        if mapping is None or name not in mapping:
+            if nullable:  # absent like null: derived by the caller
+                kwargs[f.name] = None
+            continue
+        value = mapping[name]
+        if value is None:
+            if not (nullable or type(None) in typing.get_args(hints[f.name])):
+                raise _fail(full_key(mapping, name), value, _type_name(hints[f.name]))
+            kwargs[f.name] = None
+            continue
+        kinds = [k for k in typing.get_args(hints[f.name]) or (hints[f.name],) if k is not type(None)]
+        kinds = [typing.get_origin(k) or k for k in kinds]
+        kwargs[f.name] = coerce(value, kinds[0], full_key(mapping, name)) if len(kinds) == 1 else value
+    return cls(**kwargs)
