@@ -633,7 +633,7 @@ class PPOTrainer(OnlineTrainer):
                 f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
             )
         batches = [("model.global_batch_size", cfg.global_batch_size)]
-        if not getattr(critic, "shared", False):  # a served critic trains on the gathered batch, in one process
+        if not critic.shared:  # a served critic trains on the gathered batch, in one process
             batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
         for key, size in batches:
             if size % world:
@@ -680,7 +680,7 @@ class PPOTrainer(OnlineTrainer):
     def _on_critic_owner(self, fn: Callable[[], Any]) -> None:
         """``fn()`` on every rank for a per-rank critic; for a shared (served) one on rank 0 only, then a barrier,
         so that no rank talks to the critic before the call is done."""
-        if not getattr(self.critic, "shared", False):
+        if not self.critic.shared:
             fn()
             return
         if self.actor.data_parallel_rank == 0:
@@ -696,7 +696,7 @@ class PPOTrainer(OnlineTrainer):
         are then given to every rank.
         """
         world = self.actor.data_parallel_size
-        if not getattr(self.critic, "shared", False) or world == 1:
+        if not self.critic.shared or world == 1:
             return self.critic.train(rollouts, seed=seed, step=round_index)
         keys = ("input_ids", "prompt_length", "values", "returns")
         shards = _all_gather_objects([{k: r[k] for k in keys} for r in rollouts], world)
