@@ -12,7 +12,10 @@ One PPO *step* (NeMo-Aligner's "PPO step"):
 4. **Training.** The critic regresses the returns with the clipped value loss, then the actor minimises the
    clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the entropy, each for
    ``ppo_epochs`` passes over the rollout buffer in global batches (``critic_global_batch_size``,
-   ``model.global_batch_size``) split evenly over the data-parallel ranks.
+   ``model.global_batch_size``) split evenly over the data-parallel ranks (:func:`update_critic`,
+   :func:`update_actor`; each optimizer step is :func:`~nemo_aligner.algorithms.base.optimizer_step`).
+
+The maths of steps 3 and 4 are the pure functions of :mod:`nemo_aligner.algorithms.ppo_math`.
 
 **Critic warm-up** (``critic_warmup_steps = K``, as in NeMo-Aligner): before the actor's first update of a fresh
 run, the critic trains on ``K`` extra rollout buffers of step 1's prompts (each sampled with its own seed and scored
