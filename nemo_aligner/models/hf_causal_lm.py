@@ -121,11 +121,17 @@ class ResponseLogprobs(nn.Module):
                 handle.remove()
         if len(calls) > 1:
             raise RuntimeError(f"{type(self.lm).__name__} called its output embeddings {len(calls)} times in one forward")
+        full = logits
         logits = logits[0] if calls else logits[pred_row, pred_col]  # [N, V]
         logits = logits.float()
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
         logprobs = picked - torch.logsumexp(logits, dim=-1)
-        return (logprobs, entropy_from_logits(logits)) if return_entropy else logprobs
+        if not return_entropy:
+            return logprobs
+        # from the [1, N, V] output itself when the head saw only the response positions (the autograd graph, and
+        # so the gradient's bits, of an entropy read off the head's output)
+        entropy = entropy_from_logits(full)[0] if calls else entropy_from_logits(logits)
+        return logprobs, entropy
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
