@@ -42,7 +42,7 @@ def test_first_ppo_ratio_is_one_with_a_dropout_model(dropout_gpt2_dir, tokenizer
     from nemo_aligner.algorithms.ppo import policy_logprobs
     from nemo_aligner.data.sequences import collate_sequences
     from nemo_aligner.models.hf_causal_lm import HFCausalLM
-    from nemo_aligner.utils.ppo_utils import ppo_policy_loss
+    from nemo_aligner.algorithms.ppo_math import ppo_policy_loss
 
     torch.manual_seed(0)
     cfg = OmegaConf.create({"optim": OPTIM, "peft": {"peft_scheme": scheme, "lora_tuning": {

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from nemo_aligner.algorithms.ppo import PPOConfig, compute_advantages
-from nemo_aligner.utils.ppo_utils import (
+from nemo_aligner.algorithms.ppo_math import (
     calculate_gae,
     calculate_kl_penalty,
-    entropy_from_logits,
     explained_variance,
     flat_to_padded,
     kl_penalized_token_rewards,
@@ -19,6 +18,7 @@ from nemo_aligner.utils.ppo_utils import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from nemo_aligner.models.hf_causal_lm import entropy_from_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,8 +407,9 @@ class _TableActor:
 
         return contextlib.nullcontext()
 
-    def get_logprobs(self, batch):
-        return self.theta[batch.targets]
+    def get_logprobs(self, batch, return_entropy=False):
+        logprobs = self.theta[batch.targets]
+        return (logprobs, torch.zeros_like(logprobs)) if return_entropy else logprobs
 
     def backward(self, loss):
         self.losses.append(float(loss))

@@ -313,6 +313,7 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
     standardised values. The critic server's model.reward_standardization keys override the export's."""
     from omegaconf import OmegaConf
 
+    from nemo_aligner.algorithms.ppo import critic_values, update_critic
     from nemo_aligner.models.critic import HFCritic
     from nemo_aligner.models.reward_model import RewardScorer
     from nemo_aligner.servers.critic_server import RemoteCritic
@@ -325,7 +326,7 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
     critic = HFCritic(fabric, model_cfg, str(std_rm), max_steps=1)
     raw_critic = HFCritic(fabric, model_cfg, str(rm_dir), max_steps=1)
     rollouts = _critic_rollouts()
-    values, raw = critic.infer_values(rollouts, 4), raw_critic.infer_values(rollouts, 4)
+    values, raw = critic_values(critic, rollouts, 4), critic_values(raw_critic, rollouts, 4)
     assert (critic.reward_mean, critic.reward_std) == (mean, std) and (raw_critic.reward_mean, raw_critic.reward_std) == (0.0, 1.0)
     for v, r in zip(values, raw):
         assert v == pytest.approx([(x - mean) / std for x in r], rel=1e-5, abs=1e-4)
@@ -334,7 +335,7 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
     assert max(abs(x) for x in rewards) > 1.0  # far from the raw head's scale (|raw| < 0.2 here)
 
     # training: one optimizer step on all four rollouts; values_mean is that of the standardised values before it
-    metrics = critic.train_on_rollouts([dict(r, values=v) for r, v in zip(rollouts, values)], 4, 4)
+    metrics = update_critic(critic, [dict(r, values=v) for r, v in zip(rollouts, values)], 4, 4)
     flat = [x for v in values for x in v]
     assert metrics["values_mean"] == pytest.approx(sum(flat) / len(flat), rel=1e-4)
 
@@ -415,7 +416,7 @@ def test_two_rank_colocated_critic_steps_and_lr_match_one_rank(tmp_path, tiny_mo
         assert _csv_column(tmp_path / run, "train/actor_optimizer_steps") == [2.0, 2.0]
 
 
-def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_dir, rm_dir):
+def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_dir, rm_dir, monkeypatch):
     """Served mode with 2 actor ranks: rank 0 sends the critic server all 8 rollouts of a PPO step in one /train,
     so the server trains once per PPO step (one optimizer step of its global batch 8), not once per rank on 4."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
@@ -424,8 +425,11 @@ def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_di
         "model.optim.lr=1e-3", "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.ppo.max_steps=2",
         f"exp_manager.explicit_log_dir={tmp_path / 'critic'}", "exp_manager.export_hf=false"))[0]
     critic = critic_app.state.critic
-    trained, original = [], critic.train_on_rollouts
-    critic.train_on_rollouts = lambda rollouts, *a, **k: (trained.append(len(rollouts)), original(rollouts, *a, **k))[1]
+    import nemo_aligner.servers.critic_server as critic_server
+
+    trained, original = [], critic_server.update_critic
+    monkeypatch.setattr(critic_server, "update_critic",
+                        lambda c, rollouts, *a, **k: (trained.append(len(rollouts)), original(c, rollouts, *a, **k))[1])
     policy_app, _ = load_example_script("serve_initial_policy").build(compose_cfg(
         "inference_initial_policy", "trainer.accelerator=cpu", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}"))
     rm_app, _ = load_example_script("serve_reward_model").build(

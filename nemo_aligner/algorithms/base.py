@@ -76,6 +76,57 @@ def compute_max_steps(num_samples: int, cfg: TrainerConfig) -> int:
     return steps
 
 
+def optimizer_step(
+    model: AlignableModel,
+    micro_batches: Sequence[Any],
+    loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, Any]]],
+    weights: Sequence[float],
+    denominator: float = 1.0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer step of ``model`` over this rank's ``micro_batches``, with explicit loss weights.
+
+    Micro-batch ``i`` contributes ``weights[i] / denominator`` of the step: its loss is back-propagated as
+    ``(loss_i * weights[i]) / denominator`` (inside ``model.accumulate``, gradients reduced across data-parallel
+    ranks on the last one) and each of its metrics enters the returned sums as ``(value * weights[i]) /
+    denominator``. The trainers choose the weights:
+
+    * offline trainers (DPO, SFT, reward models) and rejection sampling: the mean over micro-batches, ``weights =
+      [1] * n``, ``denominator = n`` (each micro-batch's loss is already its own mean);
+    * the PPO actor and critic: the token-weighted mean over the global batch, ``weights[i]`` = micro-batch ``i``'s
+      share of the global batch's (kept) response tokens, ``denominator = 1``.
+
+    Multiplying by 1 and dividing by 1 are exact in floating point, so each weighting gives the same bits as
+    writing ``loss / n`` or ``loss * share`` by hand.
+
+    Args:
+        model: the model being trained (``prepare_for_training_step`` ... ``finish_training_step``).
+        micro_batches: this rank's micro-batches, in order (anything ``loss_fn`` takes, e.g. index lists).
+        loss_fn: ``micro_batch -> (scalar loss with grad, {name: scalar})``, called inside the accumulation
+            context; metrics may be tensors or floats.
+        weights: one weight per micro-batch.
+        denominator: what every weighted loss and metric is divided by.
+
+    Returns:
+        ``(metric sums, step info)``: the weighted sums of the micro-batch metrics on this rank (not reduced over
+        ranks), and what ``finish_training_step`` returned (``grad_norm``, ``lr``).
+
+    Raises:
+        ValueError: ``weights`` and ``micro_batches`` differ in length.
+    """
+    if len(weights) != len(micro_batches):
+        raise ValueError(f"{len(micro_batches)} micro-batches but {len(weights)} loss weights")
+    model.prepare_for_training_step()
+    sums: dict[str, float] = {}
+    n = len(micro_batches)
+    for i, (micro_batch, weight) in enumerate(zip(micro_batches, weights)):
+        with model.accumulate(is_last=i == n - 1):
+            loss, metrics = loss_fn(micro_batch)
+            model.backward(loss * weight / denominator)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * weight / denominator
+    return sums, model.finish_training_step()
+
+
 class TrainingLoop:
     """Checkpoint, resume, validation-logging and export steps shared by every trainer.
 
@@ -285,19 +336,16 @@ class BaseTrainer(TrainingLoop):
     def train_step(self, micro_batch_indices: list[list[int]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns metrics averaged over the global batch."""
         start = time.perf_counter()
-        self.model.prepare_for_training_step()
-        sums: dict[str, float] = {}
         num_tokens = 0
-        n = len(micro_batch_indices)
-        for i, indices in enumerate(micro_batch_indices):
+
+        def loss_fn(indices: list[int]):
+            nonlocal num_tokens
             batch = self.collate(self.train_dataset, indices)
             num_tokens += batch.num_tokens
-            with self.model.accumulate(is_last=i == n - 1):
-                loss, metrics = self.loss_and_metrics(batch, training=True)
-                self.model.backward(loss / n)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / n
-        step_info = self.model.finish_training_step()
+            return self.loss_and_metrics(batch, training=True)
+
+        n = len(micro_batch_indices)
+        sums, step_info = optimizer_step(self.model, micro_batch_indices, loss_fn, [1.0] * n, n)
         metrics = self.model.all_reduce_mean(sums)
         elapsed = time.perf_counter() - start
         metrics.update(step_info)

@@ -216,11 +216,12 @@ class OnlineTrainer(TrainingLoop):
         self.resume = resume
         self.export_hf = export_hf
         self.is_global_zero = is_global_zero
-        self.tokenizer = getattr(model, "tokenizer", None)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        self.tokenizer = model.tokenizer
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        self.eos_token_id = eos_token_id
         # what the reward model reads after a chat turn that ended (the template's suffix after <|im_end|>)
-        stop_ids = getattr(model, "_eos_token_ids", None)
-        self.end_of_turn = (end_of_turn_rule(self.tokenizer, stop_ids() if callable(stop_ids) else None)
+        self.end_of_turn = (end_of_turn_rule(self.tokenizer, model.eos_token_ids())
                             if self.tokenizer is not None else None)
         self.sampler = GlobalBatchSampler(
             len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
@@ -303,9 +304,10 @@ class OnlineTrainer(TrainingLoop):
         return rollouts
 
     def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
+        try:
+            return self.model.decode(ids)
+        except NotImplementedError:  # a model without a tokenizer: the ids themselves
             return " ".join(map(str, ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def write_samples(self, rollouts: list[dict]) -> Path:
         """Write ``<log_dir>/val_samples/step=<N>.md``, a table of the rollouts' prompts (last 300 characters),

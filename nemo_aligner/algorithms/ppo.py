@@ -12,7 +12,10 @@ One PPO *step* (NeMo-Aligner's "PPO step"):
 4. **Training.** The critic regresses the returns with the clipped value loss, then the actor minimises the
    clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the entropy, each for
    ``ppo_epochs`` passes over the rollout buffer in global batches (``critic_global_batch_size``,
-   ``model.global_batch_size``) split evenly over the data-parallel ranks.
+   ``model.global_batch_size``) split evenly over the data-parallel ranks (:func:`update_critic`,
+   :func:`update_actor`; each optimizer step is :func:`~nemo_aligner.algorithms.base.optimizer_step`).
+
+The maths of steps 3 and 4 are the pure functions of :mod:`nemo_aligner.algorithms.ppo_math`.
 
 **Critic warm-up** (``critic_warmup_steps = K``, as in NeMo-Aligner): before the actor's first update of a fresh
 run, the critic trains on ``K`` extra rollout buffers of step 1's prompts (each sampled with its own seed and scored
@@ -38,7 +41,6 @@ Rollout generation, validation rollouts, the sample table and the loop (checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -57,33 +59,22 @@ from nemo_aligner.algorithms.online import (  # noqa: F401 (reward_fn_from_*: re
     rollout_examples,
     score_rewards,
 )
-from nemo_aligner.data.sequences import collate_sequences
+from nemo_aligner.algorithms.base import optimizer_step
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
-from nemo_aligner.utils.ppo_utils import (
+from nemo_aligner.algorithms.ppo_math import (
     calculate_gae,
     calculate_kl_penalty,
-    entropy_from_logits,
+    explained_variance,
     flat_to_padded,
     kl_penalized_token_rewards,
     masked_mean,
     padded_to_flat,
     ppo_policy_loss,
+    ppo_value_loss,
 )
-
-
-def _as_bool(value: Any, key: str) -> bool:
-    """A config boolean: ``True``/``False`` (or a YAML-style ``"true"``/``"false"`` string).
-
-    Raises:
-        ValueError: naming ``key``, for anything else (``bool("false")`` would be True).
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +265,7 @@ class LocalCritic:
     process built it for this run), and re-reads the initial weights otherwise.
 
     Under data parallelism every rank holds a replica and trains it on its own rollouts, ``global_batch_size / W``
-    of them per optimizer step (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`).
+    of them per optimizer step (:func:`update_critic`).
     """
 
     shared = False
@@ -290,11 +281,11 @@ class LocalCritic:
         self._changed = False  # trained or loaded since construction (or the last reset)
 
     def infer(self, rollouts):
-        return self.critic.infer_values(rollout_examples(rollouts), self.forward_micro_batch_size)
+        return critic_values(self.critic, rollout_examples(rollouts), self.forward_micro_batch_size)
 
     def train(self, rollouts, seed, step=0):
         self._changed = True
-        return self.critic.train_on_rollouts(rollouts, self.global_batch_size, self.micro_batch_size, self.epochs, seed)
+        return update_critic(self.critic, rollouts, self.global_batch_size, self.micro_batch_size, self.epochs, seed)
 
     def reset(self) -> None:
         """Bring the critic back to its initial state (:meth:`~nemo_aligner.models.critic.HFCritic.reset`); a no-op
@@ -341,7 +332,7 @@ class LocalInitialPolicy:
 def policy_logprobs(model: AlignableModel, rollouts: Sequence[dict], micro_batch_size: int, reference: bool = False) -> list[list[float]]:
     """Per-response-token log-probabilities (nats) of ``rollouts`` under ``model`` (or its reference policy)."""
     out: list[list[float]] = []
-    pad = int(getattr(model, "pad_token_id", 0))
+    pad = model.pad_token_id
     with model.inference():
         for start in range(0, len(rollouts), micro_batch_size):
             batch = collate_sequences(rollout_examples(rollouts[start : start + micro_batch_size]), pad)
@@ -349,23 +340,26 @@ def policy_logprobs(model: AlignableModel, rollouts: Sequence[dict], micro_batch
     return out
 
 
-@contextlib.contextmanager
-def capture_entropy(model: AlignableModel, store: list):
-    """While active, append the per-token entropy ``[N]`` (with grad) of every LM-head call of ``model``'s policy.
+@torch.no_grad()
+def critic_values(critic: AlignableModel, rollouts: Sequence[dict], micro_batch_size: int) -> list[list[float]]:
+    """Values of the response tokens of each rollout (``{"input_ids", "prompt_length"}``) under ``critic``
+    (:meth:`~nemo_aligner.models.alignable.AlignableModel.get_values`), in micro-batches of ``micro_batch_size``.
 
-    :class:`~nemo_aligner.models.hf_causal_lm.ResponseLogprobs` applies the LM head only to the positions that
-    predict a response token, so the hook sees exactly the ``[N, V]`` logits of the response tokens.
+    Returns:
+        ``S`` lists, rollout ``s`` holding ``len(input_ids) - prompt_length`` floats.
     """
-    lm = getattr(model, "_lm", None)
-    head = lm.get_output_embeddings() if lm is not None else None
-    if head is None:
-        yield
-        return
-    handle = head.register_forward_hook(lambda module, args, output: store.append(entropy_from_logits(output)))
-    try:
-        yield
-    finally:
-        handle.remove()
+    out: list[list[float]] = []
+    with critic.inference():
+        for start in range(0, len(rollouts), micro_batch_size):
+            batch = _critic_batch(critic, rollouts[start : start + micro_batch_size])
+            out.extend(split_by_lengths(critic.get_values(batch), batch.target_lengths.tolist()))
+    return out
+
+
+def _critic_batch(critic: AlignableModel, rollouts: Sequence[dict]) -> SequenceBatch:
+    return collate_sequences(
+        [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts], critic.pad_token_id
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,7 +369,7 @@ def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callabl
     """Fill each rollout's ``advantages`` and ``returns`` (and ``kl``) from its ``logprobs``, ``init_logprobs``,
     ``values`` and ``reward``; return buffer statistics.
 
-    KL penalty per token (:func:`~nemo_aligner.utils.ppo_utils.calculate_kl_penalty`), KL-penalised token rewards
+    KL penalty per token (:func:`~nemo_aligner.algorithms.ppo_math.calculate_kl_penalty`), KL-penalised token rewards
     (Ouyang et al. 2022 eq. 2), GAE (Schulman et al. 2016 eq. 11-16) per response; with ``normalize_advantages`` the
     advantages are whitened over every response token of the buffer (``all_reduce(tensor, "sum")`` makes the
     moments global across data-parallel ranks when given).
@@ -414,6 +408,145 @@ def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callabl
     for r, a, rt, k in zip(rollouts, split_by_lengths(adv, lengths), split_by_lengths(ret, lengths), raw_kl):
         r["advantages"], r["returns"], r["kl"] = a, rt, k
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# updates: the actor's clipped surrogate and the critic's clipped value regression
+# ---------------------------------------------------------------------------------------------------------------
+def _global_batches(rollouts: Sequence[dict], per_rank: int, micro_batch_size: int, seed: int):
+    """The global batches of one epoch over ``rollouts`` (shuffled by ``random.Random(seed)``): ``per_rank``
+    rollouts each (an incomplete last one too), as ``(group, micro-batches of micro_batch_size)``."""
+    order = list(range(len(rollouts)))
+    random.Random(seed).shuffle(order)
+    for g in range(0, len(order), per_rank):
+        group = [rollouts[i] for i in order[g : g + per_rank]]
+        yield group, [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
+
+
+def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, seed: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped-surrogate updates of ``actor`` over ``rollouts`` (shuffled by ``seed + epoch``).
+
+    Each global batch (``global_batch_size / data-parallel size`` rollouts on this rank) is one optimizer step
+    (:func:`~nemo_aligner.algorithms.base.optimizer_step`); the loss is the token-weighted mean over the batch of the
+    clipped surrogate (Schulman et al. 2017 eq. 7) minus ``entropy_bonus`` times the mean token entropy (eq. 9; the
+    entropy comes from ``actor.get_logprobs(batch, return_entropy=True)``): micro-batch ``i`` weighs its share of
+    the batch's (kept) response tokens.
+
+    With ``mask_truncated`` (NeMo-Aligner's ``is_end`` mask, always on there) only the tokens of rollouts that
+    ``ended`` (EOS or an end string) enter the loss and the entropy: a response cut at ``max_length`` gives no
+    gradient, and the mean is over the ended rollouts' tokens of the batch. A batch without an ended rollout
+    makes an optimizer step with a zero gradient. ``clip_fraction``, ``approx_kl`` and ``ratio_mean`` are
+    over the same tokens (0 for such a batch).
+
+    Args:
+        rollouts: this rank's rollouts, each with ``input_ids``, ``prompt_length``, ``response_ids``, ``ended``,
+            ``logprobs`` (the rollout policy's) and ``advantages`` (one float per response token each).
+
+    Returns:
+        Averages over optimizer steps (and ranks) of ``policy_loss``, ``entropy``, ``actor_loss``,
+        ``clip_fraction``, ``approx_kl``, ``ratio_mean``, ``actor_grad_norm``, ``actor_lr``, plus
+        ``actor_optimizer_steps``.
+    """
+    per_rank = max(cfg.global_batch_size // actor.data_parallel_size, 1)
+    pad, device = actor.pad_token_id, actor.device
+    sums: dict[str, float] = {}
+    steps = 0
+
+    def loss_fn(micro: tuple[list[dict], list[bool]]):
+        chunk, chunk_keep = micro
+        batch = collate_sequences(rollout_examples(chunk), pad)
+        old = torch.tensor([v for r in chunk for v in r["logprobs"]], dtype=torch.float32, device=device)
+        adv = torch.tensor([v for r in chunk for v in r["advantages"]], dtype=torch.float32, device=device)
+        mask = None
+        if not all(chunk_keep):  # 1 on the tokens of the rollouts that enter the loss
+            mask = torch.tensor([float(k) for r, k in zip(chunk, chunk_keep) for _ in r["response_ids"]],
+                                dtype=torch.float32, device=device)
+        logprobs, entropies = actor.get_logprobs(batch, return_entropy=True)
+        pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps, mask)
+        entropy = masked_mean(entropies, mask)
+        loss = pg_loss - cfg.entropy_bonus * entropy
+        metrics.update(policy_loss=pg_loss.detach(), entropy=entropy.detach(), actor_loss=loss.detach())
+        return loss, metrics
+
+    for epoch in range(cfg.ppo_epochs):
+        for group, micro in _global_batches(rollouts, per_rank, cfg.micro_batch_size, seed + epoch):
+            keep = [[not cfg.mask_truncated or bool(r["ended"]) for r in chunk] for chunk in micro]
+            kept = [sum(len(r["response_ids"]) for r, k in zip(chunk, ks) if k) for chunk, ks in zip(micro, keep)]
+            total_tokens = sum(kept)
+            weights = [n / total_tokens if total_tokens else 0.0 for n in kept]
+            step_sums, info = optimizer_step(actor, list(zip(micro, keep)), loss_fn, weights)
+            step_sums.update({f"actor_{k}": v for k, v in info.items()})
+            for k, v in actor.all_reduce_mean(step_sums).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out["actor_optimizer_steps"] = float(steps)
+    return out
+
+
+def update_critic(
+    critic: AlignableModel, rollouts: Sequence[dict], global_batch_size: int, micro_batch_size: int, epochs: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit the critic's values of the response tokens to their GAE returns with the clipped value loss
+    (:func:`~nemo_aligner.algorithms.ppo_math.ppo_value_loss`, clipping range ``critic.loss_clip_val``).
+
+    Each epoch visits the rollouts in an order shuffled by ``random.Random(seed + epoch)``, in global batches of
+    ``global_batch_size`` (one optimizer step each, :func:`~nemo_aligner.algorithms.base.optimizer_step`; an
+    incomplete last batch is still a step) cut into micro-batches of ``micro_batch_size``; the loss is the
+    token-weighted mean over the batch. Under data parallelism (``W`` ranks, each passing its own rollouts) a global
+    batch is ``global_batch_size / W`` rollouts of each rank, as for the actor, so a PPO step makes the optimizer
+    steps of one process holding all the rollouts. The critic server calls this too, on every rank's rollouts.
+
+    Args:
+        critic: a critic (:meth:`~nemo_aligner.models.alignable.AlignableModel.get_values`, ``loss_clip_val``).
+        rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
+            (one float per response token each).
+
+    Returns:
+        Averages over optimizer steps of ``value_loss``, ``value_clip_fraction``, ``explained_variance``,
+        ``values_mean``, ``returns_mean``, ``grad_norm``, ``lr``, plus ``critic_optimizer_steps``.
+
+    Raises:
+        ValueError: a rollout's ``values``/``returns`` length differs from its response length.
+    """
+    for r in rollouts:
+        n = len(r["input_ids"]) - int(r["prompt_length"])
+        if len(r["values"]) != n or len(r["returns"]) != n:
+            raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
+    per_rank = max(global_batch_size // critic.data_parallel_size, 1)
+    device = critic.device
+    sums: dict[str, float] = {}
+    steps = 0
+
+    def loss_fn(chunk: list[dict]):
+        batch = _critic_batch(critic, chunk)
+        old = torch.tensor([v for r in chunk for v in r["values"]], dtype=torch.float32, device=device)
+        ret = torch.tensor([v for r in chunk for v in r["returns"]], dtype=torch.float32, device=device)
+        values = critic.get_values(batch)
+        loss, metrics = ppo_value_loss(values, old, ret, critic.loss_clip_val)
+        with torch.no_grad():
+            metrics["value_loss"] = loss.detach()
+            metrics["values_mean"] = values.detach().mean()
+            metrics["returns_mean"] = ret.mean()
+        return loss, metrics
+
+    for epoch in range(epochs):
+        for group, micro in _global_batches(rollouts, per_rank, micro_batch_size, seed + epoch):
+            total_tokens = sum(len(r["values"]) for r in group)
+            weights = [sum(len(r["values"]) for r in chunk) / total_tokens for chunk in micro]
+            step_sums, info = optimizer_step(critic, micro, loss_fn, weights)
+            with torch.no_grad():
+                all_old = torch.tensor([v for r in group for v in r["values"]])
+                all_ret = torch.tensor([v for r in group for v in r["returns"]])
+                step_sums["explained_variance"] = float(explained_variance(all_old, all_ret))
+            step_sums.update(info)
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out["critic_optimizer_steps"] = float(steps)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,7 +612,7 @@ class PPOTrainer(OnlineTrainer):
                 f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
             )
         batches = [("model.global_batch_size", cfg.global_batch_size)]
-        if not getattr(critic, "shared", False):  # a served critic trains on the gathered batch, in one process
+        if not critic.shared:  # a served critic trains on the gathered batch, in one process
             batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
         for key, size in batches:
             if size % world:
@@ -514,64 +647,8 @@ class PPOTrainer(OnlineTrainer):
 
     # ---- actor training ---------------------------------------------------------------------------------------
     def train_actor(self, rollouts: list[dict], seed: int) -> dict[str, float]:
-        """``ppo_epochs`` passes of clipped-surrogate updates over ``rollouts`` (shuffled by ``seed + epoch``).
-
-        Each global batch (``global_batch_size / data-parallel size`` rollouts on this rank) is one optimizer step;
-        the loss is the token-weighted mean over the batch of the clipped surrogate (Schulman et al. 2017 eq. 7)
-        minus ``entropy_bonus`` times the mean token entropy (eq. 9).
-
-        With ``mask_truncated`` (NeMo-Aligner's ``is_end`` mask, always on there) only the tokens of rollouts that
-        ``ended`` (EOS or an end string) enter the loss and the entropy: a response cut at ``max_length`` gives no
-        gradient, and the mean is over the ended rollouts' tokens of the batch. A batch without an ended rollout
-        makes an optimizer step with a zero gradient. ``clip_fraction``, ``approx_kl`` and ``ratio_mean`` are
-        over the same tokens (0 for such a batch).
-        """
-        cfg = self.cfg
-        per_rank = max(cfg.global_batch_size // self.actor.data_parallel_size, 1)
-        sums: dict[str, float] = {}
-        steps = 0
-        pad = int(getattr(self.actor, "pad_token_id", 0))
-        for epoch in range(cfg.ppo_epochs):
-            order = list(range(len(rollouts)))
-            random.Random(seed + epoch).shuffle(order)
-            for g in range(0, len(order), per_rank):
-                group = [rollouts[i] for i in order[g : g + per_rank]]
-                micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
-                keep = [not cfg.mask_truncated or bool(r["ended"]) for r in group]
-                total_tokens = sum(len(r["response_ids"]) for r, k in zip(group, keep) if k)
-                self.actor.prepare_for_training_step()
-                step_sums: dict[str, float] = {}
-                for i, chunk in enumerate(micro):
-                    batch = collate_sequences(rollout_examples(chunk), pad)
-                    device = self.actor.device
-                    old = torch.tensor([v for r in chunk for v in r["logprobs"]], dtype=torch.float32, device=device)
-                    adv = torch.tensor([v for r in chunk for v in r["advantages"]], dtype=torch.float32, device=device)
-                    chunk_keep = keep[i * cfg.micro_batch_size : i * cfg.micro_batch_size + len(chunk)]
-                    mask = None
-                    if not all(chunk_keep):  # 1 on the tokens of the rollouts that enter the loss
-                        mask = torch.tensor([float(k) for r, k in zip(chunk, chunk_keep) for _ in r["response_ids"]],
-                                            dtype=torch.float32, device=device)
-                    kept_tokens = old.numel() if mask is None else float(mask.sum())
-                    weight = kept_tokens / total_tokens if total_tokens else 0.0
-                    entropies: list[torch.Tensor] = []
-                    with self.actor.accumulate(is_last=i == len(micro) - 1):
-                        with capture_entropy(self.actor, entropies):
-                            logprobs = self.actor.get_logprobs(batch)
-                        pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps, mask)
-                        entropy = masked_mean(entropies[-1], mask) if entropies else torch.zeros((), device=device)
-                        loss = pg_loss - cfg.entropy_bonus * entropy
-                        self.actor.backward(loss * weight)
-                    metrics.update(policy_loss=pg_loss.detach(), entropy=entropy.detach(), actor_loss=loss.detach())
-                    for k, v in metrics.items():
-                        step_sums[k] = step_sums.get(k, 0.0) + float(v) * weight
-                info = self.actor.finish_training_step()
-                step_sums.update({f"actor_{k}": v for k, v in info.items()})
-                for k, v in self.actor.all_reduce_mean(step_sums).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                steps += 1
-        out = {k: v / max(steps, 1) for k, v in sums.items()}
-        out["actor_optimizer_steps"] = float(steps)
-        return out
+        """The actor's update on this rank's rollout buffer (:func:`update_actor`)."""
+        return update_actor(self.actor, rollouts, self.cfg, seed)
 
     # ---- critic training --------------------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -582,7 +659,7 @@ class PPOTrainer(OnlineTrainer):
     def _on_critic_owner(self, fn: Callable[[], Any]) -> None:
         """``fn()`` on every rank for a per-rank critic; for a shared (served) one on rank 0 only, then a barrier,
         so that no rank talks to the critic before the call is done."""
-        if not getattr(self.critic, "shared", False):
+        if not self.critic.shared:
             fn()
             return
         if self.actor.data_parallel_rank == 0:
@@ -598,7 +675,7 @@ class PPOTrainer(OnlineTrainer):
         are then given to every rank.
         """
         world = self.actor.data_parallel_size
-        if not getattr(self.critic, "shared", False) or world == 1:
+        if not self.critic.shared or world == 1:
             return self.critic.train(rollouts, seed=seed, step=round_index)
         keys = ("input_ids", "prompt_length", "values", "returns")
         shards = _all_gather_objects([{k: r[k] for k in keys} for r in rollouts], world)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from nemo_aligner.algorithms.base import optimizer_step
 from nemo_aligner.algorithms.online import (
     OnlineTrainer,
     RewardFn,
@@ -342,22 +343,20 @@ class RSTrainer(OnlineTrainer):
         per_rank = cfg.global_batch_size // self.policy.data_parallel_size
         order = list(range(len(kept)))
         random.Random(seed).shuffle(order)
-        pad = int(getattr(self.policy, "pad_token_id", 0))
+        pad = self.policy.pad_token_id
         sums: dict[str, float] = {}
         steps = 0
+
+        def loss_fn(chunk: list[dict]):
+            batch = build_rs_training_batch(chunk, pad)
+            loss, metrics = sft_loss_and_metrics(self.policy.get_logprobs(batch), batch)
+            return loss, {k: metrics[k] for k in ("loss", "target_tokens")}
+
         for g in range(0, len(order), per_rank):
             group = [kept[i] for i in order[g : g + per_rank]]
             micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
-            self.policy.prepare_for_training_step()
-            step_sums: dict[str, float] = {}
-            for i, chunk in enumerate(micro):
-                batch = build_rs_training_batch(chunk, pad)
-                with self.policy.accumulate(is_last=i == len(micro) - 1):
-                    loss, metrics = sft_loss_and_metrics(self.policy.get_logprobs(batch), batch)
-                    self.policy.backward(loss / len(micro))
-                for k in ("loss", "target_tokens"):
-                    step_sums[k] = step_sums.get(k, 0.0) + float(metrics[k]) / len(micro)
-            step_sums.update(self.policy.finish_training_step())
+            step_sums, info = optimizer_step(self.policy, micro, loss_fn, [1.0] * len(micro), len(micro))
+            step_sums.update(info)
             self.optimizer_step += 1
             for k, v in self.policy.all_reduce_mean(step_sums).items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -28,6 +28,10 @@ import torch
 class AlignableModel(ABC):
     """Abstract policy model that alignment trainers drive."""
 
+    #: The model's transformers tokenizer (chat template, special tokens), for the data rules that need one (e.g.
+    #: :func:`nemo_aligner.data.prompts.end_of_turn_rule`); None when the model has none.
+    tokenizer: Any = None
+
     # ---- training ---------------------------------------------------------------------------------------------
     @abstractmethod
     def prepare_for_training_step(self) -> None:
@@ -41,16 +45,20 @@ class AlignableModel(ABC):
         global batch); earlier micro-batches accumulate locally.
         """
 
-    def get_logprobs(self, batch: Any, reference: bool = False) -> torch.Tensor:
+    def get_logprobs(self, batch: Any, reference: bool = False, return_entropy: bool = False):
         """Log-probabilities of the target tokens of ``batch`` (policies; SFT, DPO, PPO actor).
 
         Args:
             batch: a packed batch with ``pred_row``, ``pred_col``, ``targets`` (e.g.
                 :class:`nemo_aligner.data.packing.PreferenceBatch`).
             reference: use the frozen reference policy (no gradient) instead of the trained policy.
+            return_entropy: also return the entropy ``-sum_v p_v log p_v`` (nats) of the policy's next-token
+                distribution at each target position (PPO's entropy bonus, Schulman et al. 2017 eq. 9), computed
+                from the same logits as the log-probabilities, with grad.
 
         Returns:
-            ``[N]`` float32 natural-log probabilities, one per target token, in the batch's packed order.
+            ``[N]`` float32 natural-log probabilities, one per target token, in the batch's packed order; with
+            ``return_entropy`` the pair ``(logprobs [N], entropy [N])``.
 
         Raises:
             NotImplementedError: the model is not a policy.
@@ -109,6 +117,38 @@ class AlignableModel(ABC):
     @abstractmethod
     def finish_inference(self) -> None:
         """Return to training mode after :meth:`prepare_for_inference`."""
+
+    # ---- tokenizer ----------------------------------------------------------------------------------------------
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads batches of this model's token ids (the tokenizer's pad token).
+
+        Raises:
+            NotImplementedError: the model has no tokenizer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no pad token id")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model's embedding accepts (ids must lie in ``[0, vocab_size)``).
+
+        Raises:
+            NotImplementedError: the model does not say.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no vocabulary size")
+
+    def eos_token_ids(self) -> list[int]:
+        """The token ids that end a response (the tokenizer's EOS and any of the model's generation config);
+        empty when the model does not say."""
+        return []
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``, special tokens kept (what sample tables show).
+
+        Raises:
+            NotImplementedError: the model has no tokenizer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot decode token ids")
 
     # ---- distributed helpers ----------------------------------------------------------------------------------
     @property

@@ -17,18 +17,17 @@ from __future__ import annotations
 import copy
 import math
 import random
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
-from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences
+from nemo_aligner.data.sequences import SequenceBatch, check_attention_window
 from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import STANDARDIZATION_KEY, standardization_from_config
-from nemo_aligner.utils.ppo_utils import explained_variance, ppo_value_loss
 
 
 def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,8 +168,9 @@ class HFCritic(HFModel):
             :func:`nemo_aligner.models.pretrained.resolve_pretrained`).
         max_steps: optimizer steps of the run (LR schedule).
         gradient_clip_val: max global grad norm (0 disables).
-        loss_clip_val: value clipping range ``c`` of :func:`~nemo_aligner.utils.ppo_utils.ppo_value_loss`
-            (NeMo-Aligner ``model.loss_clip_val``).
+        loss_clip_val: value clipping range ``c`` of :func:`~nemo_aligner.algorithms.ppo_math.ppo_value_loss`
+            (NeMo-Aligner ``model.loss_clip_val``), read by the critic update
+            (:func:`nemo_aligner.algorithms.ppo.update_critic`).
         precision: Fabric precision string.
 
     Values are standardised like the rewards (see the module docstring): ``reward_mean``/``reward_std`` come from
@@ -249,99 +249,3 @@ class HFCritic(HFModel):
         b = batch.to(self.device)
         raw = self.module(b.input_ids, b.position_ids, b.attention_mask, b.last_row, b.last_col)
         return (raw - self.reward_mean) / self.reward_std
-
-    # ---- PPO helpers ------------------------------------------------------------------------------------------
-    def _collate(self, rollouts: Sequence[dict]) -> SequenceBatch:
-        return collate_sequences(
-            [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts], self.pad_token_id
-        )
-
-    @torch.no_grad()
-    def infer_values(self, rollouts: Sequence[dict], micro_batch_size: int) -> list[list[float]]:
-        """Values of the response tokens of each rollout (``{"input_ids", "prompt_length"}``), one list per rollout.
-
-        Returns:
-            ``S`` lists, rollout ``s`` holding ``len(input_ids) - prompt_length`` floats.
-        """
-        out: list[list[float]] = []
-        with self.inference():
-            for start in range(0, len(rollouts), micro_batch_size):
-                chunk = rollouts[start : start + micro_batch_size]
-                batch = self._collate(chunk)
-                values = self.get_values(batch).float().cpu()
-                for lengths_start, n in _segments(batch.target_lengths.tolist()):
-                    out.append(values[lengths_start : lengths_start + n].tolist())
-        return out
-
-    def train_on_rollouts(
-        self, rollouts: Sequence[dict], global_batch_size: int, micro_batch_size: int, epochs: int = 1, seed: int = 0
-    ) -> dict[str, float]:
-        """Fit the values of the response tokens to their GAE returns with the clipped value loss.
-
-        Each epoch visits the rollouts in an order shuffled by ``random.Random(seed + epoch)``, in global batches of
-        ``global_batch_size`` (one optimizer step each; an incomplete last batch is still a step) cut into
-        micro-batches of ``micro_batch_size``. Under data parallelism (``W`` ranks, each passing its own rollouts)
-        a global batch is ``global_batch_size / W`` rollouts of each rank, as for the actor, so a PPO step makes
-        the optimizer steps of one process holding all the rollouts.
-
-        Args:
-            rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
-                (one float per response token each).
-
-        Returns:
-            Averages over optimizer steps of ``value_loss``, ``value_clip_fraction``, ``explained_variance``,
-            ``values_mean``, ``returns_mean``, ``grad_norm``, ``lr``, plus ``critic_optimizer_steps``.
-
-        Raises:
-            ValueError: a rollout's ``values``/``returns`` length differs from its response length.
-        """
-        for r in rollouts:
-            n = len(r["input_ids"]) - int(r["prompt_length"])
-            if len(r["values"]) != n or len(r["returns"]) != n:
-                raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
-        per_rank = max(global_batch_size // self.data_parallel_size, 1)
-        sums: dict[str, float] = {}
-        steps = 0
-        for epoch in range(epochs):
-            order = list(range(len(rollouts)))
-            random.Random(seed + epoch).shuffle(order)
-            for g in range(0, len(order), per_rank):
-                group = [rollouts[i] for i in order[g : g + per_rank]]
-                micro = [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
-                total_tokens = sum(len(r["values"]) for r in group)
-                self.prepare_for_training_step()
-                step_sums: dict[str, float] = {}
-                for i, chunk in enumerate(micro):
-                    batch = self._collate(chunk)
-                    old = torch.tensor([v for r in chunk for v in r["values"]], dtype=torch.float32, device=self.device)
-                    ret = torch.tensor([v for r in chunk for v in r["returns"]], dtype=torch.float32, device=self.device)
-                    weight = old.numel() / total_tokens  # token-weighted mean over the global batch
-                    with self.accumulate(is_last=i == len(micro) - 1):
-                        values = self.get_values(batch)
-                        loss, metrics = ppo_value_loss(values, old, ret, self.loss_clip_val)
-                        self.backward(loss * weight)
-                    with torch.no_grad():
-                        metrics["value_loss"] = loss.detach()
-                        metrics["values_mean"] = values.detach().mean()
-                        metrics["returns_mean"] = ret.mean()
-                    for k, v in metrics.items():
-                        step_sums[k] = step_sums.get(k, 0.0) + float(v) * weight
-                with torch.no_grad():
-                    all_old = torch.tensor([v for r in group for v in r["values"]])
-                    all_ret = torch.tensor([v for r in group for v in r["returns"]])
-                    step_sums["explained_variance"] = float(explained_variance(all_old, all_ret))
-                step_sums.update(self.finish_training_step())
-                for k, v in step_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                steps += 1
-        out = {k: v / max(steps, 1) for k, v in sums.items()}
-        out["critic_optimizer_steps"] = float(steps)
-        return out
-
-
-def _segments(lengths: list[int]):
-    """``(start, length)`` of consecutive segments with the given lengths."""
-    start = 0
-    for n in lengths:
-        yield start, int(n)
-        start += int(n)

@@ -87,11 +87,13 @@ class ResponseLogprobs(nn.Module):
         pred_row: torch.Tensor,
         pred_col: torch.Tensor,
         targets: torch.Tensor,
-    ) -> torch.Tensor:
+        return_entropy: bool = False,
+    ):
         """Shapes: ids/positions ``[R, T]``; mask ``[R, 1, T, T]`` bool or ``[R, T]``; pred/targets ``[N]``.
 
         Returns ``[N]`` float32 log p(target | prefix), computed as ``logit[target] - logsumexp(logits)`` from the
-        model's final logits (after its own transforms) in float32.
+        model's final logits (after its own transforms) in float32; with ``return_entropy`` also the ``[N]``
+        entropies of those distributions (:func:`entropy_from_logits` of the same logits).
 
         Raises:
             ValueError: as :func:`prepare_attention_mask`.
@@ -119,10 +121,23 @@ class ResponseLogprobs(nn.Module):
                 handle.remove()
         if len(calls) > 1:
             raise RuntimeError(f"{type(self.lm).__name__} called its output embeddings {len(calls)} times in one forward")
+        full = logits
         logits = logits[0] if calls else logits[pred_row, pred_col]  # [N, V]
         logits = logits.float()
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
+        logprobs = picked - torch.logsumexp(logits, dim=-1)
+        if not return_entropy:
+            return logprobs
+        # from the [1, N, V] output itself when the head saw only the response positions (the autograd graph, and
+        # so the gradient's bits, of an entropy read off the head's output)
+        entropy = entropy_from_logits(full)[0] if calls else entropy_from_logits(logits)
+        return logprobs, entropy
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum_v p_v log p_v`` (nats) of each row of ``logits`` ``[N, V]`` -> ``[N]`` float32 (differentiable)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 #: Substrings of the config fields and module attributes that hold a dropout probability (``attention_dropout``,
@@ -358,7 +373,16 @@ class HFModel(AlignableModel):
 
     @property
     def pad_token_id(self) -> int:
+        """The tokenizer's pad id (:func:`load_tokenizer` sets one when the checkpoint has none)."""
         return int(self.tokenizer.pad_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """``config.vocab_size`` of the transformers model (the embedding's rows)."""
+        return int(self._lm.config.vocab_size)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def num_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
@@ -602,26 +626,26 @@ class HFCausalLM(HFModel):
         self._reference = self.setup_frozen(reference) if reference is not None else None
         self._has_reference = need_reference
 
-    def get_logprobs(self, batch, reference: bool = False) -> torch.Tensor:
+    def get_logprobs(self, batch, reference: bool = False, return_entropy: bool = False):
         inputs = self._inputs(batch)
         if not reference:
-            return self.module(*inputs)
+            return self.module(*inputs, return_entropy=return_entropy)
         if not self._has_reference:
             raise RuntimeError("this model was built without a reference policy (need_reference=False)")
         with torch.no_grad():
             if self._reference is not None:
                 with self.fabric.autocast():
-                    return self._reference(*inputs)
+                    return self._reference(*inputs, return_entropy=return_entropy)
             # adapters off, in eval mode like the frozen copy (and like PPO's old log-probs)
             was_training = self._unwrapped.training
             self._unwrapped.eval()
             try:
                 with self._lm.disable_adapter():
-                    return self.module(*inputs)
+                    return self.module(*inputs, return_entropy=return_entropy)
             finally:
                 self._unwrapped.train(was_training)
 
-    def _eos_token_ids(self) -> list[int]:
+    def eos_token_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""
         ids = [self.tokenizer.eos_token_id]
         generation_config = getattr(self._lm, "generation_config", None)
@@ -676,7 +700,7 @@ class HFCausalLM(HFModel):
                     prompt_ids,
                     sampling_params,
                     length_params,
-                    eos_token_ids=self._eos_token_ids(),
+                    eos_token_ids=self.eos_token_ids(),
                     pad_token_id=self.pad_token_id,
                     tokenizer=self.tokenizer,
                     generator=generator,

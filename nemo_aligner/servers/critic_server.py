@@ -8,7 +8,7 @@ API (JSON; errors are ``{"error": "<message>"}``, see :func:`nemo_aligner.server
 * ``POST /train`` ``{"step": int, "seed": int, "run_id": str (optional), "token_ids", "prompt_lengths",
   "values": [[float]], "returns": [[float]]}`` -> ``{"metrics": {...}}``: one PPO step of clipped-value-loss
   training on the rollouts of every data-parallel rank of the actor (rank 0 gathers and sends them; ``step`` numbers
-  the trainings of a run, critic warm-up included, see :class:`~nemo_aligner.algorithms.ppo.CriticHandle`) (:meth:`~nemo_aligner.models.critic.HFCritic.train_on_rollouts`). Idempotent per ``(run_id, step)``: a
+  the trainings of a run, critic warm-up included, see :class:`~nemo_aligner.algorithms.ppo.CriticHandle`) (:func:`~nemo_aligner.algorithms.ppo.update_critic`, the colocated critic's update too). Idempotent per ``(run_id, step)``: a
   retried request for the step just trained by the same actor run returns the stored metrics without training
   again; another run (a fresh actor process, which sends a new ``run_id``) is always trained, even at the same step.
 * ``POST /save`` ``{"step": int}`` / ``POST /load`` ``{"step": int}``: checkpoint ``<checkpoint_dir>/step=<N>`` (the
@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 from fastapi import Request
 
+from nemo_aligner.algorithms.ppo import critic_values, update_critic
 from nemo_aligner.servers.app import APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 from nemo_aligner.servers.client import HTTPClient
@@ -105,13 +106,12 @@ def build_critic_app(
     """
     lock = threading.Lock()
     checkpoints = CheckpointManager(checkpoint_dir, save_top_k=-1)
-    vocab = getattr(getattr(critic, "_lm", None), "config", None)
-    vocab_size = getattr(vocab, "vocab_size", None)
+    vocab_size = critic.vocab_size
     last_train: dict[str, Any] = {"run_id": None, "step": None, "metrics": None}
 
     def process(items: list[dict]) -> list[list[float]]:
         with lock:
-            return critic.infer_values(items, forward_micro_batch_size)
+            return critic_values(critic, items, forward_micro_batch_size)
 
     batcher = DynamicBatcher(process, micro_batch_size=forward_micro_batch_size, max_wait_ms=max_wait_ms)
     app = create_app("NeMo-Aligner PPO critic server", api_token=api_token, on_shutdown=[batcher.close])
@@ -141,7 +141,7 @@ def build_critic_app(
         with lock:
             if last_train["step"] == step and last_train["run_id"] == run_id:
                 return last_train["metrics"]  # a retry of the request just served
-            metrics = critic.train_on_rollouts(rollouts, global_batch_size, micro_batch_size, epochs, seed)
+            metrics = update_critic(critic, rollouts, global_batch_size, micro_batch_size, epochs, seed)
             last_train.update(run_id=run_id, step=step, metrics=metrics)
             return metrics
 

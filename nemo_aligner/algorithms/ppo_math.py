@@ -1,5 +1,9 @@
 """PPO mathematics on the response tokens of rollouts: KL penalty, rewards, GAE, losses, whitening, diagnostics.
 
+Pure functions of tensors (no model, no state), read top to bottom with :mod:`nemo_aligner.algorithms.ppo`, which
+applies them to a rollout buffer and holds the actor and critic updates. The per-token entropy of the policy comes
+from the model (``get_logprobs(batch, return_entropy=True)``).
+
 Layouts. A rollout of ``S`` responses is kept either *flat* (``[N]``, the response tokens of all responses
 concatenated in sequence order then token order, tagged by ``seq_id`` -- the order of
 :class:`nemo_aligner.data.sequences.SequenceBatch` targets) or *padded* (``[S, L]`` with a 0/1 ``mask``, token
@@ -9,7 +13,6 @@ Everything returned is float32; log-probabilities are natural logarithms (nats).
 Sources:
 
 * Clipped surrogate objective: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7.
-* Entropy bonus: the same paper, eq. 9 (the ``c2 S[pi]`` term).
 * Generalised advantage estimation: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
   Advantage Estimation", eq. 11-16 (``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``,
   ``A_t = sum_l (gamma lambda)^l delta_{t+l}``).
@@ -274,12 +277,6 @@ def ppo_value_loss(
     with torch.no_grad():
         frac = masked_mean((err_clipped > err).float(), mask)
     return loss, {"value_clip_fraction": frac}
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``-sum_v p_v log p_v`` (nats) of each row of ``logits`` ``[N, V]`` -> ``[N]`` float32 (differentiable)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
