@@ -61,7 +61,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _gguf_chat_template(gguf_path: Path) -> str | None:
     """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, or None if it has none."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: only GGUF checkpoints need the gguf reader
 
     field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
     if field is None or not field.data:
