@@ -31,7 +31,7 @@ setup(
         "httpx>=0.27",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "import-linter>=2.0"],
         "bench": ["trl>=0.19"],
         "wandb": ["wandb"],
     },

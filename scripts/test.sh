@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install, then run the whole test suite (tiny random models; a few slow tests use the real SmolLM2-135M).
+# Install, check the layer contract (.importlinter: no module imports a higher floor), then run the whole test suite
+# (tiny random models; a few slow tests use the real SmolLM2-135M).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+lint-imports --no-cache
 python3 -m pytest -q -p no:cacheprovider "$@"

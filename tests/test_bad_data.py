@@ -1,6 +1,6 @@
 """Bad data files and bad values: every reader (DPO, SFT, reward model, PPO prompts) stops with a located
 ``DataFormatError`` (``file:line: field '...': ...``, or ``file: ...`` for an error of the whole file) that the
-recipes print as one line (it is one of their ``USER_ERRORS``), never a raw traceback or a silently accepted value.
+recipes print as one line (it is a :class:`~nemo_aligner.errors.UserError`), never a raw traceback or a silently accepted value.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from nemo_aligner.data.preference import build_preference_dataset, parse_prefere
 from nemo_aligner.data.prompts import load_prompt_ids, parse_prompt_record
 from nemo_aligner.data.reward import build_reward_dataset
 from nemo_aligner.data.sft import build_sft_dataset, parse_sft_record
-from nemo_aligner.utils.recipe import USER_ERRORS
+from nemo_aligner.errors import UserError
 
 HUGE_INT = "1" + "0" * 400  # a JSON integer beyond float64 (float() raises OverflowError)
 
@@ -49,7 +49,7 @@ def read_error(kind: str, path: Path, tokenizer, tmp_path: Path, num_proc: int |
     cache = tmp_path / "cache"
     with pytest.raises(DataFormatError) as info:
         read(kind, path, tokenizer, cache, num_proc)
-    assert isinstance(info.value, USER_ERRORS)
+    assert isinstance(info.value, UserError)
     assert not cache.exists() or list(cache.iterdir()) == []
     return info.value
 

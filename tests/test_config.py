@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 from nemo_aligner.algorithms.base import TrainerConfig
 from nemo_aligner.algorithms.dpo import DPOLossConfig
 from nemo_aligner.generation.params import SamplingParams
+from nemo_aligner.recipes import common as recipe
+from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, to_bool, to_float, to_int
-from nemo_aligner.utils import recipe
-from nemo_aligner.utils.recipe import run_or_exit
 
 from conftest import REPO, load_example_script
 
@@ -176,7 +176,7 @@ def test_null_model_path_never_becomes_the_hub_id_none():
 
 
 def test_string_booleans_are_normalised_for_the_recipe(tmp_path, tiny_model_dir):
-    from nemo_aligner.utils.recipe import check_config
+    from nemo_aligner.recipes.common import check_config
 
     cfg = _cfg("gpt_dpo", tmp_path, tiny_model_dir, "model.dpo.shared_prefix='false'", "model.micro_batch_size=1.0")
     check_config(cfg, "gpt_dpo")
@@ -241,7 +241,7 @@ def test_sft_batch_sizes_are_checked_again_against_the_real_world_size(tmp_path,
     SFT's keys and comes before any load."""
     from types import SimpleNamespace
 
-    from nemo_aligner.utils.recipe import check_config
+    from nemo_aligner.recipes.common import check_config
 
     cfg = _cfg("gpt_sft", tmp_path, tiny_model_dir, "trainer.devices=auto",
                "model.data.train_ds.global_batch_size=2", "model.data.train_ds.micro_batch_size=2")

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
 from conftest import REPO, load_example_script
+from nemo_aligner.errors import UserError
 from nemo_aligner.models.reward_model import MAX_SEQ_LENGTH_KEY, RewardScorer
 from nemo_aligner.servers.app import API_TOKEN_ENV, BackgroundServer
 from nemo_aligner.servers.client import RewardModelClient, ServerRequestError
@@ -293,7 +294,7 @@ def test_entry_script_builds_a_working_server(rm_dir, no_env_token):
 def test_entry_script_user_errors(rm_dir, overrides, fragment):
     module = load_example_script("serve_reward_model")
     overrides = {"rm_model_file": str(rm_dir), **overrides}
-    with pytest.raises(module.USER_ERRORS, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
         module.build(_cfg(**overrides))
 
 

@@ -23,7 +23,7 @@ import torch
 from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, step_of_name
-from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
+from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
 from nemo_aligner.utils.logging import format_metrics, get_logger, trim_csv_log
 
 
@@ -69,7 +69,7 @@ def compute_max_steps(num_samples: int, cfg: TrainerConfig) -> int:
     epoch_steps = cfg.max_epochs * (num_samples // cfg.global_batch_size)
     steps = epoch_steps if cfg.max_steps < 0 else min(cfg.max_steps, epoch_steps)
     if steps < 1:
-        raise ValueError(
+        raise ConfigValueError(
             f"nothing to train: {num_samples} samples, global_batch_size={cfg.global_batch_size}, "
             f"max_epochs={cfg.max_epochs}, max_steps={cfg.max_steps} give 0 optimizer steps"
         )

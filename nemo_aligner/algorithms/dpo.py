@@ -63,16 +63,16 @@ def preference_loss(
         ValueError: unknown ``loss_type``, ``beta <= 0``, or an RPO loss without ground-truth rewards.
     """
     if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(f"model.dpo.preference_loss={loss_type!r}: use one of {', '.join(PREFERENCE_LOSSES)}")
+        raise ConfigValueError(f"model.dpo.preference_loss={loss_type!r}: use one of {', '.join(PREFERENCE_LOSSES)}")
     if beta <= 0:
-        raise ValueError(f"model.dpo.ref_policy_kl_penalty must be > 0, got {beta}")
+        raise ConfigValueError(f"model.dpo.ref_policy_kl_penalty must be > 0, got {beta}")
     delta = chosen_logratio - rejected_logratio
     if loss_type == "dpo":
         return -F.logsigmoid(beta * delta)
     if loss_type == "ipo":
         return (delta - 1.0 / (2.0 * beta)) ** 2
     if gt_reward_chosen is None or gt_reward_rejected is None:
-        raise ValueError(f"preference_loss={loss_type} needs ground-truth rewards (chosen_reward/rejected_reward)")
+        raise ConfigValueError(f"preference_loss={loss_type} needs ground-truth rewards (chosen_reward/rejected_reward)")
     gt_delta = gt_reward_scale * (gt_reward_chosen - gt_reward_rejected)
     if loss_type == "rpo_sq":
         return (beta * delta - gt_delta) ** 2

@@ -1,9 +1,8 @@
 """What the online algorithms (PPO, rejection sampling) share.
 
-* **Reward sources**: a reward function is any ``reward_fn(prompt_ids, response_ids) -> list[float]``, one score
-  per response; :func:`reward_fn_from_scorer` wraps a local
-  :class:`~nemo_aligner.models.reward_model.RewardScorer`, :func:`reward_fn_from_client` the reward-model server,
-  and :func:`build_reward_fn` picks one of the two from an entry script's settings.
+* **Rewards**: a reward function (:data:`RewardFn`) is any ``reward_fn(prompt_ids, response_ids) -> list[float]``,
+  one score per response; :mod:`nemo_aligner.recipes.online` builds one from a local reward model or the
+  reward-model server.
 * **Run length**: :func:`compute_online_max_steps` (steps of ``num_rollout_samples`` prompts each).
 * **The loop**: :class:`OnlineTrainer` generates rollouts (:meth:`OnlineTrainer.generate_rollouts`), scores them
   (:func:`score_rewards`; a chat turn that ended is scored with the template's end-of-turn suffix, as the reward
@@ -24,71 +23,10 @@ from nemo_aligner.data.samplers import GlobalBatchSampler
 from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.logging import format_metrics, get_logger
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reward sources
-# ---------------------------------------------------------------------------------------------------------------
-def reward_fn_from_scorer(scorer, micro_batch_size: int | None = None) -> RewardFn:
-    """A reward function scoring ``prompt + response`` token ids with a local
-    :class:`~nemo_aligner.models.reward_model.RewardScorer` (the policy and RM must share a tokenizer)."""
-
-    def reward_fn(prompt_ids, response_ids):
-        return list(scorer.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], micro_batch_size))
-
-    return reward_fn
-
-
-def reward_fn_from_client(client) -> RewardFn:
-    """A reward function calling the reward-model server (``RewardModelClient.score_token_ids``)."""
-
-    def reward_fn(prompt_ids, response_ids):
-        return list(client.score_token_ids([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]))
-
-    return reward_fn
-
-
-def build_reward_fn(
-    rm_path: str | None,
-    device: Any,
-    micro_batch_size: int,
-    remote_url: str | None = None,
-    api_token: str | None = None,
-    timeout: float = 600.0,
-    remote_key: str = "remote_rm.enable",
-) -> tuple[RewardFn, int | None, str]:
-    """The reward source of an online run: the reward-model server at ``remote_url`` when given, else a local
-    :class:`~nemo_aligner.models.reward_model.RewardScorer` loaded from the RM export ``rm_path`` onto ``device``
-    (scoring in micro-batches of ``micro_batch_size``).
-
-    Args:
-        remote_key: the config key that turns the server on, named in the error for a missing export.
-
-    Returns:
-        ``(reward_fn, max_seq_length, description)``: ``max_seq_length`` is the longest prompt + response the
-        reward model accepts (``None``: no limit; see :func:`nemo_aligner.data.prompts.prompt_token_budget`).
-
-    Raises:
-        FileNotFoundError: no RM export directory at ``rm_path`` (local mode).
-        ConnectionError: the server does not answer ``/health`` within ``timeout`` seconds.
-    """
-    if remote_url is not None:
-        from nemo_aligner.servers.client import RewardModelClient
-
-        client = RewardModelClient(remote_url, api_token=api_token, timeout=float(timeout))
-        client.wait_until_ready(timeout=float(timeout))
-        max_len = client.info().get("max_seq_length")
-        return reward_fn_from_client(client), (int(max_len) if max_len else None), f"reward-model server {remote_url}"
-    from nemo_aligner.models.reward_model import RewardScorer
-
-    if not rm_path or not Path(str(rm_path)).is_dir():
-        raise FileNotFoundError(f"reward_model.restore_from_path={rm_path!r} is not an RM export directory "
-                                f"(or set {remote_key}=true to use the reward-model server)")
-    scorer = RewardScorer.from_pretrained(str(rm_path), device=device, micro_batch_size=micro_batch_size)
-    return reward_fn_from_scorer(scorer, micro_batch_size), scorer.max_seq_length, f"local reward model {rm_path}"
 
 
 def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: int | None = None,
@@ -142,7 +80,7 @@ def compute_online_max_steps(num_prompts: int, cfg: Any, section: str) -> int:
     per_epoch = num_prompts // cfg.num_rollout_samples
     steps = cfg.max_epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.max_epochs * per_epoch)
     if steps < 1:
-        raise ValueError(
+        raise ConfigValueError(
             f"nothing to train: {num_prompts} prompts, model.{section}.num_rollout_samples={cfg.num_rollout_samples}, "
             f"trainer.{section}.max_epochs={cfg.max_epochs}, trainer.{section}.max_steps={cfg.max_steps} give 0 "
             f"{section.upper()} steps"

@@ -31,9 +31,9 @@ The trainer sees the four roles through small interfaces, so each can live in th
 * initial policy: :class:`InitialPolicyHandle` -- :class:`LocalInitialPolicy` (the actor's frozen reference copy,
   or its LoRA adapters switched off) or :class:`nemo_aligner.servers.initial_policy_server.RemoteInitialPolicy`;
 * reward: any ``reward_fn(prompt_ids, response_ids) -> list[float]``
-  (:func:`~nemo_aligner.algorithms.online.reward_fn_from_scorer` for a local
+  (:func:`~nemo_aligner.recipes.online.reward_fn_from_scorer` for a local
   :class:`~nemo_aligner.models.reward_model.RewardScorer`,
-  :func:`~nemo_aligner.algorithms.online.reward_fn_from_client` for the RM server, or a programmatic reward in tests).
+  :func:`~nemo_aligner.recipes.online.reward_fn_from_client` for the RM server, or a programmatic reward in tests).
 
 Rollout generation, validation rollouts, the sample table and the loop (checkpoints, resume, logging, export) are
 :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s, shared with rejection sampling.
@@ -50,20 +50,19 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from nemo_aligner.algorithms.online import (  # noqa: F401 (reward_fn_from_*: re-exported for callers of this module)
+from nemo_aligner.algorithms.online import (
     OnlineTrainer,
     RewardFn,
     compute_online_max_steps,
-    reward_fn_from_client,
-    reward_fn_from_scorer,
     rollout_examples,
     score_rewards,
 )
 from nemo_aligner.algorithms.base import optimizer_step
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
+from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
 from nemo_aligner.algorithms.ppo_math import (
     calculate_gae,
     calculate_kl_penalty,
@@ -155,29 +154,29 @@ class PPOConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the key of the first out-of-range value."""
         if self.num_rollout_samples < 1 or self.rollout_micro_batch_size < 1 or self.forward_micro_batch_size < 1:
-            raise ValueError("model.ppo.num_rollout_samples, rollout_micro_batch_size, forward_micro_batch_size must be >= 1")
+            raise ConfigValueError("model.ppo.num_rollout_samples, rollout_micro_batch_size, forward_micro_batch_size must be >= 1")
         if self.num_rollout_samples % self.rollout_micro_batch_size:
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.ppo.num_rollout_samples={self.num_rollout_samples} must be a multiple of "
                 f"model.ppo.rollout_micro_batch_size={self.rollout_micro_batch_size}"
             )
         if self.global_batch_size < 1 or self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.global_batch_size={self.global_batch_size} must be a positive multiple of "
                 f"model.micro_batch_size={self.micro_batch_size}"
             )
         if self.ratio_eps <= 0:
-            raise ValueError(f"model.ppo.ratio_eps must be > 0, got {self.ratio_eps}")
+            raise ConfigValueError(f"model.ppo.ratio_eps must be > 0, got {self.ratio_eps}")
         if self.initial_policy_kl_penalty < 0:
-            raise ValueError(f"trainer.ppo.initial_policy_kl_penalty must be >= 0, got {self.initial_policy_kl_penalty}")
+            raise ConfigValueError(f"trainer.ppo.initial_policy_kl_penalty must be >= 0, got {self.initial_policy_kl_penalty}")
         if not (0 <= self.discount_factor <= 1 and 0 <= self.gae_lambda <= 1):
-            raise ValueError("trainer.ppo.discount_factor and gae_lambda must lie in [0, 1]")
+            raise ConfigValueError("trainer.ppo.discount_factor and gae_lambda must lie in [0, 1]")
         if self.ppo_epochs < 1:
-            raise ValueError(f"trainer.ppo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+            raise ConfigValueError(f"trainer.ppo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.critic_warmup_steps < 0:
-            raise ValueError(f"trainer.ppo.critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+            raise ConfigValueError(f"trainer.ppo.critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
         if self.critic_global_batch_size < 1 or self.critic_micro_batch_size < 1:
-            raise ValueError("critic.global_batch_size and critic.micro_batch_size must be >= 1")
+            raise ConfigValueError("critic.global_batch_size and critic.micro_batch_size must be >= 1")
 
     def optimizer_steps_per_ppo_step(self, global_batch_size: int | None = None) -> int:
         """Optimizer steps made on one rollout buffer: ``ppo_epochs * ceil(num_rollout_samples / gbs)`` (on every
@@ -304,7 +303,7 @@ class LocalCritic:
     def load(self, step):
         path = self.checkpoints.path_for(step)
         if not path.is_dir():
-            raise FileNotFoundError(f"critic checkpoint {path} is missing (the actor checkpoint of step {step} exists)")
+            raise MissingFileError(f"critic checkpoint {path} is missing (the actor checkpoint of step {step} exists)")
         self._changed = True
         self.critic.load_checkpoint(str(path))
 
@@ -607,7 +606,7 @@ class PPOTrainer(OnlineTrainer):
     ):
         world = actor.data_parallel_size
         if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
                 f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
             )
@@ -616,8 +615,8 @@ class PPOTrainer(OnlineTrainer):
             batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
         for key, size in batches:
             if size % world:
-                raise ValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
-                                 f"trains on {key} / {world} of its rollouts per optimizer step)")
+                raise ConfigValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
+                                       f"trains on {key} / {world} of its rollouts per optimizer step)")
         super().__init__(actor, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
                          checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id,
                          rollout_micro_batch_size=cfg.rollout_micro_batch_size)

@@ -20,9 +20,9 @@ top ones, SFT on them), run online: each step samples from the current policy.
 The trainer drives the policy only through :class:`~nemo_aligner.models.alignable.AlignableModel`
 (``generate``, ``get_logprobs``, ``backward``, ``accumulate``, ``finish_training_step``, ``inference``,
 checkpoints, ``export_hf``). The reward is any ``reward_fn(prompt_ids, response_ids) -> list[float]``:
-:func:`nemo_aligner.algorithms.online.reward_fn_from_scorer` (a local
+:func:`nemo_aligner.recipes.online.reward_fn_from_scorer` (a local
 :class:`~nemo_aligner.models.reward_model.RewardScorer`),
-:func:`nemo_aligner.algorithms.online.reward_fn_from_client` (the reward-model server) or a programmatic reward in
+:func:`nemo_aligner.recipes.online.reward_fn_from_client` (the reward-model server) or a programmatic reward in
 tests. Rollout generation, validation rollouts, the sample table and the loop (checkpoints, resume, logging, export)
 are :class:`~nemo_aligner.algorithms.online.OnlineTrainer`'s, shared with PPO.
 """
@@ -51,7 +51,7 @@ from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import config_schema, dataclass_from_sections, key
+from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,20 +119,20 @@ class RSConfig:
         for key in ("num_rollout_samples", "num_rollouts_per_prompt", "rollout_micro_batch_size",
                     "forward_micro_batch_size", "val_rollout_micro_batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"model.rs.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigValueError(f"model.rs.{key} must be >= 1, got {getattr(self, key)}")
         if not 1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt:
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.rs.top_n_rollouts={self.top_n_rollouts} must lie in [1, model.rs.num_rollouts_per_prompt="
                 f"{self.num_rollouts_per_prompt}]"
             )
         if self.num_rollout_samples % data_parallel_size:
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.rs.num_rollout_samples={self.num_rollout_samples} must be a multiple of the data-parallel "
                 f"size {data_parallel_size}"
             )
         if (self.global_batch_size < 1 or self.micro_batch_size < 1
                 or self.global_batch_size % (self.micro_batch_size * data_parallel_size)):
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.global_batch_size={self.global_batch_size} must be a positive multiple of "
                 f"model.micro_batch_size={self.micro_batch_size} x data-parallel size {data_parallel_size}"
             )

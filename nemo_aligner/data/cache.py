@@ -31,6 +31,8 @@ import datasets
 import numpy as np
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
+from nemo_aligner.errors import MissingFileError
+from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.fs import make_readable
 
 STATS_FILE = "stats.json"
@@ -136,7 +138,7 @@ def build_cached_dataset(
     """
     path = Path(path).absolute()
     if not path.is_file():
-        raise FileNotFoundError(missing_message.format(path=path))
+        raise MissingFileError(missing_message.format(path=path))
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final_dir = cache_root / dir_name.format(stem=path.name.split(".")[0], key=cache_key(path, kind, key_parts))
     if cache_root.is_dir():
@@ -315,7 +317,7 @@ def _sum_shard_stats(work_dir: Path, counters: Sequence[str], num_shards: int) -
 
 def _check_kept(stats: dict, kept: str, empty_message: str, path: Path) -> None:
     if stats and stats[kept] == 0:
-        raise ValueError(empty_message.format(path=path, **stats))
+        raise ConfigValueError(empty_message.format(path=path, **stats))
 
 
 def _first_shard_error(work_dir: Path) -> DataFormatError | None:

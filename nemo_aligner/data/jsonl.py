@@ -10,8 +10,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from nemo_aligner.errors import MissingFileError, UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError, ValueError):
     """A record in a data file is malformed.
 
     ``str(err)`` is ``"{path}:{line_no}: field '{field}': {message}"`` (or
@@ -83,7 +85,7 @@ def iter_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> Iterator[t
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"JSON-lines data file not found: {path} (resolved to {path.absolute()})")
+        raise MissingFileError(f"JSON-lines data file not found: {path} (resolved to {path.absolute()})")
     return _iter_records(path, allow_empty)
 
 

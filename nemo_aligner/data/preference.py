@@ -22,6 +22,7 @@ import datasets
 
 from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
 from nemo_aligner.data.jsonl import DataFormatError
+from nemo_aligner.utils.config import ConfigValueError
 
 Message = dict[str, Any]
 """A chat message: ``{"role": str, "content": str}`` (extra keys are passed to the chat template)."""
@@ -377,9 +378,9 @@ def _render_chat(example: PreferenceExample, tokenizer) -> tuple[str, str, str]:
 
 def _check_truncation_args(max_seq_length: int, mode: str) -> None:
     if mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+        raise ConfigValueError(f"truncation mode must be one of {TRUNCATION_MODES}, got {mode!r}")
     if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}")
+        raise ConfigValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}")
 
 
 def truncate_pair(
@@ -542,6 +543,6 @@ def load_preference_datasets(
         ValueError: ``paths`` is empty; plus everything :func:`build_preference_dataset` raises.
     """
     if not paths:
-        raise ValueError("no preference data files given")
+        raise ConfigValueError("no preference data files given")
     built = [build_preference_dataset(p, tokenizer, max_seq_length, truncation, cache_dir, num_proc) for p in paths]
     return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]

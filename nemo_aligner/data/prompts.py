@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
 from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _split_hh_transcript, check_messages
+from nemo_aligner.data.sequences import tokenize_prompt_response
+from nemo_aligner.utils.config import ConfigValueError, as_list
 
 ACCEPTED_PROMPT_FORMATS = (
     "{'prompt': str or [chat messages]}",
@@ -136,7 +138,7 @@ def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None
             break
         prompts.append(example)
     if not prompts and not (max_prompts is not None and max_prompts == 0):
-        raise ValueError(f"no prompt files given ({paths!r})")
+        raise ConfigValueError(f"no prompt files given ({paths!r})")
     return prompts
 
 
@@ -192,8 +194,6 @@ def load_prompt_ids(paths, tokenizer, max_prompt_tokens: int,
     Raises:
         FileNotFoundError, DataFormatError, ValueError: as :func:`load_prompts` and :func:`tokenize_prompt_example`.
     """
-    from nemo_aligner.utils.config import as_list
-
     ids, cut = [], 0
     for example in load_prompts(as_list(paths), None if max_prompts is None else int(max_prompts)):
         tokens, truncated = tokenize_prompt_example(example, tokenizer, max_prompt_tokens)
@@ -218,9 +218,9 @@ def prompt_token_budget(encoder_seq_length: int, max_response_tokens: int,
         seq_len = min(seq_len, rm_len)  # every prompt + response (+ the scored suffix) must fit the reward model too
     budget = seq_len - int(max_response_tokens)
     if budget < 1:
-        raise ValueError(f"a sequence limit of {seq_len} tokens (model.encoder_seq_length, or the reward model's "
-                         f"max_seq_length when smaller) leaves no room for a prompt next to "
-                         f"length_params.max_length={max_response_tokens}")
+        raise ConfigValueError(f"a sequence limit of {seq_len} tokens (model.encoder_seq_length, or the reward model's "
+                               f"max_seq_length when smaller) leaves no room for a prompt next to "
+                               f"length_params.max_length={max_response_tokens}")
     return budget
 
 
@@ -233,8 +233,6 @@ def load_train_val_prompt_ids(data_cfg, tokenizer,
     Raises:
         FileNotFoundError, DataFormatError, ValueError: as :func:`load_prompt_ids`.
     """
-    from nemo_aligner.utils.config import as_list
-
     train, cut = load_prompt_ids(data_cfg.data_prefix.train, tokenizer, max_prompt_tokens, data_cfg.get("max_prompts"))
     val: list[list[int]] = []
     if as_list(data_cfg.data_prefix.get("validation")):
@@ -316,8 +314,6 @@ def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
-    from nemo_aligner.data.sequences import tokenize_prompt_response
-
     stops = _stop_token_ids(tokenizer, stop_token_ids)
     found = set()
     for messages, reply in _PROBES:

@@ -50,6 +50,7 @@ from nemo_aligner.data.sequences import (
     shared_prefix_attention_mask,
     tokenize_prompt_response,
 )
+from nemo_aligner.utils.config import ConfigValueError
 
 REWARD_FORMAT_VERSION = 2
 """Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches).
@@ -334,7 +335,7 @@ def load_reward_datasets(
         ValueError: ``paths`` is empty; plus everything :func:`build_reward_dataset` raises.
     """
     if not paths:
-        raise ValueError("no reward-model data files given")
+        raise ConfigValueError("no reward-model data files given")
     built = [build_reward_dataset(p, tokenizer, max_seq_length, truncation, cache_dir) for p in paths]
     return datasets.concatenate_datasets([d for d, _ in built]), [s for _, s in built]
 

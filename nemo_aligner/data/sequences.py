@@ -25,6 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
+from nemo_aligner.data.preference import PreferenceExample, tokenize_example
+from nemo_aligner.utils.config import ConfigValueError
+
 
 @dataclass
 class SequenceBatch:
@@ -189,7 +192,7 @@ def check_attention_window(config: Any, attention_mask: torch.Tensor) -> None:
     longest = int(attention_mask.sum(dim=-1).max()) if attention_mask.numel() else 0
     if longest > window:
         model_type = getattr(config, "model_type", type(config).__name__)
-        raise ValueError(
+        raise ConfigValueError(
             f"this {model_type} model attends only the last {window} tokens (sliding window / chunked attention), "
             f"but a packed or shared-prefix row holds a sequence of {longest} tokens, and a 4-D attention mask "
             f"cannot apply the window; set {LAYOUT_KEYS}, or keep every sequence at most {window} tokens"
@@ -303,7 +306,5 @@ def tokenize_prompt_response(prompt, response, tokenizer) -> tuple[list[int], li
     Raises:
         ValueError: as :func:`~nemo_aligner.data.preference.tokenize_example`.
     """
-    from nemo_aligner.data.preference import PreferenceExample, tokenize_example
-
     prompt_ids, response_ids, _ = tokenize_example(PreferenceExample(prompt, response, response), tokenizer)
     return prompt_ids, response_ids

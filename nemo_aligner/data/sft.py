@@ -28,6 +28,7 @@ from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, toke
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.preference import Message, Turns, _require_turns, _split_hh_transcript, check_messages
 from nemo_aligner.data.sequences import tokenize_prompt_response
+from nemo_aligner.utils.config import ConfigValueError
 
 SFT_FORMAT_VERSION = 2
 """Bump whenever the cached SFT layout or the SFT tokenisation rules change (2: chat roles are lower-cased)."""
@@ -242,11 +243,11 @@ def _tokenize_chat(messages: list[Message], tokenizer) -> tuple[list[int], list[
 
 def _check_truncation_args(max_seq_length: int, truncation: str, method: str) -> None:
     if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"model.data.truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+        raise ConfigValueError(f"model.data.truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if method not in TRUNCATION_METHODS:
-        raise ValueError(f"truncation_method must be one of {TRUNCATION_METHODS}, got {method!r}")
+        raise ConfigValueError(f"truncation_method must be one of {TRUNCATION_METHODS}, got {method!r}")
     if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}")
+        raise ConfigValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}")
 
 
 def truncate_sequence(
@@ -380,6 +381,6 @@ def load_sft_datasets(
         ValueError: ``paths`` is empty; plus everything :func:`build_sft_dataset` raises.
     """
     if not paths:
-        raise ValueError("no SFT data files given")
+        raise ConfigValueError("no SFT data files given")
     built = [build_sft_dataset(p, tokenizer, max_seq_length, **kwargs) for p in paths]
     return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]

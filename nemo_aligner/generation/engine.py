@@ -10,6 +10,7 @@ import torch
 
 from nemo_aligner.generation.params import GenerationOutput, LengthParams, SamplingParams
 from nemo_aligner.generation.sampling import apply_repetition_penalty, choose_tokens, splitmix64, step_keys
+from nemo_aligner.utils.config import ConfigValueError
 
 #: On CUDA the loop looks at which rows finished (a host sync) only every this many tokens; finished rows keep
 #: running until then, their extra tokens are discarded. On CPU a sync is free and happens every token.
@@ -126,7 +127,7 @@ def generate(
     limit = _max_positions(config)
     longest = max(len(ids) for ids in prompt_ids)
     if limit is not None and longest + max_new > limit:
-        raise ValueError(
+        raise ConfigValueError(
             f"a prompt of {longest} tokens plus max_length={max_new} new tokens exceeds the model's "
             f"{limit} positions; shorten the prompts or lower length_params.max_length"
         )

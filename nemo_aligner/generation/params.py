@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_aligner.utils.config import config_schema, to_bool
+from nemo_aligner.utils.config import ConfigValueError, config_schema, to_bool
 
 #: NeMo ``sampling_params`` keys accepted and ignored here: ``add_BOS`` (BOS is decided by the tokenisation rules of
 #: :func:`nemo_aligner.data.prompts.tokenize_prompt`), ``all_probs`` and ``compute_logprob`` (the trainers compute
@@ -25,7 +25,7 @@ def _check_known(cfg: Any, known: tuple[str, ...], section: str) -> None:
         return
     for key in cfg.keys():
         if key not in known:
-            raise ValueError(f"{section}: unknown key {key!r}; known keys are {sorted(known)}")
+            raise ConfigValueError(f"{section}: unknown key {key!r}; known keys are {sorted(known)}")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -88,15 +88,15 @@ class SamplingParams:
         self.repetition_penalty = float(self.repetition_penalty)
         self.end_strings = [_unescape(str(s)) for s in (self.end_strings or [])]
         if not self.use_greedy and not self.temperature > 0:
-            raise ValueError(f"sampling_params.temperature={self.temperature}: must be > 0 (or set use_greedy=true)")
+            raise ConfigValueError(f"sampling_params.temperature={self.temperature}: must be > 0 (or set use_greedy=true)")
         if self.top_k < 0:
-            raise ValueError(f"sampling_params.top_k={self.top_k}: must be >= 0 (0 = no top-k filtering)")
+            raise ConfigValueError(f"sampling_params.top_k={self.top_k}: must be >= 0 (0 = no top-k filtering)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling_params.top_p={self.top_p}: must be in (0, 1]")
+            raise ConfigValueError(f"sampling_params.top_p={self.top_p}: must be in (0, 1]")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"sampling_params.repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 = off)")
+            raise ConfigValueError(f"sampling_params.repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 = off)")
         if any(not s for s in self.end_strings):
-            raise ValueError("sampling_params.end_strings: empty strings are not allowed")
+            raise ConfigValueError("sampling_params.end_strings: empty strings are not allowed")
 
     @property
     def is_greedy(self) -> bool:
@@ -144,9 +144,9 @@ class LengthParams:
         self.max_length = int(self.max_length)
         self.min_length = int(self.min_length)
         if self.max_length < 0 or self.min_length < 0:
-            raise ValueError(f"length_params: max_length={self.max_length}, min_length={self.min_length} must be >= 0")
+            raise ConfigValueError(f"length_params: max_length={self.max_length}, min_length={self.min_length} must be >= 0")
         if self.min_length > self.max_length:
-            raise ValueError(f"length_params.min_length={self.min_length} exceeds max_length={self.max_length}")
+            raise ConfigValueError(f"length_params.min_length={self.min_length} exceeds max_length={self.max_length}")
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "LengthParams":

@@ -28,6 +28,7 @@ from nemo_aligner.data.sequences import SequenceBatch, check_attention_window
 from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import STANDARDIZATION_KEY, standardization_from_config
+from nemo_aligner.utils.config import ConfigValueError
 
 
 def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
             return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
         if impl != "sdpa":
-            raise ValueError(f"attention implementation {impl!r} cannot take a packed 4-D mask; use sdpa")
+            raise ConfigValueError(f"attention implementation {impl!r} cannot take a packed 4-D mask; use sdpa")
     return attention_mask
 
 
@@ -58,7 +59,7 @@ def score_head(model: nn.Module) -> nn.Module:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise ValueError(f"{type(model).__name__} has no 'score' head; a critic needs a sequence-classification model")
+    raise ConfigValueError(f"{type(model).__name__} has no 'score' head; a critic needs a sequence-classification model")
 
 
 def _rng_state() -> dict:
@@ -149,11 +150,11 @@ def critic_standardization(config: Any, model_cfg: Any) -> tuple[float, float]:
         try:
             mean, std = float(mean), float(std)
         except (TypeError, ValueError):
-            raise ValueError(f"model.reward_standardization.enable=true needs a mean and a std > 0, got mean={mean!r}, "
-                             f"std={std!r}") from None
+            raise ConfigValueError(f"model.reward_standardization.enable=true needs a mean and a std > 0, got mean={mean!r}, "
+                                   f"std={std!r}") from None
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise ValueError(f"model.reward_standardization.enable=true needs a finite mean and a finite std > 0, got "
-                             f"mean={mean}, std={std}")
+            raise ConfigValueError(f"model.reward_standardization.enable=true needs a finite mean and a finite std > 0, got "
+                                   f"mean={mean}, std={std}")
         return mean, std
     return standardization_from_config(config)
 

@@ -21,9 +21,12 @@ import torch.nn as nn
 from lightning.fabric import Fabric
 
 from nemo_aligner.data.sequences import LAYOUT_KEYS, check_attention_window
+from nemo_aligner.errors import UnsupportedError
+from nemo_aligner.generation import generate
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.checkpoint import NonFiniteError
+from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.fs import atomic_directory, atomic_write_text, fsync_dir, fsync_tree, make_readable
 from nemo_aligner.utils.scheduler import build_cosine_scheduler
 
@@ -55,7 +58,7 @@ def prepare_attention_mask(attention_mask: torch.Tensor, config: Any, layout_key
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
             return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
         if impl != "sdpa":
-            raise ValueError(
+            raise ConfigValueError(
                 f"attention implementation {impl!r} cannot take the packed/shared-prefix 4-D mask; "
                 f"set {layout_keys}, or model.attn_implementation=sdpa"
             )
@@ -201,20 +204,12 @@ def _lora_target_modules(lm: nn.Module, names) -> list[str] | str:
         candidates = _LORA_TARGETS.get(name, [name])
         found = [c for c in candidates if c in present]
         if not found:
-            raise ValueError(
+            raise ConfigValueError(
                 f"model.peft.lora_tuning.target_modules: {name!r} matches no linear layer of this model; "
                 f"its linear layers are {sorted(present)}"
             )
         targets.extend(found)
     return sorted(set(targets))
-
-
-def _auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP wrap policy: one FSDP unit per transformer block."""
-    if recurse:
-        return True
-    name = type(module).__name__
-    return name.endswith("DecoderLayer") or name in {"GPT2Block", "Block"}
 
 
 def _numpy_rng_state() -> tuple:
@@ -259,7 +254,7 @@ def apply_peft(lm: nn.Module, peft_cfg: Any, task_type: str = "CAUSAL_LM", modul
     peft_cfg = peft_cfg or {}
     scheme = str(peft_cfg.get("peft_scheme", "none")).lower()
     if scheme not in ("none", "lora"):
-        raise ValueError(f"model.peft.peft_scheme={scheme!r}: supported values are 'none' and 'lora'")
+        raise ConfigValueError(f"model.peft.peft_scheme={scheme!r}: supported values are 'none' and 'lora'")
     if scheme == "none":
         return lm, False
     from peft import LoraConfig, get_peft_model
@@ -338,7 +333,7 @@ class HFModel(AlignableModel):
         self._unwrapped = module
         name = str(optim_cfg.get("name", "adamw")).lower()
         if name not in ("adamw", "adam", "distributed_fused_adam", "fused_adam"):
-            raise ValueError(f"model.optim.name={name!r}: supported are adamw (and NeMo's fused/distributed adam aliases)")
+            raise ConfigValueError(f"model.optim.name={name!r}: supported are adamw (and NeMo's fused/distributed adam aliases)")
         self.lr = float(optim_cfg.lr)
         # Module first, optimizer over the wrapped parameters second: the order FSDP needs, valid for every strategy.
         self.module = fabric.setup_module(module)
@@ -684,10 +679,8 @@ class HFCausalLM(HFModel):
                 step; generate with ``trainer.strategy=ddp`` instead).
             ValueError: as :func:`nemo_aligner.generation.generate`.
         """
-        from nemo_aligner.generation import generate
-
         if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
-            raise NotImplementedError(
+            raise UnsupportedError(
                 "generation under FSDP is not supported (parameters are sharded); use trainer.strategy=ddp"
             )
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None and seeds is None else None

@@ -22,6 +22,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from nemo_aligner.errors import MissingFileError, OutputExistsError
+from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.fs import make_readable as _make_readable  # 0700/0600 temporaries -> umask permissions
 
 __all__ = ["ALIASES", "cache_root", "convert_gguf", "fetch_smollm2_135m_instruct", "resolve_pretrained", "main"]
@@ -59,7 +61,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _gguf_chat_template(gguf_path: Path) -> str | None:
     """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, or None if it has none."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: only GGUF checkpoints need the gguf reader
 
     field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
     if field is None or not field.data:
@@ -123,7 +125,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     gguf_path = Path(os.path.expandvars(str(gguf_path))).expanduser().absolute()
     if out_dir is None:
         if not gguf_path.is_file():
-            raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+            raise MissingFileError(f"GGUF file {gguf_path} does not exist")
         stat = gguf_path.stat()
         key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         out_dir = cache_root() / "models" / f"{gguf_path.stem}-{key}"
@@ -131,14 +133,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     if (out_dir / _COMPLETE).is_file():
         return out_dir
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+        raise MissingFileError(f"GGUF file {gguf_path} does not exist")
 
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if (out_dir / _COMPLETE).is_file():  # another caller finished while we waited for the lock
             return out_dir
         if out_dir.exists():
             if not out_dir.is_dir() or any(out_dir.iterdir()):
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{out_dir} exists and is not a finished GGUF conversion (no {_COMPLETE} marker); "
                     "remove it or choose another out_dir"
                 )
@@ -257,8 +259,6 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
             ``.gguf`` file (pass its directory instead), or an unset value (null, ``None`` or empty).
         RuntimeError: from :func:`fetch_smollm2_135m_instruct` (no PyPI access).
     """
-    from nemo_aligner.utils.config import ConfigValueError
-
     raw = "" if name_or_path is None else str(name_or_path).strip()
     if raw in ("", "None", "null"):  # str(None) is "None": never a hub id to download
         raise ConfigValueError(
@@ -269,7 +269,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     if alias in ALIASES:
         return str(fetch_smollm2_135m_instruct())
     if raw.lower().startswith("builtin:"):
-        raise ValueError(f"unknown built-in model {raw!r}; known: {', '.join(ALIASES)}")
+        raise ConfigValueError(f"unknown built-in model {raw!r}; known: {', '.join(ALIASES)}")
     expanded_str = os.path.expanduser(os.path.expandvars(raw))
     expanded = Path(expanded_str)
     if expanded.is_file():
@@ -286,12 +286,12 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
         if len(ggufs) == 1:
             return str(convert_gguf(ggufs[0]))
         found = "it is empty" if not any(expanded.iterdir()) else f"it holds no config.json and {len(ggufs)} .gguf files"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained_checkpoint.restore_from_path={raw!r} is not a model checkpoint directory ({found}); "
             "expected a Hugging Face checkpoint directory (config.json and weights) or a directory with one .gguf file"
         )
     if _looks_like_path(raw) or _looks_like_path(expanded_str):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained_checkpoint.restore_from_path={raw!r}: no such file or directory ({expanded}); expected a "
             f"Hugging Face checkpoint directory, a .gguf file, a hub id org/name or a built-in alias "
             f"({', '.join(ALIASES)})"

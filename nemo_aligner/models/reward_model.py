@@ -34,8 +34,10 @@ import torch.nn as nn
 from lightning.fabric import Fabric
 
 from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences, tokenize_prompt_response
+from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.utils.config import ConfigValueError
 
 #: Key of the ``config.json`` entry holding ``{"mean": float, "std": float}``.
 STANDARDIZATION_KEY = "reward_standardization"
@@ -58,7 +60,7 @@ def _prepare_attention_mask(attention_mask: torch.Tensor, config: Any) -> torch.
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
             return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
         if impl != "sdpa":
-            raise ValueError(
+            raise ConfigValueError(
                 f"attention implementation {impl!r} cannot take the packed 4-D mask; "
                 "set model.data.pack_sequences=false and model.data.shared_prefix=false, or model.attn_implementation=sdpa"
             )
@@ -141,7 +143,7 @@ def standardization_from_config(config: Any) -> tuple[float, float]:
     value = getattr(config, STANDARDIZATION_KEY, None) or {}
     mean, std = float(value.get("mean", 0.0) or 0.0), float(value.get("std", 1.0) or 1.0)
     if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
-        raise ValueError(f"config.json {STANDARDIZATION_KEY}={value!r}: mean must be finite and std finite and > 0")
+        raise ConfigValueError(f"config.json {STANDARDIZATION_KEY}={value!r}: mean must be finite and std finite and > 0")
     return mean, std
 
 
@@ -273,10 +275,10 @@ class RewardScorer:
 
         directory = Path(path)
         if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"reward model export not found: {directory} has no config.json")
+            raise MissingFileError(f"reward model export not found: {directory} has no config.json")
         model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if model.config.num_labels != 1:
-            raise ValueError(f"{directory}: a reward model needs num_labels=1, this one has {model.config.num_labels}")
+            raise ConfigValueError(f"{directory}: a reward model needs num_labels=1, this one has {model.config.num_labels}")
         mean, std = standardization_from_config(model.config)
         max_len = getattr(model.config, MAX_SEQ_LENGTH_KEY, None)
         if max_len is None:

@@ -40,6 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nemo_aligner.errors import CannotListenError
+from nemo_aligner.utils.config import ConfigValueError
+
 __all__ = [
     "API_TOKEN_ENV",
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -342,7 +345,7 @@ def check_host(host: str, allow_remote: bool) -> None:
         ValueError: ``host`` is not loopback (see :func:`is_loopback`) and ``allow_remote`` is false.
     """
     if not allow_remote and not is_loopback(host):
-        raise ValueError(
+        raise ConfigValueError(
             f"refusing to listen on non-loopback host {host!r}: the server would be reachable from other machines; "
             "pass allow_remote=True (inference.allow_remote=true) to do so deliberately, ideally with an api_token"
         )
@@ -356,7 +359,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), int(port)))
     except OSError as err:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+        raise CannotListenError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import httpx
 
+from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.app import API_TOKEN_ENV, resolve_api_token
 
 __all__ = ["HTTPClient", "RewardModelClient", "ServerRequestError"]
@@ -124,7 +125,7 @@ class HTTPClient:
                 raise ServerRequestError(response.status_code, f"answer is not JSON: {response.text[:200]!r}", url)
         if isinstance(last, ServerRequestError):
             raise last
-        raise ConnectionError(
+        raise ServerUnavailableError(
             f"cannot reach the server at {url} after {self.max_retries + 1} attempt(s): "
             f"{type(last).__name__}: {last}. Is the server running and the URL right?"
         ) from last
@@ -209,7 +210,7 @@ class RewardModelClient(HTTPClient):
                 return self._request_once("GET", "/health")
             except (httpx.TransportError, ServerRequestError) as err:
                 if time.monotonic() >= deadline:
-                    raise ConnectionError(f"server at {self.base_url} not ready after {timeout} s: {err}") from err
+                    raise ServerUnavailableError(f"server at {self.base_url} not ready after {timeout} s: {err}") from err
                 time.sleep(interval)
 
     def _request_once(self, method: str, path: str) -> dict:

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 from fastapi import Request
 
 from nemo_aligner.algorithms.ppo import critic_values, update_critic
+from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.app import APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 from nemo_aligner.servers.client import HTTPClient
@@ -295,4 +296,4 @@ def _wait(client: HTTPClient, timeout: float, interval: float) -> dict:
         except Exception as err:  # noqa: BLE001 - not up yet
             last = err
             time.sleep(interval)
-    raise ConnectionError(f"server at {client.base_url} not ready after {timeout} s: {last}")
+    raise ServerUnavailableError(f"server at {client.base_url} not ready after {timeout} s: {last}")

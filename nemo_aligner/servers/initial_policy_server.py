@@ -20,6 +20,7 @@ from fastapi import Request
 
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs, load_causal_lm, load_tokenizer
+from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.servers.app import add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
 from nemo_aligner.servers.client import HTTPClient
@@ -48,8 +49,6 @@ class InitialPolicyScorer:
     def from_pretrained(cls, source: str, model_cfg: Any = None, precision: str = "32-true", device: str = "cpu"):
         """Load with :func:`~nemo_aligner.models.hf_causal_lm.load_causal_lm` (``model_cfg`` may set
         ``attn_implementation``)."""
-        from nemo_aligner.models.pretrained import resolve_pretrained
-
         source = resolve_pretrained(str(source))
         lm = load_causal_lm(source, model_cfg or {}, precision)
         return cls(lm, load_tokenizer(source).pad_token_id, device)

@@ -18,13 +18,16 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from nemo_aligner.errors import UserError
+from nemo_aligner.utils.config import ConfigValueError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(UserError, ValueError):
     """Training produced a non-finite (NaN or infinite) loss, gradient norm or weight. The optimizer step was
     skipped and nothing non-finite was saved; the message names the step and what was non-finite."""
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(UserError, ValueError):
     """A checkpoint cannot be resumed from (and no older valid one exists); the message names its path."""
 
 
@@ -73,7 +76,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, save_top_k: int = 1, monitor: str = "val_loss", mode: str = "min"):
         if mode not in ("min", "max"):
-            raise ValueError(f"checkpoint_callback_params.mode={mode!r}: use 'min' or 'max'")
+            raise ConfigValueError(f"checkpoint_callback_params.mode={mode!r}: use 'min' or 'max'")
         self.directory = Path(directory)
         self.save_top_k = int(save_top_k)
         self.monitor = monitor

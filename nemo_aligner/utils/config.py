@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from nemo_aligner.errors import MissingFileError, UserError
+
 #: Sections whose contents are passed through to another library and are therefore not checked.
 OPEN_SECTIONS = ("hydra", "exp_manager.wandb_logger_kwargs")
 
@@ -31,7 +33,7 @@ def _find_conf_dir() -> Path:
 CONF_DIR = _find_conf_dir()
 
 
-class ConfigKeyError(KeyError):
+class ConfigKeyError(UserError, KeyError):
     """An unknown configuration key; the message names it and suggests the closest known key."""
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
@@ -73,7 +75,7 @@ def load_schema(name: str) -> DictConfig:
     """
     path = CONF_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no reference config {path}")
+        raise MissingFileError(f"no reference config {path}")
     return OmegaConf.load(path)
 
 
@@ -89,7 +91,7 @@ def as_list(value: Any) -> list:
 # ---- values -------------------------------------------------------------------------------------------------------
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(UserError, ValueError):
     """A configuration value that is out of range or of the wrong type; the message names the dotted key, the value
     and what is expected, e.g. ``model.micro_batch_size=0: expected an integer >= 1``."""
 
@@ -322,9 +324,31 @@ def _devices(value: Any, key: str) -> Any:
     raise _fail(key, value, "a number of devices >= 1, -1 (all), 'auto' or a list of device indices")
 
 
-def _precision(value: Any, key: str) -> Any:
-    from nemo_aligner.utils.runtime import normalize_precision
+_PRECISION_ALIASES = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16-true": "bf16-true",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+    "16-true": "16-true",
+}
 
+
+def normalize_precision(value: Any) -> str:
+    """Map NeMo/Lightning precision spellings (``32``, ``bf16``, ``bf16-mixed``, ``16`` ...) to Fabric's.
+
+    Raises:
+        ConfigValueError: an unknown spelling.
+    """
+    key = str(value).strip().lower()
+    if key not in _PRECISION_ALIASES:
+        raise ConfigValueError(f"trainer.precision={value!r}: use one of {sorted(set(_PRECISION_ALIASES))}")
+    return _PRECISION_ALIASES[key]
+
+
+def _precision(value: Any, key: str) -> Any:
     try:
         normalize_precision(value)
     except ValueError as err:

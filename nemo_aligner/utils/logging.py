@@ -14,6 +14,8 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 
+from nemo_aligner.utils.fs import atomic_write_text
+
 _LOG = logging.getLogger("nemo_aligner")
 
 
@@ -81,8 +83,6 @@ def trim_csv_log(log_dir: str | Path, last_step: int) -> int:
     Returns:
         The number of rows dropped.
     """
-    from nemo_aligner.utils.fs import atomic_write_text
-
     path = Path(log_dir) / CSV_METRICS
     if not path.is_file():
         return 0

@@ -1,4 +1,8 @@
-"""Runtime: lightning Fabric from the ``trainer`` config section (devices, precision, strategy, seeding)."""
+"""Runtime: lightning Fabric from the ``trainer`` config section (devices, precision, strategy, seeding).
+
+The precision spellings are normalised by :func:`nemo_aligner.utils.config.normalize_precision` (re-exported here),
+so that the config checks validate them without importing torch or lightning.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,20 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import FSDPStrategy
+from torch import nn
 
-_PRECISION_ALIASES = {
-    "32": "32-true",
-    "32-true": "32-true",
-    "bf16": "bf16-mixed",
-    "bf16-mixed": "bf16-mixed",
-    "bf16-true": "bf16-true",
-    "16": "16-mixed",
-    "16-mixed": "16-mixed",
-    "16-true": "16-true",
-}
+from nemo_aligner.utils.config import ConfigValueError, normalize_precision  # noqa: F401 (normalize_precision: re-exported)
 
 
-def normalize_precision(value: Any) -> str:
-    """Map NeMo/Lightning precision spellings (``32``, ``bf16``, ``bf16-mixed``, ``16`` ...) to Fabric's.
-
-    Raises:
-        ValueError: an unknown spelling.
-    """
-    key = str(value).strip().lower()
-    if key not in _PRECISION_ALIASES:
-        raise ValueError(f"trainer.precision={value!r}: use one of {sorted(set(_PRECISION_ALIASES))}")
-    return _PRECISION_ALIASES[key]
+def transformer_block_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP auto-wrap policy (``torch.distributed.fsdp``'s ``auto_wrap_policy`` signature): one FSDP unit per
+    transformer block, recognised by its class name (a Hugging Face ``*DecoderLayer``, GPT-2's ``GPT2Block``, or a
+    ``Block``); every other module is sharded with the block or the root that holds it."""
+    if recurse:
+        return True
+    name = type(module).__name__
+    return name.endswith("DecoderLayer") or name in {"GPT2Block", "Block"}
 
 
 def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234) -> Fabric:
@@ -36,10 +31,11 @@ def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234
 
     ``accelerator=auto`` picks a GPU when one is visible and the CPU otherwise, so one config runs on a laptop and
     on a cluster (multi-node through torchrun or SLURM, which Fabric detects). ``strategy=fsdp`` shards every
-    transformer block. On CPU, ``16-mixed`` is replaced by ``bf16-mixed`` (CPU autocast has no float16).
+    transformer block (:func:`transformer_block_wrap_policy`). On CPU, ``16-mixed`` is replaced by ``bf16-mixed``
+    (CPU autocast has no float16).
 
     Raises:
-        ValueError: unknown precision or strategy.
+        ConfigValueError: unknown precision or strategy.
     """
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     devices = trainer_cfg.get("devices", 1)
@@ -49,13 +45,9 @@ def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234
         precision = "bf16-mixed"
     strategy: Any = str(trainer_cfg.get("strategy", "auto"))
     if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-
-        from nemo_aligner.models.hf_causal_lm import _auto_wrap_policy
-
-        strategy = FSDPStrategy(auto_wrap_policy=_auto_wrap_policy, state_dict_type="sharded")
+        strategy = FSDPStrategy(auto_wrap_policy=transformer_block_wrap_policy, state_dict_type="sharded")
     elif strategy not in ("auto", "ddp", "ddp_spawn", "dp", "single_device", "ddp_find_unused_parameters_true"):
-        raise ValueError(f"trainer.strategy={strategy!r}: use auto, ddp or fsdp")
+        raise ConfigValueError(f"trainer.strategy={strategy!r}: use auto, ddp or fsdp")
     fabric = Fabric(
         accelerator=accelerator,
         devices=devices,

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from nemo_aligner.utils.config import ConfigValueError
+
 
 def cosine_annealing_lambda(max_steps: int, warmup_steps: int = 0, constant_steps: int = 0, min_lr_ratio: float = 0.0):
     """Multiplier of the peak LR at optimizer step ``s`` (NeMo's ``CosineAnnealing`` schedule).
@@ -23,9 +25,9 @@ def cosine_annealing_lambda(max_steps: int, warmup_steps: int = 0, constant_step
         ValueError: on negative counts or a ratio outside ``[0, 1]``.
     """
     if max_steps < 1 or warmup_steps < 0 or constant_steps < 0:
-        raise ValueError(f"bad schedule: max_steps={max_steps} warmup_steps={warmup_steps} constant_steps={constant_steps}")
+        raise ConfigValueError(f"bad schedule: max_steps={max_steps} warmup_steps={warmup_steps} constant_steps={constant_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr must be between 0 and lr (min_lr/lr = {min_lr_ratio})")
+        raise ConfigValueError(f"min_lr must be between 0 and lr (min_lr/lr = {min_lr_ratio})")
     decay_steps = max(1, max_steps - warmup_steps - constant_steps)
 
     def multiplier(step: int) -> float:

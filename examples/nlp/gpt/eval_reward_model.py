@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from nemo_aligner.algorithms.reward_model import reward_loss_and_metrics
-from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
+from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.reward_model import RewardScorer
-from nemo_aligner.utils.recipe import run_or_exit
+from nemo_aligner.recipes.common import run_or_exit
 
 RUN_CONFIG = "config.yaml"
 
@@ -38,10 +38,10 @@ def load_scorer(path: str | Path, device: str = "cpu") -> RewardScorer:
     if (path / "config.json").is_file():
         return RewardScorer.from_pretrained(str(path), device=device)
     if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"{path} is neither a reward-model export (config.json) nor a checkpoint (state.pt)")
+        raise MissingFileError(f"{path} is neither a reward-model export (config.json) nor a checkpoint (state.pt)")
     run_cfg = path.parent.parent / RUN_CONFIG
     if not run_cfg.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: its run config {run_cfg} is missing")
+        raise MissingFileError(f"checkpoint {path}: its run config {run_cfg} is missing")
     from lightning.fabric import Fabric
     from omegaconf import OmegaConf
 
@@ -98,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run_or_exit(main, errors=(DataFormatError, FileNotFoundError))
+    run_or_exit(main)

@@ -32,17 +32,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.prompts import load_prompts, tokenize_prompt_example
+from nemo_aligner.errors import OutputExistsError, UnsupportedError
 from nemo_aligner.generation import LengthParams, SamplingParams, response_seed
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, as_list, check_keys, load_schema
+from nemo_aligner.recipes.common import run_or_exit
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, as_list, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 
-USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError)
 
 META_FILE = "meta.json"
 
@@ -99,7 +98,7 @@ def _check_or_write_meta(parts_dir: Path, settings: dict, output: Path) -> None:
         old = json.loads(meta.read_text())
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if changed:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{parts_dir} holds an interrupted generation with different settings ({', '.join(changed)}); "
                 f"rerun with the same settings to resume, or delete {parts_dir} (or pick another "
                 f"generation.output_file than {output}) to start over"
@@ -119,7 +118,7 @@ def build_scorer(cfg: DictConfig, device) -> Any:
     rm = cfg.rm
     remote = rm.remote
     if rm.restore_from_path and (remote.ip or remote.port):
-        raise ValueError("set either rm.restore_from_path or rm.remote.{ip,port}, not both")
+        raise ConfigValueError("set either rm.restore_from_path or rm.remote.{ip,port}, not both")
     if rm.restore_from_path:
         from nemo_aligner.models.reward_model import RewardScorer
 
@@ -128,7 +127,7 @@ def build_scorer(cfg: DictConfig, device) -> Any:
         return scorer.score_texts
     if remote.ip or remote.port:
         if not (remote.ip and remote.port):
-            raise ValueError("rm.remote needs both ip and port")
+            raise ConfigValueError("rm.remote needs both ip and port")
         from nemo_aligner.servers.client import RewardModelClient
 
         client = RewardModelClient(f"http://{remote.ip}:{int(remote.port)}", api_token=remote.api_token)
@@ -181,13 +180,13 @@ def run(cfg: DictConfig) -> dict:
     num_responses = int(gen.num_responses_per_prompt)
     batch_rows = int(cfg.model.micro_batch_size)
     if num_responses < 1 or batch_rows < 1:
-        raise ValueError("generation.num_responses_per_prompt and model.micro_batch_size must be >= 1")
+        raise ConfigValueError("generation.num_responses_per_prompt and model.micro_batch_size must be >= 1")
     if str(cfg.trainer.get("strategy", "auto")) == "fsdp":
-        raise NotImplementedError("generation does not support trainer.strategy=fsdp; use ddp")
+        raise UnsupportedError("generation does not support trainer.strategy=fsdp; use ddp")
     output = Path(str(gen.output_file))
     parts_dir = output.parent / f"{output.name}.parts"
     if output.exists() and not parts_dir.exists():
-        raise FileExistsError(f"{output} already exists; delete it or set generation.output_file to another path")
+        raise OutputExistsError(f"{output} already exists; delete it or set generation.output_file to another path")
     max_prompts = int(cfg.data.max_prompts)
     prompts = load_prompts(as_list(cfg.data.prompt_file), None if max_prompts < 0 else max_prompts)
 
@@ -278,7 +277,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="generation", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
+    run_or_exit(run, cfg)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.servers.app import check_host, run_server
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.config import CONF_DIR, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import normalize_precision
-
-USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
 
 
 def build(cfg: DictConfig):
@@ -60,7 +58,7 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="inference_initial_policy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(serve, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
+    run_or_exit(serve, cfg)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

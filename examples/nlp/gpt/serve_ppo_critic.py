@@ -18,13 +18,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.servers.app import check_host, run_server
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
-
-USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
 
 
 def build(cfg: DictConfig):
@@ -40,7 +38,7 @@ def build(cfg: DictConfig):
     host, allow_remote = str(ppo.host), bool(ppo.allow_remote)
     check_host(host, allow_remote)
     if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
-        raise ValueError("the critic server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1")
+        raise ConfigValueError("the critic server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1")
     from nemo_aligner.models.critic import HFCritic
     from nemo_aligner.servers.critic_server import build_critic_app
 
@@ -80,7 +78,7 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_ppo_critic", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(serve, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
+    run_or_exit(serve, cfg)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

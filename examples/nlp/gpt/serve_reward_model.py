@@ -20,28 +20,26 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from nemo_aligner.errors import MissingFileError
+from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.servers.app import ServerLimits, check_host, run_server
 from nemo_aligner.servers.reward_model_server import build_reward_model_app
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError, check_keys, load_schema
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import run_or_exit
 from nemo_aligner.utils.runtime import normalize_precision
-
-#: A user's mistake: ``error: ...`` and exit status 2 instead of a traceback.
-USER_ERRORS = (ConfigKeyError, FileNotFoundError, ValueError, OSError)
 
 
 def _device(accelerator: str) -> str:
     accelerator = str(accelerator).lower()
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+            raise ConfigValueError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
         return "cuda"
     if accelerator == "cpu":
         return "cpu"
     if accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    raise ValueError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
+    raise ConfigValueError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
 
 
 def _dtype(precision, device: str) -> torch.dtype:
@@ -56,7 +54,7 @@ def _dtype(precision, device: str) -> torch.dtype:
 def _int_key(inf, key: str, low: int) -> int:
     value = inf.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"inference.{key} must be an integer >= {low}, got {value!r}")
+        raise ConfigValueError(f"inference.{key} must be an integer >= {low}, got {value!r}")
     return value
 
 
@@ -73,7 +71,7 @@ def _limits(inf) -> ServerLimits:
             max_connections=inf.max_connections,
         )
     except ValueError as err:
-        raise ValueError(f"inference.{err}") from None
+        raise ConfigValueError(f"inference.{err}") from None
 
 
 def build(cfg: DictConfig):
@@ -92,15 +90,15 @@ def build(cfg: DictConfig):
     host, allow_remote = str(inf.host), bool(inf.allow_remote)
     check_host(host, allow_remote)  # fail before the (slow) model load
     if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
-        raise ValueError(
+        raise ConfigValueError(
             "the reward-model server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1 "
             "(start one server per GPU, e.g. with CUDA_VISIBLE_DEVICES and different inference.port values)"
         )
     path = cfg.get("rm_model_file") or cfg.pretrained_checkpoint.get("restore_from_path")
     if not path:
-        raise FileNotFoundError("no reward model given: set rm_model_file=<export dir of train_reward_model.py>")
+        raise MissingFileError("no reward model given: set rm_model_file=<export dir of train_reward_model.py>")
     if not Path(str(path)).is_dir():
-        raise FileNotFoundError(f"reward model export {path} is not a directory")
+        raise MissingFileError(f"reward model export {path} is not a directory")
 
     from nemo_aligner.models.reward_model import RewardScorer
 
@@ -113,7 +111,7 @@ def build(cfg: DictConfig):
     std_cfg = cfg.model.reward_standardization
     if bool(std_cfg.enable):
         if std_cfg.mean is None or std_cfg.std is None or not float(std_cfg.std) > 0:
-            raise ValueError("model.reward_standardization.enable=true needs a mean and a std > 0")
+            raise ConfigValueError("model.reward_standardization.enable=true needs a mean and a std > 0")
         scorer.mean, scorer.std = float(std_cfg.mean), float(std_cfg.std)
     app = build_reward_model_app(
         scorer,
@@ -146,7 +144,7 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="inference_rm", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(serve, cfg, errors=USER_ERRORS)
+    run_or_exit(serve, cfg)
 
 
 if __name__ == "__main__":

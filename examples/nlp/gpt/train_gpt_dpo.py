@@ -27,9 +27,7 @@ from nemo_aligner.algorithms.dpo import (
 from nemo_aligner.data.packing import collate_preference_pairs
 from nemo_aligner.data.preference import load_preference_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
-from nemo_aligner.utils.config import CONF_DIR, as_list
-from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import (
+from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
     finish,
@@ -41,6 +39,8 @@ from nemo_aligner.utils.recipe import (
     setup_fabric,
     trainer_config,
 )
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, as_list
+from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
 
 
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     )
     train_paths = as_list(data_cfg.data_prefix.get("train"))
     if not train_paths:
-        raise ValueError("model.data.data_prefix.train names no file")
+        raise ConfigValueError("model.data.data_prefix.train names no file")
     train_ds, train_stats = load_split(fabric, load_preference_datasets, train_paths, **data_kwargs)
     val_ds, _ = load_split(fabric, load_preference_datasets, as_list(data_cfg.data_prefix.get("validation")), **data_kwargs)
     log_data_stats(

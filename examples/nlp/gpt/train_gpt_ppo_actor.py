@@ -21,87 +21,32 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_aligner.algorithms.online import build_reward_fn
-from nemo_aligner.algorithms.ppo import LocalCritic, LocalInitialPolicy, PPOConfig, PPOTrainer, compute_ppo_max_steps
-from nemo_aligner.data.jsonl import DataFormatError
+from nemo_aligner.algorithms.ppo import LocalInitialPolicy, PPOConfig, PPOTrainer, compute_ppo_max_steps
 from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_ids, prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.recipes.common import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
+from nemo_aligner.recipes.online import build_reward_fn, colocated_critic, served_ppo_roles, server_url
+from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
 from nemo_aligner.utils.runtime import normalize_precision
-
-USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError, ConnectionError, ValueError)
-
-
-def _url(section) -> str:
-    return f"http://{section.ip}:{int(section.port)}"
 
 
 def reward_source(cfg: DictConfig, fabric, reward_fn=None):
     """``(reward_fn, max_seq_length, description)``: the given programmatic ``reward_fn`` (no length limit), else
     the reward-model server at ``remote_critic_rm.reward_model`` (served mode) or the local RM export at
-    ``reward_model.restore_from_path`` (colocated), see :func:`nemo_aligner.algorithms.online.build_reward_fn`."""
+    ``reward_model.restore_from_path`` (colocated), see :func:`nemo_aligner.recipes.online.build_reward_fn`."""
     if reward_fn is not None:
         return reward_fn, None, "a programmatic reward function"
     remote = cfg.remote_critic_rm
     return build_reward_fn(
         cfg.reward_model.get("restore_from_path"), fabric.device, int(cfg.reward_model.micro_batch_size),
-        remote_url=_url(remote.reward_model) if bool(remote.enable) else None, api_token=remote.get("api_token"),
+        remote_url=server_url(remote.reward_model) if bool(remote.enable) else None, api_token=remote.get("api_token"),
         timeout=float(remote.timeout), remote_key="remote_critic_rm.enable",
     )
-
-
-def served_roles(cfg: DictConfig):
-    """Served mode: ``(critic, initial_policy)`` clients of the critic and initial-policy servers, once they answer.
-
-    Raises:
-        ConnectionError: a server does not answer within ``remote_critic_rm.timeout`` seconds.
-    """
-    from nemo_aligner.servers.critic_server import RemoteCritic
-    from nemo_aligner.servers.initial_policy_server import RemoteInitialPolicy
-
-    remote = cfg.remote_critic_rm
-    kwargs = dict(api_token=remote.get("api_token"), timeout=float(remote.timeout))
-    critic = RemoteCritic(_url(remote.critic), **kwargs)
-    initial = RemoteInitialPolicy(_url(remote.initial_policy), **kwargs)
-    critic.wait_until_ready(timeout=float(remote.timeout))
-    initial.wait_until_ready(timeout=float(remote.timeout))
-    return critic, initial
-
-
-def colocated_critic(cfg: DictConfig, fabric, ppo_cfg: PPOConfig, max_steps: int, precision: str, log_dir):
-    """Colocated mode: the :class:`~nemo_aligner.algorithms.ppo.LocalCritic` initialised from
-    ``critic.restore_from_path`` (default ``reward_model.restore_from_path``), checkpointing to
-    ``<log_dir>/critic_checkpoints``; returns ``(critic, its source path)``.
-
-    Raises:
-        FileNotFoundError: neither path is set.
-    """
-    from nemo_aligner.models.critic import HFCritic
-
-    critic_path = cfg.critic.get("restore_from_path") or cfg.reward_model.get("restore_from_path")
-    if not critic_path:
-        raise FileNotFoundError("no critic checkpoint: set critic.restore_from_path or reward_model.restore_from_path")
-    critic_model_cfg = OmegaConf.create({
-        "optim": OmegaConf.to_container(cfg.critic.optim, resolve=True),
-        "attn_implementation": cfg.model.get("attn_implementation", "sdpa"),
-        "gradient_checkpointing": cfg.model.get("gradient_checkpointing", False),
-    })
-    model = HFCritic(
-        fabric, critic_model_cfg, str(critic_path),
-        max_steps=ppo_cfg.critic_optimizer_steps(max_steps),  # warm-up included; the same on every rank
-        gradient_clip_val=ppo_cfg.gradient_clip_val,
-        loss_clip_val=float(cfg.critic.loss_clip_val),
-        precision=precision,
-    )
-    critic = LocalCritic(model, log_dir / "critic_checkpoints", ppo_cfg.forward_micro_batch_size,
-                         ppo_cfg.critic_global_batch_size, ppo_cfg.critic_micro_batch_size, ppo_cfg.ppo_epochs)
-    return critic, critic_path
 
 
 def run(cfg: DictConfig, reward_fn=None) -> dict:
@@ -112,9 +57,10 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     length_params.max_length`` tokens, so every rollout fits the actor and the reward model.
 
     Raises:
-        ConfigKeyError: an unknown key; FileNotFoundError: a missing file; DataFormatError: a bad prompt line;
-        ConnectionError: a server is not reachable (served mode); ValueError: an out-of-range value;
-        FileExistsError: checkpoints exist and ``exp_manager.resume_if_exists=false``.
+        UserError: (:mod:`nemo_aligner.errors`) a user's mistake, e.g. ConfigKeyError: an unknown key;
+        MissingFileError: a missing file; DataFormatError: a bad prompt line; ServerUnavailableError: a server is
+        not reachable (served mode); ConfigValueError: an out-of-range value; OutputExistsError: checkpoints exist
+        and ``exp_manager.resume_if_exists=false``.
     """
     check_config(cfg, "gpt_ppo_actor")
     log = get_logger()
@@ -149,7 +95,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
         precision=precision,
     )
     if served:
-        critic, initial = served_roles(cfg)
+        critic, initial = served_ppo_roles(cfg.remote_critic_rm)
     else:
         critic, critic_path = colocated_critic(cfg, fabric, ppo_cfg, max_steps, precision, log_dir)
         initial = LocalInitialPolicy(actor, ppo_cfg.forward_micro_batch_size)
@@ -171,7 +117,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_ppo_actor", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
+    run_or_exit(run, cfg)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

@@ -22,35 +22,32 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nemo_aligner.algorithms.online import build_reward_fn
 from nemo_aligner.algorithms.rs import RSConfig, RSTrainer, compute_rs_max_steps
-from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_ids, prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.recipes.common import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
+from nemo_aligner.recipes.online import build_reward_fn, server_url
+from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
 from nemo_aligner.utils.runtime import normalize_precision
-
-USER_ERRORS = (DataFormatError, ConfigKeyError, FileNotFoundError, FileExistsError, ConnectionError, ValueError)
 
 
 def reward_source(cfg: DictConfig, fabric, micro_batch_size: int, reward_fn=None):
     """``(reward_fn, max_seq_length, description)``: the given programmatic ``reward_fn`` (no length limit), else
     the reward-model server at ``remote_rm.reward_model.{ip,port}`` when ``remote_rm.enable``, else the local RM
     export at ``reward_model.restore_from_path`` scoring in micro-batches of ``micro_batch_size``; see
-    :func:`nemo_aligner.algorithms.online.build_reward_fn`.
+    :func:`nemo_aligner.recipes.online.build_reward_fn`.
 
     Raises:
-        FileNotFoundError: no RM export at ``reward_model.restore_from_path``.
-        ConnectionError: the server does not answer ``/health`` within ``remote_rm.timeout`` seconds.
+        MissingFileError: no RM export at ``reward_model.restore_from_path``.
+        ServerUnavailableError: the server does not answer ``/health`` within ``remote_rm.timeout`` seconds.
     """
     if reward_fn is not None:
         return reward_fn, None, "a programmatic reward function"
     remote = cfg.remote_rm
-    url = f"http://{remote.reward_model.ip}:{int(remote.reward_model.port)}" if bool(remote.enable) else None
+    url = server_url(remote.reward_model) if bool(remote.enable) else None
     return build_reward_fn(cfg.reward_model.get("restore_from_path"), fabric.device, micro_batch_size, remote_url=url,
                            api_token=remote.get("api_token"), timeout=float(remote.timeout))
 
@@ -64,9 +61,10 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     length_params.max_length`` tokens, so every rollout fits the policy and the reward model.
 
     Raises:
-        ConfigKeyError: an unknown key; FileNotFoundError: a missing file or RM export; DataFormatError: a bad
-        prompt line; ConnectionError: the reward-model server is not reachable; ValueError: an out-of-range value;
-        FileExistsError: checkpoints exist and ``exp_manager.resume_if_exists=false``.
+        UserError: (:mod:`nemo_aligner.errors`) a user's mistake, e.g. ConfigKeyError: an unknown key;
+        MissingFileError: a missing file or RM export; DataFormatError: a bad prompt line; ServerUnavailableError:
+        the reward-model server is not reachable; ConfigValueError: an out-of-range value; OutputExistsError:
+        checkpoints exist and ``exp_manager.resume_if_exists=false``.
     """
     check_config(cfg, "gpt_rs_actor")
     log = get_logger()
@@ -112,7 +110,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_rs_actor", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg, errors=USER_ERRORS)  # a user's mistake: one clear line, no traceback
+    run_or_exit(run, cfg)  # a user's mistake: one clear line, no traceback
 
 
 if __name__ == "__main__":

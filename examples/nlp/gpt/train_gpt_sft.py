@@ -21,9 +21,7 @@ from nemo_aligner.algorithms.supervised import SFTTrainer
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.data.sft import load_sft_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
-from nemo_aligner.utils.config import CONF_DIR, as_list
-from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import (
+from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
     finish,
@@ -35,6 +33,8 @@ from nemo_aligner.utils.recipe import (
     setup_fabric,
     trainer_config,
 )
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, as_list
+from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
 
 
@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict:
     data_cfg = cfg.model.data
     train_cfg = data_cfg.train_ds
     if not as_list(train_cfg.get("file_path")):
-        raise ValueError("model.data.train_ds.file_path names no file")
+        raise ConfigValueError("model.data.train_ds.file_path names no file")
     fabric = setup_fabric(cfg, log_dir, "gpt_sft")
 
     # Data

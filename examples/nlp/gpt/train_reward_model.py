@@ -21,10 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_aligner.algorithms.reward_model import RewardModelTrainer, compute_reward_statistics
 from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
 from nemo_aligner.models.reward_model import HFRewardModel
-from nemo_aligner.utils.config import CONF_DIR, as_list
-from nemo_aligner.utils.fs import atomic_write_text
-from nemo_aligner.utils.logging import get_logger
-from nemo_aligner.utils.recipe import (
+from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
     finish,
@@ -36,6 +33,9 @@ from nemo_aligner.utils.recipe import (
     setup_fabric,
     trainer_config,
 )
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, as_list
+from nemo_aligner.utils.fs import atomic_write_text
+from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
 
 #: The run's resolved config, written next to the checkpoints (``eval_reward_model.py`` rebuilds the model from it).
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
     data_kwargs = dict(tokenizer=tokenizer, max_seq_length=max_len, truncation=str(data_cfg.truncation), cache_dir=data_cfg.cache_dir)
     train_paths = as_list(data_cfg.data_prefix.get("train"))
     if not train_paths:
-        raise ValueError("model.data.data_prefix.train names no file")
+        raise ConfigValueError("model.data.data_prefix.train names no file")
     train_ds, train_stats = load_split(fabric, load_reward_datasets, train_paths, **data_kwargs)
     val_ds, _ = load_split(fabric, load_reward_datasets, as_list(data_cfg.data_prefix.get("validation")), **data_kwargs)
     log_data_stats(
@@ -123,8 +123,8 @@ def run(cfg: DictConfig) -> dict:
                 log.info(f"reward standardisation: raw reward mean {measured_mean:.4f}, std {measured_std:.4f} over "
                          f"{count} training responses")
             if std is None and not measured_std > 0:
-                raise ValueError(f"model.reward_standardization: the raw rewards of {count} training responses all "
-                                 f"equal {measured_mean:.6g} (std 0); set model.reward_standardization.std")
+                raise ConfigValueError(f"model.reward_standardization: the raw rewards of {count} training responses all "
+                                       f"equal {measured_mean:.6g} (std 0); set model.reward_standardization.std")
             mean = measured_mean if mean is None else mean
             std = measured_std if std is None else std
         model.set_standardization(float(mean), float(std))

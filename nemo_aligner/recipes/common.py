@@ -19,32 +19,20 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
+from transformers import AutoTokenizer
 
 from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
-from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError
-from nemo_aligner.utils.config import (
-    ConfigKeyError,
-    ConfigValueError,
-    check_batch_sizes,
-    check_keys,
-    check_values,
-    load_schema,
-)
+from nemo_aligner.errors import OutputExistsError, UserError
+from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.config import ConfigValueError, check_batch_sizes, check_keys, check_values, load_schema
 from nemo_aligner.utils.logging import build_loggers, get_logger
 from nemo_aligner.utils.runtime import build_fabric
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataFormatError, ConfigKeyError, ConfigValueError, NonFiniteError, DamagedCheckpointError, FileNotFoundError,
-    FileExistsError,
-)
-"""Errors that are the user's mistake (bad config key or value, missing or malformed data file, an occupied or
-unwritable log directory):
-:func:`run_or_exit` prints them as one ``error: ...`` line instead of a traceback."""
 
 
 def check_config(cfg: DictConfig, schema: str) -> None:
@@ -68,8 +56,6 @@ def check_writable_dir(path: Path, key: str) -> None:
     Raises:
         ConfigValueError: naming ``key``, the path and the OS error.
     """
-    import tempfile
-
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -84,7 +70,7 @@ def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
     ``checkpoints/`` subdirectory, set up from ``exp_manager.checkpoint_callback_params``.
 
     Raises:
-        FileExistsError: the directory already holds checkpoints and ``exp_manager.resume_if_exists`` is false.
+        OutputExistsError: the directory already holds checkpoints and ``exp_manager.resume_if_exists`` is false.
         ConfigValueError: the directory cannot be created or written (:func:`check_writable_dir`).
     """
     log_dir = Path(exp.explicit_log_dir)
@@ -92,7 +78,7 @@ def checkpoint_manager(exp: DictConfig) -> tuple[Path, CheckpointManager]:
     params = exp.checkpoint_callback_params
     checkpoints = CheckpointManager(log_dir / "checkpoints", params.save_top_k, params.monitor, params.get("mode", "min"))
     if not exp.resume_if_exists and checkpoints.latest() is not None:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{log_dir} already holds checkpoints; set exp_manager.resume_if_exists=true to continue that run "
             "or point exp_manager.explicit_log_dir somewhere else"
         )
@@ -116,10 +102,6 @@ def setup_fabric(cfg: DictConfig, log_dir: Path, schema: str | None = None):
 def load_pretrained(fabric, restore_from_path: Any) -> tuple[str, Any]:
     """Resolve the pretrained model (rank 0 first: it may download or convert it), then on every rank return
     ``(local_model_dir, tokenizer)``."""
-    from transformers import AutoTokenizer
-
-    from nemo_aligner.models.pretrained import resolve_pretrained
-
     if fabric.is_global_zero:
         resolve_pretrained(restore_from_path)
     fabric.barrier()
@@ -156,7 +138,7 @@ def trainer_config(algorithm_cfg: DictConfig, batch_cfg: DictConfig, num_example
     optimizer steps for ``num_examples`` training examples (:func:`compute_max_steps`).
 
     Raises:
-        ValueError: too few examples for one global batch, or ``max_steps=0``.
+        ConfigValueError: too few examples for one global batch, or ``max_steps=0``.
     """
     trainer_cfg = TrainerConfig.from_cfg(algorithm_cfg, batch_cfg)
     return trainer_cfg, compute_max_steps(num_examples, trainer_cfg)
@@ -203,11 +185,12 @@ def finish(fabric, checkpoints: CheckpointManager) -> None:
         )
 
 
-def run_or_exit(fn: Callable, *args: Any, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
-    """Call ``fn(*args)``; on one of ``errors`` (a user's mistake) print ``error: <message>`` to stderr and exit
-    with status 2 instead of showing a traceback. Other exceptions propagate."""
+def run_or_exit(fn: Callable, *args: Any) -> Any:
+    """Call ``fn(*args)``; on a :class:`~nemo_aligner.errors.UserError` (a user's mistake: a config key or value, a
+    data file, a path, a server) print ``error: <message>`` to stderr and exit with status 2 instead of showing a
+    traceback. Any other exception is a bug and propagates with its traceback."""
     try:
         return fn(*args)
-    except errors as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
