@@ -46,7 +46,7 @@ class AlignableModel(ABC):
 
         Args:
             batch: a packed batch with ``pred_row``, ``pred_col``, ``targets`` (e.g.
-                :class:`nemo_aligner.data.packing.PreferenceBatch`).
+                :class:`nemo_aligner.data.preference_batch.PreferenceBatch`).
             reference: use the frozen reference policy (no gradient) instead of the trained policy.
 
         Returns:

@@ -20,7 +20,8 @@ import torch
 
 from nemo_aligner.algorithms.reward_model import reward_loss_and_metrics
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
+from nemo_aligner.data.reward import load_reward_datasets
+from nemo_aligner.data.reward_batch import collate_reward_examples
 from nemo_aligner.models.reward_model import RewardScorer
 from nemo_aligner.utils.recipe import run_or_exit
 
