@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files, iter_jsonl_shard
 from nemo_aligner.data.chat import HH_ASSISTANT, Turns, finite_number, require_turns, split_hh_transcript, tokenize_pair
 from nemo_aligner.data.jsonl import DataFormatError
 
@@ -321,13 +321,15 @@ def build_preference_dataset(
     """
     check_truncation_args(max_seq_length, truncation)
     settings = {"max_seq_length": max_seq_length, "truncation": truncation}
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        FORMAT_VERSION,
         kind="preference",
         dir_name="{stem}-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": FORMAT_VERSION, **settings},
         features=_FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_STAT_COUNTERS,
         kept="num_pairs",
         missing_message="preference data file not found: {path}",
@@ -387,7 +389,6 @@ def load_preference_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_preference_dataset` raises.
     """
-    if not paths:
-        raise ValueError("no preference data files given")
-    built = [build_preference_dataset(p, tokenizer, max_seq_length, truncation, cache_dir, num_proc) for p in paths]
-    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]
+    build = functools.partial(build_preference_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                              truncation=truncation, cache_dir=cache_dir, num_proc=num_proc)
+    return concatenate_files(paths, build, "preference")

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import datasets
 
-from nemo_aligner.data.cache import build_cached_dataset, tokenizer_fingerprint
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files
 from nemo_aligner.data.chat import check_turns, encode, finite_number, require_turns, tokenize_prompt_response
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
 from nemo_aligner.data.preference import check_truncation_args, parse_preference_record, tokenize_example, truncate_pair
@@ -264,13 +264,15 @@ def build_reward_dataset(
     """
     check_truncation_args(max_seq_length, truncation)
     settings = {"max_seq_length": max_seq_length, "truncation": truncation}
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        REWARD_FORMAT_VERSION,
         kind="reward",
         dir_name="rm-{stem}-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": REWARD_FORMAT_VERSION, **settings},
         features=FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_COUNTERS,
         kept="num_examples",
         extra_counts=_count_comparisons,
@@ -306,7 +308,6 @@ def load_reward_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_reward_dataset` raises.
     """
-    if not paths:
-        raise ValueError("no reward-model data files given")
-    built = [build_reward_dataset(p, tokenizer, max_seq_length, truncation, cache_dir) for p in paths]
-    return datasets.concatenate_datasets([d for d, _ in built]), [s for _, s in built]
+    build = functools.partial(build_reward_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                              truncation=truncation, cache_dir=cache_dir)
+    return concatenate_files(paths, build, "reward-model")

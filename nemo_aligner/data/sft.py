@@ -24,8 +24,7 @@ from typing import Any
 
 import datasets
 
-from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
-from nemo_aligner.data.jsonl import DataFormatError
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files, iter_jsonl_shard
 from nemo_aligner.data.chat import (
     Message,
     Turns,
@@ -38,6 +37,7 @@ from nemo_aligner.data.chat import (
     split_hh_transcript,
     tokenize_prompt_response,
 )
+from nemo_aligner.data.jsonl import DataFormatError
 
 SFT_FORMAT_VERSION = 2
 """Bump whenever the cached SFT layout or the SFT tokenisation rules change (2: chat roles are lower-cased)."""
@@ -342,13 +342,15 @@ def build_sft_dataset(
         "truncation_method": truncation_method,
         "chat": bool(chat),
     }
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        SFT_FORMAT_VERSION,
         kind="sft",
         dir_name="{stem}-sft-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": SFT_FORMAT_VERSION, **settings},
         features=_FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_STAT_COUNTERS,
         kept="num_examples",
         missing_message="SFT data file not found: {path}",
@@ -386,7 +388,5 @@ def load_sft_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_sft_dataset` raises.
     """
-    if not paths:
-        raise ValueError("no SFT data files given")
-    built = [build_sft_dataset(p, tokenizer, max_seq_length, **kwargs) for p in paths]
-    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]
+    build = functools.partial(build_sft_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length, **kwargs)
+    return concatenate_files(paths, build, "SFT")
