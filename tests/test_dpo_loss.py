@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemo_aligner.algorithms.dpo import DPOLossConfig, dpo_loss_and_metrics, preference_loss, sequence_logprobs
-from nemo_aligner.data.packing import collate_preference_pairs
+from nemo_aligner.data.preference_batch import collate_preference_pairs
 
 BETA = 0.5
 CHOSEN = torch.tensor([1.0, -0.5])  # log pi - log pi_ref of each chosen response

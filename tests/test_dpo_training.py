@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 
-from nemo_aligner.data.packing import collate_preference_pairs
+from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 
 from conftest import REPO, load_example_script

@@ -121,7 +121,7 @@ def _weights(model):
 
 def test_a_non_finite_loss_skips_the_optimizer_step(tiny_model_dir, tokenizer):
     """An inf loss (finite gradients) is caught as well: no optimizer or schedule step, weights unchanged."""
-    from nemo_aligner.data.packing import collate_preference_pairs
+    from nemo_aligner.data.preference_batch import collate_preference_pairs
 
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     batch = collate_preference_pairs(

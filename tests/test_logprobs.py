@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from nemo_aligner.data.packing import collate_preference_pairs
+from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 

@@ -9,7 +9,7 @@ import pytest
 
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.prompts import load_prompts, parse_prompt_record, tokenize_prompt, tokenize_prompt_example
-from nemo_aligner.data.sequences import tokenize_prompt_response
+from nemo_aligner.data.chat import tokenize_prompt_response
 
 MESSAGES = [
     {"role": "user", "content": "hi"},

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.reward import (
-    build_reward_dataset,
-    collate_reward_examples,
-    iter_reward_rows,
-    truncate_responses,
-)
+from nemo_aligner.data.reward import build_reward_dataset, iter_reward_rows, truncate_responses
+from nemo_aligner.data.reward_batch import collate_reward_examples
 
 
 def write(path, records):

@@ -13,8 +13,9 @@ from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 
 from nemo_aligner.algorithms.reward_model import bradley_terry_loss, ranking_loss, reward_loss_and_metrics
-from nemo_aligner.data.reward import RewardBatch, collate_reward_examples
-from nemo_aligner.data.sequences import collate_sequences, tokenize_prompt_response
+from nemo_aligner.data.chat import tokenize_prompt_response
+from nemo_aligner.data.reward_batch import RewardBatch, collate_reward_examples
+from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.reward_model import HFRewardModel, RewardScorer
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 

@@ -463,3 +463,18 @@ def test_entry_script_limits_come_from_the_config(rm_dir, no_env_token):
                        ("keep_alive_timeout_s", "soon")):
         with pytest.raises(ValueError, match=f"inference.{key} must be"):
             module.build(_cfg(rm_model_file=str(rm_dir), **{f"inference.{key}": value}))
+
+
+def test_rm_server_takes_its_chat_roles_from_the_data_layer(scorer, no_env_token, monkeypatch):
+    """One role rule (nemo_aligner.data.chat): a role added there is accepted by the server too; the server still
+    wants it written exactly (it passes messages to the chat template unchanged), and its 422 names the field."""
+    from nemo_aligner.data import chat
+
+    client = TestClient(build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1))
+    tool = {"prompts": [[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]], "responses": ["b"]}
+    r = client.post("/score", json=tool)
+    assert r.status_code == 422 and "prompts[0][1].role must be one of" in r.json()["error"], r.text
+    monkeypatch.setattr(chat, "CHAT_ROLES", (*chat.CHAT_ROLES, "tool"))
+    assert client.post("/score", json=tool).status_code == 200
+    shouted = {"prompts": [[{"role": "Tool", "content": "42"}]], "responses": ["b"]}
+    assert client.post("/score", json=shouted).status_code == 422

@@ -485,7 +485,7 @@ def test_rs_scores_ended_chat_rollouts_with_the_end_of_turn_suffix(tmp_path):
     from test_prompts import build_chatml_tokenizer
 
     from nemo_aligner.data.prompts import tokenize_prompt
-    from nemo_aligner.data.sequences import tokenize_prompt_response
+    from nemo_aligner.data.chat import tokenize_prompt_response
 
     tokenizer = build_chatml_tokenizer()
     eos, newline = tokenizer.eos_token_id, tokenizer("\n", add_special_tokens=False)["input_ids"]

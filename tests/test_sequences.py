@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nemo_aligner.data.sequences import collate_sequences, per_sequence_sum, tokenize_prompt_response
+from nemo_aligner.data.chat import tokenize_prompt_response
+from nemo_aligner.data.sequences import collate_sequences, per_sequence_sum
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 
 from conftest import build_tiny_model
@@ -113,7 +114,7 @@ def _logprobs(module, batch):
 @pytest.mark.parametrize("model_type,attn", [("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager"), ("starcoder2", "sdpa")])
 def test_sliding_window_model_within_its_window_packs_exactly(model_type, attn):
     """Sequences of at most ``WINDOW`` tokens: packed and DPO shared-prefix log-probs equal the unpacked ones."""
-    from nemo_aligner.data.packing import collate_preference_pairs
+    from nemo_aligner.data.preference_batch import collate_preference_pairs
 
     module = ResponseLogprobs(_windowed_lm(model_type, attn))
     g = torch.Generator().manual_seed(0)

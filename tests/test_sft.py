@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.sequences import collate_sequences, tokenize_prompt_response
+from nemo_aligner.data.chat import tokenize_prompt_response
+from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.data.sft import (
     build_sft_dataset,
     parse_sft_record,

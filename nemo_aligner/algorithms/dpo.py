@@ -139,7 +139,7 @@ def dpo_loss_and_metrics(
     Args:
         logprobs: ``[N]`` policy log-probabilities of the response tokens (with grad).
         ref_seq_logprobs: ``[2B]`` reference log-probabilities summed per response (chosen first, then rejected).
-        batch: the :class:`~nemo_aligner.data.packing.PreferenceBatch` (``seq_id``, lengths, rewards).
+        batch: the :class:`~nemo_aligner.data.preference_batch.PreferenceBatch` (``seq_id``, lengths, rewards).
         cfg: loss configuration.
 
     Returns:

@@ -81,7 +81,7 @@ def reward_loss_and_metrics(rewards: torch.Tensor, batch: Any) -> tuple[torch.Te
 
     Args:
         rewards: ``[S]`` rewards of ``batch``'s sequences (with grad when training).
-        batch: a :class:`~nemo_aligner.data.reward.RewardBatch` (``group``, ``preferences``, ``num_groups``).
+        batch: a :class:`~nemo_aligner.data.reward_batch.RewardBatch` (``group``, ``preferences``, ``num_groups``).
 
     Returns:
         ``(loss, metrics)``: scalar loss and detached scalar metrics (see the module docstring).
@@ -124,7 +124,7 @@ class RewardModelTrainer(BaseTrainer):
 
     The model must implement ``get_rewards(SequenceBatch) -> [S]`` (e.g.
     :class:`~nemo_aligner.models.reward_model.HFRewardModel`); batches are
-    :class:`~nemo_aligner.data.reward.RewardBatch`. Arguments: see
+    :class:`~nemo_aligner.data.reward_batch.RewardBatch`. Arguments: see
     :class:`~nemo_aligner.algorithms.base.BaseTrainer`.
     """
 

@@ -16,6 +16,7 @@ removed: its process exists, or (on another host) it keeps writing its rows into
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -169,6 +170,48 @@ def build_cached_dataset(
             shutil.rmtree(work_dir, ignore_errors=True)
     return load_cached_dataset(final_dir)
 
+
+
+def build_tokenized_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    generate_rows: Callable[..., Iterable["dict | None"]],
+    settings: dict,
+    format_version: int,
+    **spec: Any,
+) -> tuple[datasets.Dataset, dict]:
+    """:func:`build_cached_dataset` of a data file that ``tokenizer`` tokenises (the preference, SFT and
+    reward-model datasets).
+
+    The cache key covers :func:`tokenizer_fingerprint`, ``format_version`` and ``settings`` (e.g.
+    ``max_seq_length``, ``truncation``); the rows are ``generate_rows(shard, num_shards, path=<absolute path>,
+    tokenizer=tokenizer, **settings)`` (a module-level function, so worker processes can run it).
+
+    Args:
+        spec: the other keyword arguments of :func:`build_cached_dataset` (``kind``, ``dir_name``, ``features``,
+            ``counters``, ``kept``, messages, ``cache_dir``, ...).
+
+    Raises:
+        as :func:`build_cached_dataset`.
+    """
+    key_parts = {"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": format_version, **settings}
+    rows = functools.partial(generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings)
+    return build_cached_dataset(path, key_parts=key_parts, rows=rows, **spec)
+
+
+def concatenate_files(
+    paths: Sequence[str | os.PathLike], build: Callable[[str | os.PathLike], tuple[datasets.Dataset, dict]], what: str
+) -> tuple[datasets.Dataset, list[dict]]:
+    """``build(path)`` for each file, concatenated in order: ``(dataset, per-file stats)`` (``line_no`` refers to
+    each row's own file).
+
+    Raises:
+        ValueError: ``paths`` is empty (``"no {what} data files given"``); plus what ``build`` raises.
+    """
+    if not paths:
+        raise ConfigValueError(f"no {what} data files given")
+    built = [build(path) for path in paths]
+    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]
 
 def _pid_namespace() -> str | None:
     """This process's pid namespace (``pid:[4026531836]`` on Linux), or None where it cannot be read."""

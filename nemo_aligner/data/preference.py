@@ -16,36 +16,20 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
 
 import datasets
 
-from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files, iter_jsonl_shard
+from nemo_aligner.data.chat import HH_ASSISTANT, Turns, finite_number, require_turns, split_hh_transcript, tokenize_pair
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.utils.config import ConfigValueError
-
-Message = dict[str, Any]
-"""A chat message: ``{"role": str, "content": str}`` (extra keys are passed to the chat template)."""
-
-Turns = Union[str, list[Message]]
-"""Plain text, or a list of chat messages."""
 
 FORMAT_VERSION = 2
 """Bump whenever the cached dataset layout or the tokenisation rules change (2: chat roles are lower-cased)."""
 
 TRUNCATION_MODES = ("truncate", "drop")
 
-HH_ASSISTANT = "\n\nAssistant:"
-"""Marker that starts an assistant turn in raw Anthropic HH-RLHF transcripts."""
-
-CHAT_ROLES = ("system", "user", "assistant")
-"""The chat roles every reader accepts in a message's ``role``; any capitalisation (NeMo's ``"User"``,
-``"Assistant"``, ``"System"``) is accepted and becomes the lower-case role."""
-
 IDENTICAL_PAIR = "identical to the chosen response: a preference pair must compare two different responses"
-
-FLOAT32_MAX = 3.4028234663852886e38
-"""Largest finite float32: rewards and scores are stored as float32, so larger magnitudes would become inf."""
 
 ACCEPTED_FORMATS = (
     "NeMo-Aligner: {'prompt': str, 'chosen_response': str, 'rejected_response': str}"
@@ -116,7 +100,7 @@ def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int)
     Raises:
         DataFormatError: naming the offending field, for a missing field, a wrong type, an empty
             response, a message without string ``role``/``content`` or with a role outside
-            :data:`CHAT_ROLES`, a reward that is not a finite number within float32 range (NaN, inf,
+            :data:`~nemo_aligner.data.chat.CHAT_ROLES`, a reward that is not a finite number within float32 range (NaN, inf,
             an integer too large for a float), ``rejected`` identical to ``chosen``, HH-RLHF transcripts
             without an assistant turn or whose prompts differ, or an unknown format (the message then
             lists the accepted formats).
@@ -126,13 +110,13 @@ def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int)
         raise error(None, f"expected a JSON object, got {type(record).__name__}")
 
     if "chosen_response" in record or "rejected_response" in record:
-        prompt = _require_turns(record, "prompt", error, allow_messages=False, allow_empty=True)
-        chosen = _require_turns(record, "chosen_response", error, allow_messages=False)
-        rejected = _require_turns(record, "rejected_response", error, allow_messages=False)
+        prompt = require_turns(record, "prompt", error, allow_messages=False, allow_empty=True)
+        chosen = require_turns(record, "chosen_response", error, allow_messages=False)
+        rejected = require_turns(record, "rejected_response", error, allow_messages=False)
     elif "prompt" in record:
-        prompt = _require_turns(record, "prompt", error, allow_empty=True)
-        chosen = _require_turns(record, "chosen", error)
-        rejected = _require_turns(record, "rejected", error)
+        prompt = require_turns(record, "prompt", error, allow_empty=True)
+        chosen = require_turns(record, "chosen", error)
+        rejected = require_turns(record, "rejected", error)
     elif "chosen" in record or "rejected" in record:
         prompt, chosen, rejected = _split_implicit_prompt(record, error)
     else:
@@ -150,64 +134,10 @@ def parse_preference_record(record: dict, path: str | os.PathLike, line_no: int)
     )
 
 
-def _require_turns(record: dict, field: str, error, allow_messages: bool = True, allow_empty: bool = False) -> Turns:
-    """Return ``record[field]`` after checking it is a string (or a message list when allowed)."""
-    if field not in record:
-        raise error(field, "missing required field")
-    value = record[field]
-    if isinstance(value, list) and allow_messages:
-        value = check_messages(value, field, error)
-    elif not isinstance(value, str):
-        expected = "a string or a list of chat messages" if allow_messages else "a string"
-        raise error(field, f"expected {expected}, got {type(value).__name__}")
-    if not value and not allow_empty:
-        raise error(field, "must not be empty")
-    return value
-
-
-def check_messages(messages: list, field: str, error) -> list[Message]:
-    """Validate a list of chat messages and return it with canonical roles; the one check every reader (preference,
-    SFT, reward-model and prompt files) applies to chat messages.
-
-    Each message must be an object with a string ``role`` and a string ``content`` (other keys are kept and passed
-    to the chat template). ``role`` must be one of :data:`CHAT_ROLES` in any capitalisation (``"User"`` becomes
-    ``"user"``, so the template renders the role it expects).
-
-    Args:
-        messages: the decoded JSON list.
-        field: its name in the record, e.g. ``"chosen"`` (errors name ``"chosen[2]"`` or ``"chosen[2].role"``).
-        error: ``error(field, message) -> Exception``, e.g. ``functools.partial(DataFormatError, path, line_no)``.
-
-    Returns:
-        The messages, a new dict for each one whose role was not already lower case.
-
-    Raises:
-        what ``error`` builds: a message that is not such an object, or an unknown role (``'robot'``).
-    """
-    checked = []
-    for i, message in enumerate(messages):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            shown = f"{message!r:.200}"
-            raise error(f"{field}[{i}]", f"chat message must be an object with string 'role' and 'content', got {shown}")
-        role = message["role"].lower()
-        if role not in CHAT_ROLES:
-            roles = ", ".join(CHAT_ROLES)
-            raise error(f"{field}[{i}].role", f"unknown chat role {message['role']!r:.80}; use one of {roles}")
-        checked.append(message if role == message["role"] else {**message, "role": role})
-    return checked
-
-
-_check_messages = check_messages  # the name the readers imported before it became public
-
-
 def _split_implicit_prompt(record: dict, error) -> tuple[Turns, Turns, Turns]:
     """Split ``chosen``/``rejected`` (without an explicit prompt) into (prompt, chosen, rejected)."""
-    chosen = _require_turns(record, "chosen", error)
-    rejected = _require_turns(record, "rejected", error)
+    chosen = require_turns(record, "chosen", error)
+    rejected = require_turns(record, "rejected", error)
     if chosen == rejected:
         raise error("rejected", IDENTICAL_PAIR)
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -221,17 +151,6 @@ def _split_implicit_prompt(record: dict, error) -> tuple[Turns, Turns, Turns]:
     )
 
 
-def _split_hh_transcript(text: str, field: str, error) -> tuple[str, str]:
-    """Split an HH-RLHF transcript at its last assistant turn: (prompt incl. marker, response)."""
-    cut = text.rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise error(field, f"HH-RLHF transcript has no {HH_ASSISTANT!r} turn")
-    cut += len(HH_ASSISTANT)
-    if cut == len(text):
-        raise error(field, f"empty response after the last {HH_ASSISTANT!r}")
-    return text[:cut], text[cut:]
-
-
 def _split_hh_pair(chosen: str, rejected: str, error) -> tuple[str, str, str]:
     """Split two HH-RLHF transcripts into (shared prompt, chosen response, rejected response).
 
@@ -240,8 +159,8 @@ def _split_hh_pair(chosen: str, rejected: str, error) -> tuple[str, str, str]:
     differ; then the prompt is the longest common prefix of the two transcripts cut back to the last marker inside
     it, and each response is the rest of its transcript.
     """
-    chosen_prompt, chosen_response = _split_hh_transcript(chosen, "chosen", error)
-    rejected_prompt, rejected_response = _split_hh_transcript(rejected, "rejected", error)
+    chosen_prompt, chosen_response = split_hh_transcript(chosen, "chosen", error)
+    rejected_prompt, rejected_response = split_hh_transcript(rejected, "rejected", error)
     if chosen_prompt == rejected_prompt:
         return chosen_prompt, chosen_response, rejected_response
     common = os.path.commonprefix([chosen, rejected])
@@ -280,103 +199,30 @@ def _optional_reward(record: dict, field: str, error) -> float | None:
     return finite_number(value, field, error)
 
 
-def finite_number(value: Any, field: str, error) -> float:
-    """``float(value)`` of a JSON number that is finite and within float32 range (rewards and scores are stored
-    as float32, and a NaN reward would read as "no reward").
-
-    Raises:
-        what ``error(field, message)`` builds: a non-number (a bool included), NaN, +-inf (JSON ``NaN`` /
-        ``Infinity``, which Python's decoder accepts), or a magnitude above :data:`FLOAT32_MAX` (e.g. an integer
-        too large for a float).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(field, f"expected a number, got {value!r:.80}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float64; its repr can be too long to print
-        number = math.inf
-    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        shown = repr(value)
-        if isinstance(value, int):  # str() of a long int can itself fail (sys.get_int_max_str_digits)
-            shown = f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
-        raise error(field, f"expected a finite number of magnitude at most {FLOAT32_MAX:.4g} (float32), got {shown}")
-    return number
-
-
 # --------------------------------------------------------------------------------------
 # Tokenisation and truncation
 # --------------------------------------------------------------------------------------
 
 
 def tokenize_example(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """Tokenise a pair into ``(prompt_ids, chosen_ids, rejected_ids)`` (token ids, unpadded).
-
-    * Conversational (any of prompt/chosen/rejected is a message list; a plain string prompt
-      becomes one user message, a string response one assistant message): the prompt is
-      ``apply_chat_template(prompt, add_generation_prompt=True)`` and each response is what
-      ``apply_chat_template(prompt + response)`` adds after it (if the rendering does not start
-      with the prompt text, the common prefix of the renderings with ``add_generation_prompt=False``
-      is used as the prompt instead). All pieces are tokenised with ``add_special_tokens=False``
-      and no EOS is appended: the template closes the turn itself.
-    * Plain text: ``prompt_ids = tokenizer(prompt)`` with special tokens (e.g. BOS), each response
-      tokenised without special tokens followed by ``tokenizer.eos_token_id`` (when it has one).
+    """Tokenise a pair into ``(prompt_ids, chosen_ids, rejected_ids)`` (token ids, unpadded) with the rules of
+    :func:`nemo_aligner.data.chat.tokenize_pair`: the chat template for conversational data (any of prompt, chosen,
+    rejected a message list), else BOS on the prompt and EOS after each response.
 
     Raises:
         ValueError: conversational data with a tokenizer that has no chat template; a prompt that
             gives no tokens (empty prompt and no BOS); a response that gives no tokens.
     """
-    if any(isinstance(turns, list) for turns in (example.prompt, example.chosen, example.rejected)):
-        texts = _render_chat(example, tokenizer)
-        prompt_ids, chosen_ids, rejected_ids = (_encode(tokenizer, text, add_special_tokens=False) for text in texts)
-        _check_non_empty(chosen_ids, rejected_ids)
-    else:
-        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        prompt_ids = _encode(tokenizer, example.prompt, add_special_tokens=True)
-        chosen_ids, rejected_ids = (
-            _encode(tokenizer, response, add_special_tokens=False) for response in (example.chosen, example.rejected)
-        )
-        _check_non_empty(chosen_ids, rejected_ids)
-        chosen_ids, rejected_ids = chosen_ids + eos, rejected_ids + eos
-    if not prompt_ids:
-        raise ValueError("prompt gives no tokens (empty prompt and the tokenizer adds no BOS token)")
-    return prompt_ids, chosen_ids, rejected_ids
+    return tokenize_pair(example.prompt, example.chosen, example.rejected, tokenizer)
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def check_truncation_args(max_seq_length: int, mode: str) -> None:
+    """Check the arguments of :func:`truncate_pair` (also those of the reward-model data, which truncates the same
+    way).
 
-
-def _check_non_empty(chosen_ids: list[int], rejected_ids: list[int]) -> None:
-    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
-        if not ids:
-            raise ValueError(f"{name} response gives no tokens")
-
-
-def _as_messages(turns: Turns, role: str) -> list[Message]:
-    if isinstance(turns, list):
-        return turns
-    return [{"role": role, "content": turns}] if turns else []
-
-
-def _render_chat(example: PreferenceExample, tokenizer) -> tuple[str, str, str]:
-    """Render a conversational pair with the chat template: (prompt_text, chosen_text, rejected_text)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template, but the data is conversational (lists of chat messages); "
-            "use a tokenizer with a chat_template or convert the data to a plain-text format such as "
-            "{'prompt': str, 'chosen_response': str, 'rejected_response': str}"
-        )
-    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
-    prompt = _as_messages(example.prompt, "user")
-    prompt_text = render(prompt, add_generation_prompt=True)
-    full_texts = [render(prompt + _as_messages(response, "assistant")) for response in (example.chosen, example.rejected)]
-    if not all(full.startswith(prompt_text) for full in full_texts):
-        prompt_text = os.path.commonprefix([render(prompt, add_generation_prompt=False), *full_texts])
-    chosen_text, rejected_text = (full[len(prompt_text) :] for full in full_texts)
-    return prompt_text, chosen_text, rejected_text
-
-
-def _check_truncation_args(max_seq_length: int, mode: str) -> None:
+    Raises:
+        ValueError: ``mode`` not in :data:`TRUNCATION_MODES`, or ``max_seq_length < 2``.
+    """
     if mode not in TRUNCATION_MODES:
         raise ConfigValueError(f"truncation mode must be one of {TRUNCATION_MODES}, got {mode!r}")
     if max_seq_length < 2:
@@ -412,7 +258,7 @@ def truncate_pair(
     Raises:
         ValueError: unknown ``mode`` or ``max_seq_length < 2``.
     """
-    _check_truncation_args(max_seq_length, mode)
+    check_truncation_args(max_seq_length, mode)
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest <= max_seq_length:
         return prompt_ids, chosen_ids, rejected_ids
@@ -474,15 +320,17 @@ def build_preference_dataset(
         DataFormatError: a malformed line (``file:line: field '...': ...``); no cache is left behind.
         ValueError: bad ``truncation``/``max_seq_length``, or the file yields no pair at all.
     """
-    _check_truncation_args(max_seq_length, truncation)
+    check_truncation_args(max_seq_length, truncation)
     settings = {"max_seq_length": max_seq_length, "truncation": truncation}
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        FORMAT_VERSION,
         kind="preference",
         dir_name="{stem}-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": FORMAT_VERSION, **settings},
         features=_FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_STAT_COUNTERS,
         kept="num_pairs",
         missing_message="preference data file not found: {path}",
@@ -542,7 +390,6 @@ def load_preference_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_preference_dataset` raises.
     """
-    if not paths:
-        raise ConfigValueError("no preference data files given")
-    built = [build_preference_dataset(p, tokenizer, max_seq_length, truncation, cache_dir, num_proc) for p in paths]
-    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]
+    build = functools.partial(build_preference_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                              truncation=truncation, cache_dir=cache_dir, num_proc=num_proc)
+    return concatenate_files(paths, build, "preference")

@@ -9,7 +9,7 @@ Accepted JSON-lines records (plain ``.jsonl`` or ``.jsonl.gz``), detected from t
   ``"\\n\\nAssistant:"``; ``{"chosen": [chat messages], ...}``: the messages before the last assistant turn.
 
 Other keys are ignored. Prompts are tokenised with the rules of
-:func:`nemo_aligner.data.sequences.tokenize_prompt_response` (chat template with a generation prompt for messages;
+:func:`nemo_aligner.data.chat.tokenize_prompt_response` (chat template with a generation prompt for messages;
 the tokenizer's special tokens, e.g. BOS, for plain text), so a policy sees the same prompt tokens in DPO, PPO and
 rejection sampling.
 
@@ -27,9 +27,19 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.data.preference import HH_ASSISTANT, Turns, _split_hh_transcript, check_messages
-from nemo_aligner.data.sequences import tokenize_prompt_response
 from nemo_aligner.utils.config import ConfigValueError, as_list
+from nemo_aligner.data.chat import (
+    HH_ASSISTANT,
+    Turns,
+    check_messages,
+    encode,
+    has_chat_template,
+    hh_prompt_end,
+    render_chat,
+    require_chat_template,
+    require_turns,
+    tokenize_prompt_response,
+)
 
 ACCEPTED_PROMPT_FORMATS = (
     "{'prompt': str or [chat messages]}",
@@ -70,19 +80,12 @@ def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> 
     Raises:
         DataFormatError: naming ``path:line_no`` and the field: an empty or wrongly typed prompt, a malformed chat
             message or one whose role is not system, user or assistant (any capitalisation; see
-            :func:`~nemo_aligner.data.preference.check_messages`), an HH-RLHF transcript without an
+            :func:`~nemo_aligner.data.chat.check_messages`), an HH-RLHF transcript without an
             ``"\\n\\nAssistant:"`` turn, or an unknown format (the message lists the accepted ones).
     """
     error = functools.partial(DataFormatError, path, line_no)
     if "prompt" in record:
-        prompt = record["prompt"]
-        if isinstance(prompt, list):
-            prompt = check_messages(prompt, "prompt", error)
-        elif not isinstance(prompt, str):
-            raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
-        if not prompt:
-            raise error("prompt", "must not be empty")
-        return prompt
+        return require_turns(record, "prompt", error)
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):
@@ -94,12 +97,7 @@ def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> 
             return _before_last_assistant(chosen, "chosen", error)
         if not isinstance(chosen, str):
             raise error("chosen", f"expected a transcript string or chat messages, got {type(chosen).__name__}")
-        cut = chosen.rfind(HH_ASSISTANT)
-        if cut < 0:
-            raise error("chosen", f"HH-RLHF transcript has no {HH_ASSISTANT!r} turn")
-        if cut + len(HH_ASSISTANT) == len(chosen):
-            return chosen  # a transcript that already ends with the open assistant turn
-        return _split_hh_transcript(chosen, "chosen", error)[0]
+        return chosen[: hh_prompt_end(chosen, "chosen", error)]  # the whole transcript if it ends with the marker
     accepted = "".join(f"\n  - {fmt}" for fmt in ACCEPTED_PROMPT_FORMATS)
     raise error(None, f"unrecognised prompt record with keys {sorted(record)}; accepted formats:{accepted}")
 
@@ -143,7 +141,7 @@ def load_prompts(paths: str | os.PathLike | list, max_prompts: int | None = None
 
 
 def tokenize_prompt(prompt: Turns, tokenizer) -> list[int]:
-    """Token ids of a prompt, the ``prompt_ids`` that :func:`nemo_aligner.data.sequences.tokenize_prompt_response`
+    """Token ids of a prompt, the ``prompt_ids`` that :func:`nemo_aligner.data.chat.tokenize_prompt_response`
     gives for it.
 
     * Chat messages: ``apply_chat_template(messages, add_generation_prompt=True)`` tokenised without special tokens
@@ -154,15 +152,10 @@ def tokenize_prompt(prompt: Turns, tokenizer) -> list[int]:
         ValueError: messages with a tokenizer that has no chat template, or a prompt that gives no tokens.
     """
     if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template, but the prompt is a list of chat messages; use a tokenizer "
-                "with a chat_template or plain-text prompts"
-            )
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        require_chat_template(tokenizer, "the prompt is a list of chat messages", "plain-text prompts")
+        ids = encode(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)
     else:
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = encode(tokenizer, prompt, add_special_tokens=True)
     if not ids:
         raise ValueError("prompt gives no tokens")
     return ids
@@ -251,7 +244,7 @@ _PROBES = (([{"role": "user", "content": "Hi"}], "Hello there."), ([{"role": "us
 @dataclass(frozen=True)
 class EndOfTurn:
     """How a chat template closes an assistant turn, as the reward-model training tokenisation
-    (:func:`nemo_aligner.data.sequences.tokenize_prompt_response`) writes it.
+    (:func:`nemo_aligner.data.chat.tokenize_prompt_response`) writes it.
 
     A chat response is ``content + end_id + suffix_ids`` there (ChatML, e.g. SmolLM2: ``... <|im_end|> \\n``), so a
     reward model trained on chat comparisons reads its reward at the last suffix token. A rollout stops at
@@ -302,7 +295,7 @@ def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
     """Read :class:`EndOfTurn` from ``tokenizer``'s chat template, or ``None`` when rollouts need no suffix.
 
     Two probe conversations (a user turn, an assistant reply) are tokenised as reward-model data is
-    (:func:`~nemo_aligner.data.sequences.tokenize_prompt_response`); the last stop token of the response (EOS, a
+    (:func:`~nemo_aligner.data.chat.tokenize_prompt_response`); the last stop token of the response (EOS, a
     token of ``stop_token_ids``, or another special token) is the end-of-turn token and what follows it the suffix.
 
     Returns ``None`` when the tokenizer has no chat template, the response has no such token, or nothing follows it
@@ -312,7 +305,7 @@ def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
         ValueError: the two probes disagree on the end-of-turn token or its suffix (a template whose turn ending
             depends on the content cannot be reproduced from token ids).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return None
     stops = _stop_token_ids(tokenizer, stop_token_ids)
     found = set()
@@ -322,8 +315,7 @@ def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
         if last is None:
             found.add(None)
             continue
-        nogen = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
-                          add_special_tokens=False)["input_ids"]
+        nogen = encode(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=False), add_special_tokens=False)
         prompt_ids, nogen = [int(t) for t in prompt_ids], [int(t) for t in nogen]
         gen = tuple(prompt_ids[len(nogen):]) if prompt_ids[: len(nogen)] == nogen else ()
         end, suffix = int(response_ids[last]), tuple(int(t) for t in response_ids[last + 1 :])

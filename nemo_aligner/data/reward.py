@@ -13,44 +13,29 @@ Accepted JSON-lines formats (detected per record):
   ``"scores": [...]`` (larger is better). ``K >= 2`` and at least two responses must differ in rank/score; ranks
   and scores are finite numbers within float32 range, and two identical responses may not differ in rank/score.
 
-Chat messages must have a role of system, user or assistant (:func:`nemo_aligner.data.preference.check_messages`),
+Chat messages must have a role of system, user or assistant (:func:`nemo_aligner.data.chat.check_messages`),
 and the two responses of a pair must differ (the ``text`` pair at the token level, the other formats as texts).
 
 Every example becomes one row ``{"prompt_ids", "response_ids": [[...] * K], "preferences": [K floats, larger is
 better], "line_no"}``; a pair is ``K = 2`` with preferences ``[1, 0]`` (chosen first). Tokenisation follows
 :func:`nemo_aligner.data.preference.tokenize_example`; truncation follows
-:func:`nemo_aligner.data.preference.truncate_pair` with the longest of the ``K`` responses.
+:func:`nemo_aligner.data.preference.truncate_pair` with the longest of the ``K`` responses. Batches of these rows are
+laid out by :func:`nemo_aligner.data.reward_batch.collate_reward_examples`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
-import torch
 
-from nemo_aligner.data.cache import build_cached_dataset, tokenizer_fingerprint
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files
+from nemo_aligner.data.chat import check_turns, encode, finite_number, require_turns, tokenize_prompt_response
 from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.data.preference import (
-    _check_truncation_args,
-    check_messages,
-    finite_number,
-    parse_preference_record,
-    tokenize_example,
-    truncate_pair,
-)
-from nemo_aligner.data.sequences import (
-    SequenceBatch,
-    collate_sequences,
-    first_fit_rows,
-    shared_prefix_attention_mask,
-    tokenize_prompt_response,
-)
-from nemo_aligner.utils.config import ConfigValueError
+from nemo_aligner.data.preference import check_truncation_args, parse_preference_record, tokenize_example, truncate_pair
 
 REWARD_FORMAT_VERSION = 2
 """Bump whenever the reward-data row layout or its tokenisation rules change (invalidates caches).
@@ -89,7 +74,7 @@ def _as_data_error(path, line_no: int, field: str | None):
 
 
 def _tokenize_text(text: str, tokenizer) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = encode(tokenizer, text, add_special_tokens=True)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return ids
@@ -117,7 +102,7 @@ def tokenize_text_pair(chosen: str, rejected: str, tokenizer, path="<memory>", l
 
 def tokenize_ranked(prompt, responses: Sequence, tokenizer, path="<memory>", line_no: int = 0) -> tuple[list[int], list[list[int]]]:
     """Tokenise one prompt with ``K`` responses: ``(prompt_ids, [response_ids] * K)`` with the rules of
-    :func:`~nemo_aligner.data.sequences.tokenize_prompt_response` (chat template for message lists).
+    :func:`~nemo_aligner.data.chat.tokenize_prompt_response` (chat template for message lists).
 
     Raises:
         DataFormatError: a response that gives no tokens, or chat data without a chat template.
@@ -133,24 +118,11 @@ def tokenize_ranked(prompt, responses: Sequence, tokenizer, path="<memory>", lin
 
 def _parse_ranked(record: dict, error) -> tuple[Any, list, list[float]]:
     """``(prompt, responses, preferences)`` of a ranked-list record (preferences: larger is better)."""
-    if "prompt" not in record:
-        raise error("prompt", "missing required field")
-    prompt = record["prompt"]
-    if isinstance(prompt, list):
-        prompt = check_messages(prompt, "prompt", error)
-    elif not isinstance(prompt, str):
-        raise error("prompt", f"expected a string or a list of chat messages, got {type(prompt).__name__}")
+    prompt = require_turns(record, "prompt", error, allow_empty=True)
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise error("responses", f"expected a list of at least 2 responses, got {responses!r:.80}")
-    responses = list(responses)
-    for k, response in enumerate(responses):
-        if isinstance(response, list):
-            responses[k] = check_messages(response, f"responses[{k}]", error)
-        elif not isinstance(response, str):
-            raise error(f"responses[{k}]", f"expected a string or a list of chat messages, got {type(response).__name__}")
-        if not response:
-            raise error(f"responses[{k}]", "must not be empty")
+    responses = [check_turns(response, f"responses[{k}]", error) for k, response in enumerate(responses)]
     has_rank, has_scores = "ranking" in record, "scores" in record
     if has_rank == has_scores:
         raise error(None, "a 'responses' record needs exactly one of 'ranking' (smaller is better) or 'scores' (larger is better)")
@@ -290,15 +262,17 @@ def build_reward_dataset(
         FileNotFoundError: no such file. DataFormatError: a malformed line (no cache is left behind).
         ValueError: bad ``truncation``/``max_seq_length``, or no example survives.
     """
-    _check_truncation_args(max_seq_length, truncation)
+    check_truncation_args(max_seq_length, truncation)
     settings = {"max_seq_length": max_seq_length, "truncation": truncation}
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        REWARD_FORMAT_VERSION,
         kind="reward",
         dir_name="rm-{stem}-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": REWARD_FORMAT_VERSION, **settings},
         features=FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_COUNTERS,
         kept="num_examples",
         extra_counts=_count_comparisons,
@@ -334,150 +308,6 @@ def load_reward_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_reward_dataset` raises.
     """
-    if not paths:
-        raise ConfigValueError("no reward-model data files given")
-    built = [build_reward_dataset(p, tokenizer, max_seq_length, truncation, cache_dir) for p in paths]
-    return datasets.concatenate_datasets([d for d, _ in built]), [s for _, s in built]
-
-
-# --------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class RewardBatch:
-    """``G`` examples flattened into ``S`` sequences (prompt + one response each), group-major.
-
-    * ``sequences``: the :class:`~nemo_aligner.data.sequences.SequenceBatch` (padded or packed).
-    * ``group``: ``[S]`` int64, which example each sequence belongs to (``0..G-1``).
-    * ``preferences``: ``[S]`` float32, larger is better within a group.
-    * ``num_groups``: ``G``; ``num_tokens``: real tokens (throughput unit).
-    """
-
-    sequences: SequenceBatch
-    group: torch.Tensor
-    preferences: torch.Tensor
-    num_groups: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.sequences.num_tokens
-
-    def to(self, device) -> "RewardBatch":
-        return RewardBatch(self.sequences.to(device), self.group.to(device), self.preferences.to(device), self.num_groups)
-
-
-def collate_reward_examples(
-    examples: Sequence[dict],
-    pad_token_id: int,
-    pack: bool = False,
-    max_row_length: int | None = None,
-    shared_prefix: bool = False,
-) -> RewardBatch:
-    """Lay out dataset rows (``prompt_ids``, ``response_ids``, ``preferences``, optional ``index``) as a
-    :class:`RewardBatch`: sequence ``prompt_ids + response_ids[k]`` for each response, in row order.
-
-    Layouts of the ``S`` sequences (all give the same rewards):
-
-    * default: one sequence per row, right-padded (any attention kernel).
-    * ``pack=True``: sequences packed first-fit into rows of at most ``max_row_length`` tokens (block-diagonal mask).
-    * ``shared_prefix=True``: one block per example, ``[prompt | response 1 | ... | response K]``; each response
-      attends to the prompt and to itself only and its position ids continue from the end of the prompt, so its
-      last hidden state equals that of a separate ``[prompt | response k]`` forward while the prompt is computed
-      once instead of ``K`` times (the layout DPO uses for pairs, see :mod:`nemo_aligner.data.packing`). With
-      ``pack=True`` too, blocks are packed first-fit into rows of ``max_row_length``. Needs a 4-D mask (SDPA or eager
-      attention). ``num_tokens`` still counts ``sum(len(prompt) + len(response))``, the work of the other layouts.
-
-    Raises:
-        ValueError: no examples; an empty prompt with ``shared_prefix``; a block longer than ``max_row_length``;
-            as :func:`~nemo_aligner.data.sequences.collate_sequences`.
-    """
-    if not examples:
-        raise ValueError("collate_reward_examples needs at least one example")
-    group, prefs = [], []
-    for g, ex in enumerate(examples):
-        for pref in ex["preferences"]:
-            group.append(g)
-            prefs.append(float(pref))
-    if shared_prefix:
-        sequences = _collate_shared_prefix(examples, pad_token_id, pack, max_row_length)
-    else:
-        seqs = []
-        for ex in examples:
-            prompt = list(ex["prompt_ids"])
-            for response in ex["response_ids"]:
-                ids = prompt + list(response)
-                seqs.append({"input_ids": ids, "loss_mask": [0] * len(ids), "index": int(ex.get("index", -1))})
-        sequences = collate_sequences(seqs, pad_token_id, pack=pack, max_row_length=max_row_length)
-    return RewardBatch(
-        sequences=sequences,
-        group=torch.tensor(group, dtype=torch.long),
-        preferences=torch.tensor(prefs, dtype=torch.float32),
-        num_groups=len(examples),
-    )
-
-
-def _collate_shared_prefix(examples: Sequence[dict], pad_token_id: int, pack: bool, max_row_length: int | None):
-    """The ``shared_prefix`` layout of :func:`collate_reward_examples` as a packed
-    :class:`~nemo_aligner.data.sequences.SequenceBatch` (no targets; ``last_row``/``last_col`` at each response's
-    last token)."""
-    blocks = []  # per example: (token ids, segment codes 0 = prompt / k = response k, position ids, response ends)
-    for g, ex in enumerate(examples):
-        prompt = list(ex["prompt_ids"])
-        if not prompt:
-            raise ValueError(f"example {ex.get('index', g)} has an empty prompt; shared_prefix needs one")
-        ids, segs, pos, ends = list(prompt), [0] * len(prompt), list(range(len(prompt))), []
-        for k, response in enumerate(ex["response_ids"], start=1):
-            response = list(response)
-            if not response:
-                raise ValueError(f"example {ex.get('index', g)} has an empty response")
-            ids += response
-            segs += [k] * len(response)
-            pos += range(len(prompt), len(prompt) + len(response))
-            ends.append(len(ids) - 1)
-        blocks.append((ids, segs, pos, ends))
-    lengths = [len(b[0]) for b in blocks]
-    capacity = (max_row_length or max(lengths)) if pack else max(lengths)
-    if max(lengths) > capacity:
-        raise ValueError(f"an example of {max(lengths)} tokens (prompt + all responses) does not fit max_row_length={capacity}")
-    rows = first_fit_rows(lengths, capacity) if pack else [[g] for g in range(len(blocks))]
-    width = max(sum(lengths[g] for g in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    block = torch.full((len(rows), width), -1, dtype=torch.long)  # example of each slot, -1 = pad
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    last = {}  # example -> (row, columns of its response ends)
-    for r, row in enumerate(rows):
-        col = 0
-        for g in row:
-            ids, segs, pos, ends = blocks[g]
-            n = len(ids)
-            input_ids[r, col : col + n] = torch.tensor(ids)
-            position_ids[r, col : col + n] = torch.tensor(pos)
-            block[r, col : col + n] = g
-            segment[r, col : col + n] = torch.tensor(segs)
-            last[g] = (r, [col + e for e in ends])
-            col += n
-    attention_mask = shared_prefix_attention_mask(block, segment)
-    last_row = [last[g][0] for g in range(len(blocks)) for _ in last[g][1]]
-    last_col = [c for g in range(len(blocks)) for c in last[g][1]]
-    seq_lengths = [len(ex["prompt_ids"]) + len(r) for ex in examples for r in ex["response_ids"]]
-    empty = torch.zeros(0, dtype=torch.long)
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return SequenceBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        pred_row=empty,
-        pred_col=empty.clone(),
-        targets=empty.clone(),
-        seq_id=empty.clone(),
-        last_row=as_long(last_row),
-        last_col=as_long(last_col),
-        seq_lengths=as_long(seq_lengths),
-        target_lengths=torch.zeros(len(seq_lengths), dtype=torch.long),
-        sample_index=as_long([int(ex.get("index", -1)) for ex in examples for _ in ex["response_ids"]]),
-        num_tokens=sum(seq_lengths),
-        packed=True,
-    )
+    build = functools.partial(build_reward_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                              truncation=truncation, cache_dir=cache_dir)
+    return concatenate_files(paths, build, "reward-model")

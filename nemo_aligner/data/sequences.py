@@ -25,27 +25,24 @@ from typing import Any, Sequence
 
 import torch
 
-from nemo_aligner.data.preference import PreferenceExample, tokenize_example
 from nemo_aligner.utils.config import ConfigValueError
 
 
 @dataclass
-class SequenceBatch:
-    """``S`` sequences in ``R`` rows of length ``T``; ``N`` target tokens over all sequences.
+class TokenLayout:
+    """The tensors a causal LM's forward and its LM head read, shared by every batch layout: ``R`` rows of length
+    ``T``, ``N`` target (response) tokens.
 
     * ``input_ids``, ``position_ids``: ``[R, T]`` int64.
     * ``attention_mask``: ``[R, T]`` int64 padding mask (1 = real token), or ``[R, 1, T, T]`` bool (True = may
-      attend) when packed.
+      attend) for the packed and shared-prefix layouts.
     * ``pred_row``, ``pred_col``: ``[N]`` int64, the position whose hidden state predicts each target token
-      (the token just before it).
-    * ``targets``: ``[N]`` int64 target token ids; ``seq_id``: ``[N]`` int64 in ``[0, S)``, sequences in input
-      order; within a sequence the targets are in token order.
-    * ``last_row``, ``last_col``: ``[S]`` int64, where each sequence's last token sits (a reward model reads its
-      scalar there).
-    * ``seq_lengths``: ``[S]`` int64 tokens per sequence; ``target_lengths``: ``[S]`` int64 target tokens per
-      sequence (may be 0 for a reward-model input).
-    * ``sample_index``: ``[S]`` int64 dataset index of each sequence (``-1`` if unknown).
-    * ``num_tokens``: ``int``, real (non-pad) tokens in the batch, the throughput unit.
+      (the token just before it in its sequence).
+    * ``targets``: ``[N]`` int64 target token ids; ``seq_id``: ``[N]`` int64, the sequence (or response) each
+      target belongs to; within a sequence the targets are in token order.
+
+    Subclasses (:class:`SequenceBatch`, :class:`~nemo_aligner.data.preference_batch.PreferenceBatch`) add what their
+    losses read; their fields follow these, in this order.
     """
 
     input_ids: torch.Tensor
@@ -55,6 +52,27 @@ class SequenceBatch:
     pred_col: torch.Tensor
     targets: torch.Tensor
     seq_id: torch.Tensor
+
+    def to(self, device: torch.device | str):
+        """A copy (of the same class) with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
+
+
+@dataclass
+class SequenceBatch(TokenLayout):
+    """``S`` sequences in ``R`` rows of length ``T``; ``N`` target tokens over all sequences.
+
+    * the :class:`TokenLayout` tensors (``input_ids``, ``position_ids``, ``attention_mask`` (4-D when packed),
+      ``pred_row``, ``pred_col``, ``targets``); ``seq_id`` is in ``[0, S)``, sequences in input order.
+    * ``last_row``, ``last_col``: ``[S]`` int64, where each sequence's last token sits (a reward model reads its
+      scalar there).
+    * ``seq_lengths``: ``[S]`` int64 tokens per sequence; ``target_lengths``: ``[S]`` int64 target tokens per
+      sequence (may be 0 for a reward-model input).
+    * ``sample_index``: ``[S]`` int64 dataset index of each sequence (``-1`` if unknown).
+    * ``num_tokens``: ``int``, real (non-pad) tokens in the batch, the throughput unit.
+    """
+
     last_row: torch.Tensor
     last_col: torch.Tensor
     seq_lengths: torch.Tensor
@@ -66,11 +84,6 @@ class SequenceBatch:
     @property
     def num_sequences(self) -> int:
         return int(self.seq_lengths.numel())
-
-    def to(self, device: torch.device | str) -> "SequenceBatch":
-        """A copy with every tensor on ``device``."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return SequenceBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
 
 
 def loss_mask_from_prompt_length(num_tokens: int, prompt_length: int) -> list[int]:
@@ -295,16 +308,3 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, num_sequences: 
     out = torch.zeros(num_sequences, dtype=torch.float32, device=values.device)
     return out.index_add_(0, seq_id.to(values.device), values.float())
 
-
-def tokenize_prompt_response(prompt, response, tokenizer) -> tuple[list[int], list[int]]:
-    """Tokenise one (prompt, response) as the preference data does: ``(prompt_ids, response_ids)``.
-
-    ``prompt`` and ``response`` are plain strings or lists of chat messages; the rules (chat template, BOS, EOS)
-    are those of :func:`nemo_aligner.data.preference.tokenize_example`, so a reward model, a PPO actor and DPO see
-    the same tokens for the same text.
-
-    Raises:
-        ValueError: as :func:`~nemo_aligner.data.preference.tokenize_example`.
-    """
-    prompt_ids, response_ids, _ = tokenize_example(PreferenceExample(prompt, response, response), tokenizer)
-    return prompt_ids, response_ids

@@ -24,10 +24,20 @@ from typing import Any
 
 import datasets
 
-from nemo_aligner.data.cache import build_cached_dataset, iter_jsonl_shard, tokenizer_fingerprint
+from nemo_aligner.data.cache import build_tokenized_dataset, concatenate_files, iter_jsonl_shard
+from nemo_aligner.data.chat import (
+    Message,
+    Turns,
+    as_messages,
+    check_messages,
+    encode,
+    render_chat,
+    require_chat_template,
+    require_turns,
+    split_hh_transcript,
+    tokenize_prompt_response,
+)
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.data.preference import Message, Turns, _require_turns, _split_hh_transcript, check_messages
-from nemo_aligner.data.sequences import tokenize_prompt_response
 from nemo_aligner.utils.config import ConfigValueError
 
 SFT_FORMAT_VERSION = 2
@@ -97,7 +107,7 @@ def parse_sft_record(record: dict, path: str | os.PathLike, line_no: int) -> SFT
     Raises:
         DataFormatError: naming ``path``, ``line_no`` and the offending field: a missing field, a wrong type, an
             empty response, a message without string role/content or with a role other than system, user or
-            assistant (any capitalisation; see :func:`~nemo_aligner.data.preference.check_messages`), an unknown
+            assistant (any capitalisation; see :func:`~nemo_aligner.data.chat.check_messages`), an unknown
             speaker, a ``mask`` other than the
             user speaker, a conversation without an assistant turn, an HH transcript without an assistant turn, or
             an unknown format (the message lists the accepted ones).
@@ -113,20 +123,20 @@ def parse_sft_record(record: dict, path: str | os.PathLike, line_no: int) -> SFT
     if "conversations" in record:
         return SFTExample(messages=_nemo_conversation(record, error))
     if "input" in record or "output" in record:
-        prompt = _require_turns(record, "input", error, allow_empty=True)
-        return SFTExample(prompt=prompt, response=_require_turns(record, "output", error))
+        prompt = require_turns(record, "input", error, allow_empty=True)
+        return SFTExample(prompt=prompt, response=require_turns(record, "output", error))
     if "prompt" in record:
         for key in ("response", "completion", "chosen"):
             if key in record:
-                prompt = _require_turns(record, "prompt", error, allow_empty=True)
-                return SFTExample(prompt=prompt, response=_require_turns(record, key, error))
+                prompt = require_turns(record, "prompt", error, allow_empty=True)
+                return SFTExample(prompt=prompt, response=require_turns(record, key, error))
         raise error("response", "missing required field (a 'prompt' needs a 'response', 'completion' or 'chosen')")
     if "chosen" in record:
-        chosen = _require_turns(record, "chosen", error)
+        chosen = require_turns(record, "chosen", error)
         if isinstance(chosen, list):
             _require_assistant(chosen, "chosen", error)
             return SFTExample(messages=chosen)
-        prompt, response = _split_hh_transcript(chosen, "chosen", error)
+        prompt, response = split_hh_transcript(chosen, "chosen", error)
         return SFTExample(prompt=prompt, response=response)
     accepted = "".join(f"\n  - {fmt}" for fmt in ACCEPTED_FORMATS)
     raise error(None, f"unrecognised SFT record with keys {sorted(record)}; accepted formats:{accepted}")
@@ -174,7 +184,7 @@ def tokenize_sft_example(example: SFTExample, tokenizer, chat: bool = False) -> 
       text) of ``render(m, False)``. The mask comes from rendering these prefixes, never from searching role
       names in the text. The text is cut at these boundaries and each piece is tokenised on its own with
       ``add_special_tokens=False``, so a token never straddles a boundary (the same rule as the preference data).
-    * Pair: exactly :func:`nemo_aligner.data.sequences.tokenize_prompt_response` (same tokens as DPO, reward
+    * Pair: exactly :func:`nemo_aligner.data.chat.tokenize_prompt_response` (same tokens as DPO, reward
       models and PPO): plain text = prompt with special tokens (BOS) + response + EOS; with ``chat=True`` or
       message lists, rendered with the chat template as a user turn and an assistant turn. Mask = response tokens.
 
@@ -192,7 +202,7 @@ def tokenize_sft_example(example: SFTExample, tokenizer, chat: bool = False) -> 
     if example.messages is None:
         prompt, response = example.prompt, example.response
         if chat or isinstance(prompt, list) or isinstance(response, list):
-            prompt = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+            prompt = as_messages(prompt, "user")
             if isinstance(response, str):
                 response = [{"role": "assistant", "content": response}]
             if not prompt:
@@ -203,12 +213,9 @@ def tokenize_sft_example(example: SFTExample, tokenizer, chat: bool = False) -> 
 
 
 def _tokenize_chat(messages: list[Message], tokenizer) -> tuple[list[int], list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template, but the example is a chat (a list of messages); use a tokenizer "
-            "with a chat_template or a plain-text format such as {'input': str, 'output': str}"
-        )
-    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    require_chat_template(tokenizer, "the example is a chat (a list of messages)",
+                          "a plain-text format such as {'input': str, 'output': str}")
+    render = functools.partial(render_chat, tokenizer)
     full = render(messages, add_generation_prompt=False)
     pieces: list[tuple[str, int]] = []  # (text, is_target)
     cursor = 0
@@ -233,7 +240,7 @@ def _tokenize_chat(messages: list[Message], tokenizer) -> tuple[list[int], list[
     for text, is_target in pieces:
         if not text:
             continue
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = encode(tokenizer, text, add_special_tokens=False)
         input_ids += ids
         loss_mask += [is_target] * len(ids)
     if sum(loss_mask) == 0:
@@ -336,13 +343,15 @@ def build_sft_dataset(
         "truncation_method": truncation_method,
         "chat": bool(chat),
     }
-    return build_cached_dataset(
+    return build_tokenized_dataset(
         path,
+        tokenizer,
+        _generate_rows,
+        settings,
+        SFT_FORMAT_VERSION,
         kind="sft",
         dir_name="{stem}-sft-{key}",
-        key_parts={"tokenizer": tokenizer_fingerprint(tokenizer), "format_version": SFT_FORMAT_VERSION, **settings},
         features=_FEATURES,
-        rows=functools.partial(_generate_rows, path=Path(path).absolute(), tokenizer=tokenizer, **settings),
         counters=_STAT_COUNTERS,
         kept="num_examples",
         missing_message="SFT data file not found: {path}",
@@ -380,7 +389,5 @@ def load_sft_datasets(
     Raises:
         ValueError: ``paths`` is empty; plus everything :func:`build_sft_dataset` raises.
     """
-    if not paths:
-        raise ConfigValueError("no SFT data files given")
-    built = [build_sft_dataset(p, tokenizer, max_seq_length, **kwargs) for p in paths]
-    return datasets.concatenate_datasets([dataset for dataset, _ in built]), [stats for _, stats in built]
+    build = functools.partial(build_sft_dataset, tokenizer=tokenizer, max_seq_length=max_seq_length, **kwargs)
+    return concatenate_files(paths, build, "SFT")

@@ -50,7 +50,7 @@ class AlignableModel(ABC):
 
         Args:
             batch: a packed batch with ``pred_row``, ``pred_col``, ``targets`` (e.g.
-                :class:`nemo_aligner.data.packing.PreferenceBatch`).
+                :class:`nemo_aligner.data.preference_batch.PreferenceBatch`).
             reference: use the frozen reference policy (no gradient) instead of the trained policy.
             return_entropy: also return the entropy ``-sum_v p_v log p_v`` (nats) of the policy's next-token
                 distribution at each target position (PPO's entropy bonus, Schulman et al. 2017 eq. 9), computed

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
-from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences, tokenize_prompt_response
+from nemo_aligner.data.chat import tokenize_prompt_response
+from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
@@ -287,7 +288,7 @@ class RewardScorer:
 
     def encode(self, prompt, response) -> list[int]:
         """Token ids scored for ``(prompt, response)``: ``prompt_ids + response_ids`` of
-        :func:`~nemo_aligner.data.sequences.tokenize_prompt_response` (strings or lists of chat messages), the
+        :func:`~nemo_aligner.data.chat.tokenize_prompt_response` (strings or lists of chat messages), the
         same tokens the reward model was trained on.
 
         Raises:

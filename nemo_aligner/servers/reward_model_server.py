@@ -36,6 +36,7 @@ from typing import Any, Protocol, Sequence
 
 from fastapi import Request
 
+from nemo_aligner.data.chat import CHAT_ROLES, canonical_role
 from nemo_aligner.servers.app import (
     DEFAULT_MAX_REQUEST_BYTES,
     APIError,
@@ -47,7 +48,6 @@ from nemo_aligner.servers.app import (
 from nemo_aligner.servers.batching import DynamicBatcher
 
 __all__ = [
-    "CHAT_ROLES",
     "DEFAULT_MAX_ITEMS_PER_REQUEST",
     "RewardScorerLike",
     "build_reward_model_app",
@@ -56,8 +56,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
-#: The chat roles a message may have (those of the SFT/DPO chat formats); anything else is answered 422.
-CHAT_ROLES = ("system", "user", "assistant")
 #: Body bytes budgeted per token by :func:`default_max_request_bytes`.
 BYTES_PER_TOKEN = 16
 _MIN_DEFAULT_REQUEST_BYTES = 1024 * 1024
@@ -208,7 +206,9 @@ def _vocab_size(scorer) -> int | None:
 
 
 def _check_messages(messages: list, where: str) -> None:
-    """Raise 422 unless ``messages`` is a non-empty list of ``{"role": one of CHAT_ROLES, "content": str}``."""
+    """Raise 422 unless ``messages`` is a non-empty list of ``{"role": str, "content": str}`` messages whose role is
+    one of the data layer's :data:`~nemo_aligner.data.chat.CHAT_ROLES`, written exactly so (the messages reach the
+    chat template unchanged, so ``"Assistant"``, which data files may use, is refused here)."""
     if not messages:
         raise APIError(422, f"{where} must be a string or a non-empty list of {{'role': str, 'content': str}} "
                             "messages, got an empty list")
@@ -219,7 +219,7 @@ def _check_messages(messages: list, where: str) -> None:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str):
             raise APIError(422, f"{where}[{j}].role must be a string, got {type(role).__name__}")
-        if role not in CHAT_ROLES:
+        if canonical_role(role) != role:
             raise APIError(422, f"{where}[{j}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise APIError(422, f"{where}[{j}].content must be a string, got {type(content).__name__}")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from nemo_aligner.algorithms.reward_model import reward_loss_and_metrics
-from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
+from nemo_aligner.data.reward import load_reward_datasets
+from nemo_aligner.data.reward_batch import collate_reward_examples
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.reward_model import RewardScorer
 from nemo_aligner.recipes.common import run_or_exit

@@ -24,7 +24,7 @@ from nemo_aligner.algorithms.dpo import (
     precompute_reference_logprobs,
     save_reference_logprobs,
 )
-from nemo_aligner.data.packing import collate_preference_pairs
+from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.data.preference import load_preference_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.recipes.common import (

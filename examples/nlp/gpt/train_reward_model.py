@@ -19,7 +19,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.reward_model import RewardModelTrainer, compute_reward_statistics
-from nemo_aligner.data.reward import collate_reward_examples, load_reward_datasets
+from nemo_aligner.data.reward import load_reward_datasets
+from nemo_aligner.data.reward_batch import collate_reward_examples
 from nemo_aligner.models.reward_model import HFRewardModel
 from nemo_aligner.recipes.common import (
     check_config,

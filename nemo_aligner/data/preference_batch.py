@@ -1,4 +1,5 @@
-"""Collation of preference pairs into model-ready tensors.
+"""Preference-pair batches: tokenised pairs (rows of :mod:`nemo_aligner.data.preference`) laid out for one forward
+pass (:class:`PreferenceBatch`, :func:`collate_preference_pairs`).
 
 Two layouts are supported:
 
@@ -16,41 +17,32 @@ In both layouts only the positions that predict a response token are sent throug
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from nemo_aligner.data.sequences import shared_prefix_attention_mask
+from nemo_aligner.data.sequences import TokenLayout, shared_prefix_attention_mask
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
 
 @dataclass
-class PreferenceBatch:
+class PreferenceBatch(TokenLayout):
     """A micro-batch of ``B`` preference pairs laid out for one forward pass.
 
     Shapes (``R`` rows, ``T`` padded row length, ``N`` response tokens over all ``2B`` responses):
 
-    * ``input_ids``, ``position_ids``: ``[R, T]`` int64.
-    * ``attention_mask``: ``[R, 1, T, T]`` bool (True = may attend) for the shared-prefix layout, else ``[R, T]``
-      int64 padding mask.
-    * ``pred_row``, ``pred_col``: ``[N]`` int64, where the hidden state predicting each response token sits.
-    * ``targets``: ``[N]`` int64 token ids of the response tokens.
-    * ``seq_id``: ``[N]`` int64 in ``[0, 2B)``: chosen response of pair ``k`` is ``k``, rejected is ``B + k``.
+    * the :class:`~nemo_aligner.data.sequences.TokenLayout` tensors: ``input_ids``, ``position_ids`` ``[R, T]``;
+      ``attention_mask`` ``[R, 1, T, T]`` bool (True = may attend) for the shared-prefix layout, else ``[R, T]``
+      int64 padding mask; ``pred_row``, ``pred_col``, ``targets`` ``[N]``; ``seq_id`` ``[N]`` int64 in ``[0, 2B)``:
+      chosen response of pair ``k`` is ``k``, rejected is ``B + k``.
     * ``chosen_lengths``, ``rejected_lengths``: ``[B]`` int64 response lengths in tokens.
     * ``chosen_rewards``, ``rejected_rewards``: ``[B]`` float32 ground-truth rewards, NaN where absent.
     * ``sample_index``: ``[B]`` int64 index of each pair in its dataset (for cached reference logprobs).
     * ``num_tokens``: ``int``, tokens of the pairs as two separate sequences ``sum(2P + C + R)`` (throughput unit).
     """
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pred_row: torch.Tensor
-    pred_col: torch.Tensor
-    targets: torch.Tensor
-    seq_id: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     chosen_rewards: torch.Tensor
@@ -62,14 +54,6 @@ class PreferenceBatch:
     @property
     def num_pairs(self) -> int:
         return int(self.chosen_lengths.numel())
-
-    def to(self, device: torch.device | str) -> "PreferenceBatch":
-        """Return a copy with every tensor moved to ``device``."""
-        moved = {
-            f.name: (getattr(self, f.name).to(device) if torch.is_tensor(getattr(self, f.name)) else getattr(self, f.name))
-            for f in fields(self)
-        }
-        return PreferenceBatch(**moved)
 
 
 def collate_preference_pairs(

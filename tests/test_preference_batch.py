@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nemo_aligner.data.packing import collate_preference_pairs
+from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 
 from conftest import build_tiny_model
