@@ -135,8 +135,7 @@ def test_sliding_window_model_within_its_window_packs_exactly(model_type, attn):
 
 @pytest.mark.parametrize("model_type,attn", [("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager")])
 def test_sliding_window_model_refuses_a_packed_sequence_longer_than_its_window(model_type, attn):
-    from nemo_aligner.models.critic import _attention_mask_for
-    from nemo_aligner.models.reward_model import _prepare_attention_mask
+    from nemo_aligner.models.hf_causal_lm import prepare_attention_mask
 
     lm = _windowed_lm(model_type, attn)
     module = ResponseLogprobs(lm)
@@ -157,7 +156,7 @@ def test_sliding_window_model_refuses_a_packed_sequence_longer_than_its_window(m
     message = r"attends only the last 8 tokens.*sequence of 12 tokens.*model\.dpo\.shared_prefix=false"
     with pytest.raises(ValueError, match=message):
         _logprobs(module, packed)
-    for prepare in (lambda m: _attention_mask_for(lm.config, m), lambda m: _prepare_attention_mask(m, lm.config)):
+    for prepare in (lambda m: prepare_attention_mask(m, lm.config),):  # the critic and RM call this one function
         with pytest.raises(ValueError, match=message):
             prepare(packed.attention_mask)
         assert torch.equal(prepare(plain.attention_mask), plain.attention_mask)  # 2-D masks pass

@@ -24,29 +24,11 @@ import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
-from nemo_aligner.data.sequences import SequenceBatch, check_attention_window
-from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer
+from nemo_aligner.data.sequences import SequenceBatch
+from nemo_aligner.models.hf_causal_lm import HFModel, load_tokenizer, prepare_attention_mask
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import STANDARDIZATION_KEY, standardization_from_config
 from nemo_aligner.utils.config import ConfigValueError
-
-
-def _attention_mask_for(config, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Convert a packed 4-D bool mask for eager attention (additive float mask); other masks pass through.
-
-    Raises:
-        ValueError: a packed mask longer than the model's sliding window
-            (:func:`~nemo_aligner.data.sequences.check_attention_window`), or an implementation other than sdpa/eager.
-    """
-    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-        check_attention_window(config, attention_mask)
-        impl = getattr(config, "_attn_implementation", "sdpa")
-        if impl == "eager":
-            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
-            return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
-        if impl != "sdpa":
-            raise ConfigValueError(f"attention implementation {impl!r} cannot take a packed 4-D mask; use sdpa")
-    return attention_mask
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -108,7 +90,7 @@ class TokenValues(nn.Module):
         hidden = backbone(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=_attention_mask_for(self.model.config, attention_mask),
+            attention_mask=prepare_attention_mask(attention_mask, self.model.config, "model.data.pack_sequences=false and model.data.shared_prefix=false"),
             use_cache=False,
         ).last_hidden_state
         head = score_head(self.model)

@@ -34,9 +34,9 @@ import torch.nn as nn
 from lightning.fabric import Fabric
 
 from nemo_aligner.data.chat import tokenize_prompt_response
-from nemo_aligner.data.sequences import SequenceBatch, check_attention_window, collate_sequences
+from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.errors import MissingFileError
-from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer
+from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer, prepare_attention_mask
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.config import ConfigValueError
 
@@ -44,28 +44,6 @@ from nemo_aligner.utils.config import ConfigValueError
 STANDARDIZATION_KEY = "reward_standardization"
 #: Key of the ``config.json`` entry holding the training ``encoder_seq_length`` (the longest input scored).
 MAX_SEQ_LENGTH_KEY = "reward_max_seq_length"
-
-
-def _prepare_attention_mask(attention_mask: torch.Tensor, config: Any) -> torch.Tensor:
-    """Turn a packed ``[R, 1, T, T]`` bool mask into what the attention implementation takes (same rule as
-    :class:`~nemo_aligner.models.hf_causal_lm.ResponseLogprobs`).
-
-    Raises:
-        ValueError: a packed mask with an attention implementation other than ``sdpa``/``eager``, or one longer
-            than the model's sliding window (:func:`~nemo_aligner.data.sequences.check_attention_window`).
-    """
-    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-        check_attention_window(config, attention_mask)
-        impl = getattr(config, "_attn_implementation", "sdpa")
-        if impl == "eager":
-            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
-            return mask.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
-        if impl != "sdpa":
-            raise ConfigValueError(
-                f"attention implementation {impl!r} cannot take the packed 4-D mask; "
-                "set model.data.pack_sequences=false and model.data.shared_prefix=false, or model.attn_implementation=sdpa"
-            )
-    return attention_mask
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -100,7 +78,7 @@ class ScalarHead(nn.Module):
         """
         base = _unwrap(self.model)
         decoder = getattr(base, base.base_model_prefix)
-        mask = _prepare_attention_mask(attention_mask, base.config)
+        mask = prepare_attention_mask(attention_mask, base.config, "model.data.pack_sequences=false and model.data.shared_prefix=false")
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False).last_hidden_state
         return base.score(hidden[last_row, last_col]).squeeze(-1).float()
 
