@@ -2,6 +2,7 @@
 
 import ast
 import contextlib
+import re
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,27 @@ from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.models.hf_causal_lm import entropy_from_logits
 
-ALGORITHMS = Path(__file__).resolve().parents[1] / "nemo_aligner" / "algorithms"
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = REPO / "nemo_aligner" / "algorithms"
+#: The other code that holds models: the servers, the recipes (wiring) and the entry scripts.
+MODEL_USERS = sorted([*(REPO / "nemo_aligner" / "servers").glob("*.py"),
+                      *(REPO / "nemo_aligner" / "recipes").glob("*.py"),
+                      *(REPO / "examples" / "nlp" / "gpt").glob("*.py")])
+#: Names of the objects that are (or hold) a model, for the servers' check: a ``getattr`` with a default on them, or
+#: on their config, is a reach into a model; on anything else (a request, an exception, the app's state, a
+#: duck-typed scorer's optional members) it is ordinary duck typing.
+MODEL_NAMES = re.compile(r"\b(model|lm|policy|actor|critic|reference|module|config)\b")
 
 
-def _private_reaches(source: str) -> list[str]:
-    """``getattr(x, name, default)`` calls, and ``x._name`` / ``self.x._name`` accesses (``self._name`` and
-    ``cls._name``, an object's own members, are allowed), in ``source``."""
+def _private_reaches(source: str, getattr_objects: re.Pattern | None = None) -> list[str]:
+    """``getattr(x, name, default)`` calls (only those whose ``x`` matches ``getattr_objects`` when it is given),
+    and ``x._name`` / ``self.x._name`` accesses (``self._name`` and ``cls._name``, an object's own members, are
+    allowed), in ``source``."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
-            if len(node.args) + len(node.keywords) > 2:
+            if len(node.args) + len(node.keywords) > 2 and (
+                    getattr_objects is None or getattr_objects.search(ast.unparse(node.args[0]))):
                 found.append(f"line {node.lineno}: getattr with a default")
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             own = (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) or (
@@ -40,9 +52,25 @@ def test_the_checker_finds_the_reaches_it_is_for():
                                      "line 3: ._lm of critic", "line 4: ._eos_token_ids of self.actor"]
 
 
+def test_the_servers_check_tells_model_reaches_from_duck_typing():
+    old = ('name = getattr(critic, "source", "")\nsrc = getattr(lm.config, "name_or_path", "")\n'
+           'headers = getattr(exc, "headers", None)\ntok = getattr(scorer, "tokenizer", None)\n'
+           'inner = getattr(getattr(scorer, "model", None), "model", None)\n')
+    assert _private_reaches(old, MODEL_NAMES) == ["line 1: getattr with a default", "line 2: getattr with a default",
+                                                  "line 5: getattr with a default"]
+
+
 @pytest.mark.parametrize("path", sorted(ALGORITHMS.glob("*.py")), ids=lambda p: p.name)
 def test_no_algorithm_reaches_past_the_alignable_interface(path):
     assert _private_reaches(path.read_text()) == [], path
+
+
+@pytest.mark.parametrize("path", MODEL_USERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_servers_recipes_and_entry_scripts_use_only_public_model_members(path):
+    """No private member of another object anywhere; no ``getattr`` with a default reaching into a model (any
+    ``getattr`` with a default in recipes and entry scripts; in servers, one on a model or its config)."""
+    servers = path.parent.name == "servers"
+    assert _private_reaches(path.read_text(), MODEL_NAMES if servers else None) == [], path
 
 
 # ---- the interface's defaults ---------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ Llama/SmolLM2/GPT-2); the LM head is dropped. The export therefore loads in plai
 
 The reward of a sequence is the head applied to the final hidden state of its **last token** (the EOS or
 end-of-turn token closing the response), as in Ouyang et al. 2022 (InstructGPT, sec. 3.5) and Stiennon et al. 2020.
-:class:`ScalarHead` runs the decoder once and applies ``score`` only at those ``S`` positions, so it works on
-padded and packed :class:`~nemo_aligner.data.sequences.SequenceBatch` alike.
+:class:`ScalarHead` runs the decoder once (:func:`~nemo_aligner.models.hf_backend.run_backbone`) and applies
+``score`` only at the positions asked for, so it works on padded and packed
+:class:`~nemo_aligner.data.sequences.SequenceBatch` alike. The PPO critic (:mod:`nemo_aligner.models.critic`) is
+this model read at every response token instead of the last one.
 
 Reward standardisation: an export may store ``reward_standardization = {"mean": m, "std": s}`` in its
 ``config.json``; :class:`RewardScorer` returns ``(raw - m) / s`` so every consumer (server, PPO, rejection sampling)
@@ -36,7 +38,7 @@ from lightning.fabric import Fabric
 from nemo_aligner.data.chat import tokenize_prompt_response
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.errors import MissingFileError
-from nemo_aligner.models.hf_causal_lm import HFModel, apply_peft, load_tokenizer, prepare_attention_mask
+from nemo_aligner.models.hf_backend import HFModel, apply_peft, load_pretrained_model, load_tokenizer, run_backbone
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.config import ConfigValueError
 
@@ -44,6 +46,9 @@ from nemo_aligner.utils.config import ConfigValueError
 STANDARDIZATION_KEY = "reward_standardization"
 #: Key of the ``config.json`` entry holding the training ``encoder_seq_length`` (the longest input scored).
 MAX_SEQ_LENGTH_KEY = "reward_max_seq_length"
+#: The config keys that switch the 4-D (packed / shared-prefix) layout of reward-model data off, named in the error
+#: of an attention implementation that cannot take it.
+LAYOUT_KEYS = "model.data.pack_sequences=false and model.data.shared_prefix=false"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -51,9 +56,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a transformers sequence-classification model (``score``; ``classifier`` as fallback).
+
+    Raises:
+        ValueError: no such head.
+    """
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ConfigValueError(
+        f"{type(model).__name__} has no 'score' head; a reward model or critic needs a sequence-classification model"
+    )
+
+
 class ScalarHead(nn.Module):
-    """Wraps a ``*ForSequenceClassification`` model (possibly peft) so one ``forward`` returns one reward per
-    sequence: the decoder runs once over ``[R, T]`` and ``score`` only on the ``S`` last-token hidden states.
+    """Wraps a ``*ForSequenceClassification`` model (possibly peft) so one ``forward`` returns its head's scalar at
+    chosen positions: the decoder runs once over ``[R, T]`` and the head (:func:`score_head`) only on the ``K``
+    hidden states asked for -- each sequence's last token for a reward, each response token's predicting position
+    for a critic value.
 
     Being a single module's ``forward`` keeps DDP/FSDP gradient hooks intact.
     """
@@ -62,25 +84,23 @@ class ScalarHead(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        last_row: torch.Tensor,
-        last_col: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Shapes: ids/positions ``[R, T]`` int64; mask ``[R, T]`` padding mask or ``[R, 1, T, T]`` bool (packed);
-        ``last_row``/``last_col`` ``[S]`` int64.
+        ``rows``/``cols`` ``[K]`` int64 (a batch's ``last_row``/``last_col`` or ``pred_row``/``pred_col``).
 
         Returns:
-            ``[S]`` float32 raw rewards ``w^T h_last`` (no standardisation).
+            ``[K]`` float32 raw head outputs ``w^T h`` (no standardisation).
+
+        Raises:
+            ValueError: as :func:`~nemo_aligner.models.hf_backend.prepare_attention_mask`; the model has no head.
         """
         base = _unwrap(self.model)
         decoder = getattr(base, base.base_model_prefix)
-        mask = prepare_attention_mask(attention_mask, base.config, "model.data.pack_sequences=false and model.data.shared_prefix=false")
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return base.score(hidden[last_row, last_col]).squeeze(-1).float()
+        hidden = run_backbone(decoder, input_ids, position_ids, attention_mask, LAYOUT_KEYS).last_hidden_state
+        head = score_head(base)
+        picked = hidden[rows, cols]
+        return head(picked.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
 
 def load_reward_backbone(source: str, model_cfg: Any, precision: str = "32-true", pad_token_id: int | None = None) -> nn.Module:
@@ -96,20 +116,14 @@ def load_reward_backbone(source: str, model_cfg: Any, precision: str = "32-true"
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected, not a warning
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=dtype, attn_implementation=model_cfg.get("attn_implementation", "sdpa")
-        )
+        model = load_pretrained_model(AutoModelForSequenceClassification, source, model_cfg, precision, num_labels=1)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    model.config.use_cache = False
     if pad_token_id is not None:
         model.config.pad_token_id = int(pad_token_id)
-    if model_cfg.get("gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -127,7 +141,8 @@ def standardization_from_config(config: Any) -> tuple[float, float]:
 
 
 class HFRewardModel(HFModel):
-    """A trainable reward model (or critic backbone) as an :class:`~nemo_aligner.models.alignable.AlignableModel`.
+    """A trainable reward model as an :class:`~nemo_aligner.models.alignable.AlignableModel`; the base of the PPO
+    critic (:class:`~nemo_aligner.models.critic.HFCritic`), which reads the same head at every response token.
 
     Args:
         fabric: a launched ``lightning.fabric.Fabric``.
@@ -142,6 +157,10 @@ class HFRewardModel(HFModel):
 
     LoRA (``model.peft.peft_scheme=lora``) trains adapters plus a full copy of ``score``
     (``task_type="SEQ_CLS"``, ``modules_to_save=["score"]``).
+
+    Attributes:
+        source (the resolved checkpoint), cfg, max_seq_length, reward_mean, reward_std, module (the
+        :class:`ScalarHead` Fabric set up), tokenizer.
 
     Raises:
         ValueError: unknown ``peft_scheme`` or LoRA target, unsupported optimizer.
@@ -160,13 +179,22 @@ class HFRewardModel(HFModel):
         self.cfg = model_cfg
         self.source = resolve_pretrained(str(restore_from_path))
         tokenizer = load_tokenizer(self.source)
-        model = load_reward_backbone(self.source, model_cfg, precision, pad_token_id=tokenizer.pad_token_id)
-        model, use_lora = apply_peft(model, model_cfg.get("peft"), task_type="SEQ_CLS", modules_to_save=["score"])
+        model, use_lora = self._load_backbone(tokenizer, precision)
         self.max_seq_length = max_seq_length
-        self.reward_mean, self.reward_std = standardization_from_config(_unwrap(model).config)
+        self.reward_mean, self.reward_std = self._standardization(_unwrap(model).config)
         super().__init__(
             fabric, ScalarHead(model), model, tokenizer, model_cfg.optim, max_steps, gradient_clip_val, use_lora
         )
+
+    def _load_backbone(self, tokenizer: Any, precision: str) -> tuple[nn.Module, bool]:
+        """``(model, use_lora)``: :func:`load_reward_backbone` of ``self.source`` (pad id: the tokenizer's), with
+        LoRA per ``model.peft``."""
+        model = load_reward_backbone(self.source, self.cfg, precision, pad_token_id=tokenizer.pad_token_id)
+        return apply_peft(model, self.cfg.get("peft"), task_type="SEQ_CLS", modules_to_save=["score"])
+
+    def _standardization(self, config: Any) -> tuple[float, float]:
+        """``(mean, std)`` the model starts with: the checkpoint's (:func:`standardization_from_config`)."""
+        return standardization_from_config(config)
 
     def get_rewards(self, batch: SequenceBatch) -> torch.Tensor:
         """Raw rewards (no standardisation) of the ``S`` sequences of ``batch`` (padded or packed).
@@ -193,14 +221,29 @@ class HFRewardModel(HFModel):
         ``config.json`` (see the module docstring). All ranks must call this."""
         config = _unwrap(self._lm).config
         saved = config.pad_token_id
-        setattr(config, STANDARDIZATION_KEY, {"mean": self.reward_mean, "std": self.reward_std})
-        setattr(config, MAX_SEQ_LENGTH_KEY, self.max_seq_length)
-        if self.tokenizer.pad_token_id is not None and self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
-            config.pad_token_id = None
+        self._write_export_entries(config)
         try:
             super().export_hf(path)
         finally:
             config.pad_token_id = saved
+
+    def _write_export_entries(self, config: Any) -> None:
+        """Set the ``config.json`` entries of the export on ``config`` (its ``pad_token_id`` is restored after)."""
+        setattr(config, STANDARDIZATION_KEY, {"mean": self.reward_mean, "std": self.reward_std})
+        setattr(config, MAX_SEQ_LENGTH_KEY, self.max_seq_length)
+        if self.tokenizer.pad_token_id is not None and self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+            config.pad_token_id = None
+
+    def as_scorer(self, device: str | torch.device | None = None, micro_batch_size: int = 8) -> "RewardScorer":
+        """A :class:`RewardScorer` over this model's current weights, with its ``max_seq_length`` and
+        standardisation: what :meth:`RewardScorer.from_pretrained` of its export would score (e.g. for evaluating a
+        training checkpoint after :meth:`load_checkpoint`).
+
+        The weights are shared, not copied: they are moved to ``device`` (default this model's) and left in eval
+        mode with gradients off, so train no further with this model afterwards.
+        """
+        return RewardScorer(self._lm, self.tokenizer, self.max_seq_length, self.reward_mean, self.reward_std,
+                            device=self.device if device is None else device, micro_batch_size=micro_batch_size)
 
 
 class RewardScorer:
@@ -215,7 +258,9 @@ class RewardScorer:
         micro_batch_size: default sequences per forward in :meth:`score`.
 
     Attributes:
-        tokenizer, max_seq_length, mean, std, model (the wrapped :class:`ScalarHead`), device.
+        tokenizer, max_seq_length, mean, std, model (the wrapped :class:`ScalarHead`), device, vocab_size (the rows
+        of the model's input embedding: token ids must lie in ``[0, vocab_size)``), name (the model config's
+        ``name_or_path``).
     """
 
     def __init__(
@@ -236,6 +281,9 @@ class RewardScorer:
         self.device = torch.device(device)
         self.micro_batch_size = int(micro_batch_size)
         self.model = ScalarHead(model).to(self.device).eval().requires_grad_(False)
+        base = _unwrap(model)
+        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self.name = base.config.name_or_path
 
     @classmethod
     def from_pretrained(

@@ -25,7 +25,7 @@ import httpx
 from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.app import API_TOKEN_ENV, resolve_api_token
 
-__all__ = ["HTTPClient", "RewardModelClient", "ServerRequestError"]
+__all__ = ["HTTPClient", "RewardModelClient", "ServerRequestError", "rollout_payload"]
 
 
 class ServerRequestError(RuntimeError):
@@ -40,6 +40,14 @@ class ServerRequestError(RuntimeError):
     def __init__(self, status_code: int, message: str, url: str):
         self.status_code, self.message, self.url = status_code, message, url
         super().__init__(f"{url} answered {status_code}: {message}")
+
+
+def rollout_payload(rollouts: Sequence[dict]) -> dict:
+    """The JSON body the PPO servers take for rollouts (the critic's ``/infer`` and ``/train``, the initial
+    policy's ``/logprobs``): ``{"token_ids": [[int]], "prompt_lengths": [int]}`` from each rollout's
+    ``input_ids`` (prompt + response token ids) and ``prompt_length``."""
+    return {"token_ids": [list(map(int, r["input_ids"])) for r in rollouts],
+            "prompt_lengths": [int(r["prompt_length"]) for r in rollouts]}
 
 
 def _message(response: httpx.Response) -> str:
@@ -129,6 +137,23 @@ class HTTPClient:
             f"cannot reach the server at {url} after {self.max_retries + 1} attempt(s): "
             f"{type(last).__name__}: {last}. Is the server running and the URL right?"
         ) from last
+
+    def wait_for_health(self, timeout: float, interval: float) -> dict:
+        """Poll ``GET /health`` (one attempt each, no retries) every ``interval`` seconds until it answers JSON; that
+        answer.
+
+        Raises:
+            ServerUnavailableError: no answer within ``timeout`` seconds (names the URL and the last error).
+        """
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return self._client.get(f"{self.base_url}/health").json()
+            except Exception as err:  # noqa: BLE001 - not up yet
+                last = err
+                time.sleep(interval)
+        raise ServerUnavailableError(f"server at {self.base_url} not ready after {timeout} s: {last}")
 
     def close(self) -> None:
         """Close the connection pool."""

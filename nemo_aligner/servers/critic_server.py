@@ -40,10 +40,9 @@ from typing import Any, Sequence
 from fastapi import Request
 
 from nemo_aligner.algorithms.ppo import critic_values, update_critic
-from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.app import APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
-from nemo_aligner.servers.client import HTTPClient
+from nemo_aligner.servers.client import HTTPClient, rollout_payload
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 __all__ = ["build_critic_app", "RemoteCritic", "parse_sequences"]
@@ -125,7 +124,7 @@ def build_critic_app(
         return value
 
     add_health_and_info(app, lambda: {
-        "model": str(getattr(critic, "source", "")),
+        "model": str(critic.source),
         "forward_micro_batch_size": forward_micro_batch_size,
         "global_batch_size": global_batch_size,
         "micro_batch_size": micro_batch_size,
@@ -212,11 +211,6 @@ def build_critic_app(
     return app
 
 
-def _payload(rollouts: Sequence[dict]) -> dict:
-    return {"token_ids": [list(map(int, r["input_ids"])) for r in rollouts],
-            "prompt_lengths": [int(r["prompt_length"]) for r in rollouts]}
-
-
 class RemoteCritic(HTTPClient):
     """Actor-side client of the critic server; a :class:`~nemo_aligner.algorithms.ppo.CriticHandle`.
 
@@ -243,14 +237,14 @@ class RemoteCritic(HTTPClient):
     def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
         out: list[list[float]] = []
         for start in range(0, len(rollouts), self.max_items_per_request):
-            out.extend(self.post("/infer", _payload(rollouts[start : start + self.max_items_per_request]))["values"])
+            out.extend(self.post("/infer", rollout_payload(rollouts[start : start + self.max_items_per_request]))["values"])
         return out
 
     def train(self, rollouts: Sequence[dict], seed: int, step: int | None = None) -> dict[str, float]:
         """Train on rollouts with ``values`` and ``returns``; ``step`` (default: a counter) makes retries safe."""
         step = self._step if step is None else step
         self._step = step + 1
-        payload = _payload(rollouts)
+        payload = rollout_payload(rollouts)
         payload.update(step=int(step), seed=int(seed), run_id=self.run_id,
                        values=[list(r["values"]) for r in rollouts], returns=[list(r["returns"]) for r in rollouts])
         return {k: float(v) for k, v in self.post("/train", payload)["metrics"].items()}
@@ -282,18 +276,4 @@ class RemoteCritic(HTTPClient):
         Raises:
             ConnectionError: not ready in time.
         """
-        return _wait(self, timeout, interval)
-
-
-def _wait(client: HTTPClient, timeout: float, interval: float) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return client._client.get(f"{client.base_url}/health").json()
-        except Exception as err:  # noqa: BLE001 - not up yet
-            last = err
-            time.sleep(interval)
-    raise ServerUnavailableError(f"server at {client.base_url} not ready after {timeout} s: {last}")
+        return self.wait_for_health(timeout, interval)

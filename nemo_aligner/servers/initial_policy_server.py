@@ -23,8 +23,8 @@ from nemo_aligner.models.hf_causal_lm import ResponseLogprobs, load_causal_lm, l
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.servers.app import add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
-from nemo_aligner.servers.client import HTTPClient
-from nemo_aligner.servers.critic_server import _payload, _wait, parse_sequences
+from nemo_aligner.servers.client import HTTPClient, rollout_payload
+from nemo_aligner.servers.critic_server import parse_sequences
 
 __all__ = ["InitialPolicyScorer", "build_initial_policy_app", "RemoteInitialPolicy"]
 
@@ -43,7 +43,7 @@ class InitialPolicyScorer:
         self.module = ResponseLogprobs(lm).to(self.device).eval().requires_grad_(False)
         self.pad_token_id = int(pad_token_id)
         self.vocab_size = int(lm.config.vocab_size)
-        self.source = getattr(lm.config, "name_or_path", "")
+        self.source = lm.config.name_or_path
 
     @classmethod
     def from_pretrained(cls, source: str, model_cfg: Any = None, precision: str = "32-true", device: str = "cpu"):
@@ -102,9 +102,9 @@ class RemoteInitialPolicy(HTTPClient):
     def logprobs(self, rollouts: Sequence[dict]) -> list[list[float]]:
         out: list[list[float]] = []
         for start in range(0, len(rollouts), self.max_items_per_request):
-            out.extend(self.post("/logprobs", _payload(rollouts[start : start + self.max_items_per_request]))["logprobs"])
+            out.extend(self.post("/logprobs", rollout_payload(rollouts[start : start + self.max_items_per_request]))["logprobs"])
         return out
 
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict:
         """Poll ``/health`` until it answers (bounded by ``timeout``). Raises ``ConnectionError`` when not ready."""
-        return _wait(self, timeout, interval)
+        return self.wait_for_health(timeout, interval)

@@ -168,7 +168,12 @@ def default_max_request_bytes(max_seq_length: int | None, max_items_per_request:
 
 
 class RewardScorerLike(Protocol):
-    """What the server needs of a scorer (:class:`nemo_aligner.models.reward_model.RewardScorer` is one)."""
+    """What the server needs of a scorer (:class:`nemo_aligner.models.reward_model.RewardScorer` is one).
+
+    Optional members the server reads when present: ``vocab_size`` (token ids must lie below it; default the
+    tokenizer's length), ``name`` (``/info``'s ``model_name``; default the scorer's class name), ``mean``/``std``
+    (``/info``'s ``reward_standardization``).
+    """
 
     tokenizer: Any
     max_seq_length: int | None
@@ -178,29 +183,12 @@ class RewardScorerLike(Protocol):
     def score(self, sequences: list[list[int]], micro_batch_size: int | None = None) -> list[float]: ...
 
 
-def _hf_model(scorer):
-    """The transformers model inside ``scorer`` (``scorer.model``, unwrapping ``.model`` wrappers), or None."""
-    model = getattr(scorer, "model", None)
-    for _ in range(4):
-        if model is None or hasattr(model, "get_input_embeddings"):
-            return model
-        model = getattr(model, "model", None)
-    return None
-
-
 def _vocab_size(scorer) -> int | None:
-    """The number of token ids the model accepts: its embedding size if visible, else the tokenizer's length."""
+    """The number of token ids the model accepts: the scorer's ``vocab_size`` when it has one (a
+    :class:`~nemo_aligner.models.reward_model.RewardScorer`: its embedding rows), else the tokenizer's length."""
     value = getattr(scorer, "vocab_size", None)
     if isinstance(value, int) and value > 0:
         return value
-    model = _hf_model(scorer)
-    if model is not None:
-        try:
-            return int(model.get_input_embeddings().num_embeddings)
-        except Exception:  # noqa: BLE001 - fall back to the config / tokenizer
-            value = getattr(getattr(model, "config", None), "vocab_size", None)
-            if isinstance(value, int) and value > 0:
-                return value
     tokenizer = getattr(scorer, "tokenizer", None)
     return len(tokenizer) if tokenizer is not None else None
 
@@ -320,8 +308,7 @@ def build_reward_model_app(
     chars_per_token = max_chars_per_token(getattr(scorer, "tokenizer", None)) if max_len is not None else None
     max_chars = int(max_len * chars_per_token) if chars_per_token is not None else None
     if model_name is None:
-        model = _hf_model(scorer)
-        model_name = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(scorer, "name", None)
+        model_name = getattr(scorer, "name", None)
         model_name = str(model_name) if model_name else type(scorer).__name__
 
     def process(sequences: list[list[int]]) -> list[float]:

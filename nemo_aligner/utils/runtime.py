@@ -6,8 +6,10 @@ so that the config checks validate them without importing torch or lightning.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import FSDPStrategy
@@ -59,3 +61,30 @@ def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234
     fabric.launch()
     fabric.seed_everything(seed, workers=True, verbose=False)
     return fabric
+
+
+def rng_state() -> dict:
+    """The global RNG states: ``{"torch": CPU generator state, "python": random.getstate(), "numpy": NumPy's state
+    as plain Python values, "cuda": every CUDA device's state or None}``.
+
+    The NumPy state is ``(name, keys as a list of ints, pos, has_gauss, cached_gaussian)`` so that a checkpoint
+    holding this dict loads with ``torch.load(weights_only=True)``; :func:`set_rng_state` restores it exactly.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA states only where CUDA is available and ``state`` has
+    them)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

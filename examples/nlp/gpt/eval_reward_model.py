@@ -53,7 +53,7 @@ def load_scorer(path: str | Path, device: str = "cpu") -> RewardScorer:
     max_len = int(cfg.model.encoder_seq_length)
     model = HFRewardModel(fabric, cfg.model, str(cfg.pretrained_checkpoint.restore_from_path), max_steps=1, max_seq_length=max_len)
     model.load_checkpoint(str(path))
-    return RewardScorer(model._lm, model.tokenizer, max_len, model.reward_mean, model.reward_std, device=device)
+    return model.as_scorer(device=device)
 
 
 def evaluate(scorer: RewardScorer, dataset, micro_batch_size: int = 8) -> dict[str, float]:

@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
     })
     policy = HFCausalLM(fabric, model_cfg, source, max_steps=1, gradient_clip_val=0.0, need_reference=False,
                         precision=normalize_precision(cfg.trainer.precision))
-    policy._lm.requires_grad_(False)
+    policy.freeze()
     tokenizer = policy.tokenizer
     scorer = build_scorer(cfg, fabric.device)
 
