@@ -2,7 +2,6 @@
 
 import ast
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.models.hf_causal_lm import entropy_from_logits
 
-ALGORITHMS = Path(__file__).resolve().parents[1] / "nemo_aligner" / "algorithms"
+from tests.helpers import REPO
+
+ALGORITHMS = REPO / "nemo_aligner" / "algorithms"
 
 
 def _private_reaches(source: str) -> list[str]:

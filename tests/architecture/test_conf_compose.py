@@ -30,7 +30,7 @@ from nemo_aligner.utils.config import (
     schema_fields,
 )
 
-from conftest import REPO
+from tests.helpers import REPO
 
 ALL_CONFS = sorted(p.stem for p in (REPO / "conf").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, load_example_script
+from tests.helpers import REPO, load_example_script
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.errors import (
     CannotListenError,
@@ -99,8 +99,8 @@ def test_log_dir_with_checkpoints_is_a_user_error(tmp_path):
 
 DRIVER = textwrap.dedent("""
     import sys
-    sys.path.insert(0, {tests!r})
-    from conftest import load_example_script
+    sys.path.insert(0, {repo!r})
+    from tests.helpers import load_example_script
 
     script = load_example_script("train_gpt_rs_actor")
     if sys.argv[1] == "bug":
@@ -114,7 +114,7 @@ DRIVER = textwrap.dedent("""
 
 def _run_rs(tmp_path, mode: str, *overrides: str) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(tests=str(REPO / "tests")))
+    driver.write_text(DRIVER.format(repo=str(REPO)))
     return subprocess.run([sys.executable, str(driver), mode, f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
                            "hydra.run.dir=.", "hydra.output_subdir=null", *overrides],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

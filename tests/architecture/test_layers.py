@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
 PACKAGE = REPO / "nemo_aligner"
 

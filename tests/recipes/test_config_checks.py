@@ -15,7 +15,7 @@ from nemo_aligner.recipes import common as recipe
 from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, to_bool, to_float, to_int
 
-from conftest import REPO, load_example_script
+from tests.helpers import REPO, load_example_script
 
 
 # ---- item 9: booleans and numbers given as strings ---------------------------------------------------------------

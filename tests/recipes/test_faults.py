@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, checkpoint_problem
 from nemo_aligner.utils.logging import trim_csv_log
 
-from conftest import REPO, load_example_script
-from test_dpo_training import dpo_cfg, write_pairs
+from tests.helpers import REPO, dpo_cfg, load_example_script, write_pairs
 
 DPO_SCRIPT = REPO / "examples" / "nlp" / "gpt" / "train_gpt_dpo.py"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, load_example_script
+from tests.helpers import REPO, load_example_script
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 

@@ -10,8 +10,7 @@ from nemo_aligner.servers.app import BackgroundServer
 from nemo_aligner.servers.client import HTTPClient, ServerRequestError
 from nemo_aligner.utils.config import CONF_DIR
 
-from conftest import load_example_script
-from test_ppo import one_torch_thread, ppo_cfg, write_prompts  # noqa: F401 (autouse fixture: one torch thread)
+from tests.helpers import load_example_script, ppo_cfg, write_prompts
 
 COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean", "value_loss", "explained_variance",
             "policy_loss", "clip_fraction", "approx_kl", "entropy", "response_lengths_mean"]
@@ -93,7 +92,9 @@ def test_served_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_d
     reload its step-2 checkpoint, undoing that update): the same per-step metrics and the same final actor and
     critic weights."""
     from nemo_aligner.algorithms.ppo import PPOTrainer
-    from test_ppo import LEARNING_OVERRIDES, _Killed, _state
+    from tests.helpers import LEARNING_OVERRIDES
+    from tests.helpers import Killed as _Killed
+    from tests.helpers import checkpoint_model_state as _state
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     actor = load_example_script("train_gpt_ppo_actor")
@@ -361,7 +362,7 @@ def _ppo_command(tmp_path, model_dir, prompts, run, *overrides):
     """The PPO actor script as a subprocess (2 ranks need their own processes): 8 rollouts per step, 2 steps."""
     import sys
 
-    from conftest import REPO
+    from tests.helpers import REPO
 
     return [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_ppo_actor.py"),
             f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{prompts}]",

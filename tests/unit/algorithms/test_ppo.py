@@ -143,23 +143,11 @@ def test_compute_advantages_matches_hand_gae():
 # ---------------------------------------------------------------------------------------------------------------
 # end to end on tiny models (colocated)
 # ---------------------------------------------------------------------------------------------------------------
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from nemo_aligner.utils.config import CONF_DIR  # noqa: E402
-
-from conftest import load_example_script  # noqa: E402
-
-TOPICS = ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt", "fox", "dog", "salt", "yeast"]
-
-
-def write_prompts(path: Path, n: int = 16) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Human: Tell me about {TOPICS[i % len(TOPICS)]} {i}. Assistant:"}) + "\n")
-    return path
+from tests.helpers import LEARNING_OVERRIDES, load_example_script, ppo_cfg, write_prompts  # noqa: E402
+from tests.helpers import Killed as _Killed  # noqa: E402
+from tests.helpers import checkpoint_model_state as _state  # noqa: E402
 
 
 def target_fraction_reward(target_ids):
@@ -170,27 +158,6 @@ def target_fraction_reward(target_ids):
         return [sum(t in targets for t in r) / len(r) for r in response_ids]
 
     return reward_fn
-
-
-def ppo_cfg(tmp_path, model_dir, prompts, *overrides, run="run"):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("gpt_ppo_actor", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            f"critic.restore_from_path={model_dir}",
-            "reward_model.restore_from_path=null",
-            f"model.data.data_prefix.train=[{prompts}]",
-            f"model.data.data_prefix.validation=[{prompts}]",
-            f"exp_manager.explicit_log_dir={tmp_path / run}",
-            "trainer.accelerator=cpu",
-            "model.encoder_seq_length=64",
-            "model.ppo.length_params.max_length=8",
-            "model.ppo.num_rollout_samples=8",
-            "model.ppo.rollout_micro_batch_size=4",
-            "model.ppo.num_val_samples=8",
-            "model.global_batch_size=8",
-            "model.micro_batch_size=4",
-            *overrides,
-        ])
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +173,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-LEARNING_OVERRIDES = [
-    "trainer.ppo.max_epochs=100", "trainer.ppo.ppo_epochs=2", "trainer.ppo.gae_lambda=1.0",
-    "trainer.ppo.val_check_interval=0", "model.ppo.num_rollout_samples=16", "model.ppo.length_params.max_length=4",
-    "model.optim.lr=1e-2", "model.optim.sched.min_lr=1e-2", "critic.optim.lr=1e-3",
-    # the random tiny policy almost never emits EOS within 4 tokens: train on truncated responses too
-    "model.ppo.mask_truncated=false",
-]
 
 
 def test_colocated_ppo_raises_programmatic_reward(tmp_path, tiny_model_dir, ppo_script):
@@ -237,14 +195,6 @@ def test_colocated_ppo_raises_programmatic_reward(tmp_path, tiny_model_dir, ppo_
     assert (run / "critic_checkpoints" / "step=0000010" / "state.pt").is_file()
     assert (run / "hf_export" / "model.safetensors").is_file()
     assert list((run / "val_samples").glob("step=*.md"))
-
-
-class _Killed(Exception):
-    """Stands in for a SIGKILL right after a checkpoint."""
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)["model"]
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, ppo_script, monkeypatch):
@@ -339,8 +289,8 @@ def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tok
     """PPO rollouts of step 0 and validation rollouts on 2 simulated ranks (the same prompt text everywhere): the
     ranks' responses differ, and each global prompt gets the response of a 1-rank run (other rollout micro-batches).
     The step stops at the first log-prob forward after generation."""
-    from conftest import build_tiny_model
-    from test_rs import EnginePolicy, step_responses_by_global_index
+    from tests.helpers import build_tiny_model
+    from tests.helpers import EnginePolicy, step_responses_by_global_index
 
     from nemo_aligner.algorithms.ppo import PPOTrainer
     from nemo_aligner.generation import LengthParams, SamplingParams

@@ -3,7 +3,6 @@ alignable interface (a fake policy), and end-to-end runs on a tiny Llama (learni
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, load_example_script
+from tests.helpers import (
+    REPO,
+    EnginePolicy,
+    FakePolicy,
+    load_example_script,
+    step_responses_by_global_index,
+    write_prompts,
+)
 from nemo_aligner.algorithms.rs import (
     RSConfig,
     RSTrainer,
@@ -22,7 +28,6 @@ from nemo_aligner.algorithms.rs import (
     select_top_n,
 )
 from nemo_aligner.generation import GenerationOutput, LengthParams, SamplingParams
-from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 
@@ -102,70 +107,6 @@ def test_config_checks_and_max_steps():
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer's wiring, with a fake policy that records every call
 # ---------------------------------------------------------------------------------------------------------------
-class FakePolicy(AlignableModel):
-    """Responses are a deterministic function of (seed, row); log-prob of every target is a shared parameter."""
-
-    pad_token_id = 0
-
-    def __init__(self):
-        self.weight = torch.nn.Parameter(torch.tensor(-1.0))
-        self.calls: list[tuple] = []
-        self.batches = []
-        self.losses: list[float] = []
-        self.in_inference = False
-
-    def prepare_for_training_step(self):
-        self.calls.append(("prepare",))
-
-    @contextlib.contextmanager
-    def accumulate(self, is_last):
-        self.calls.append(("accumulate", is_last))
-        yield
-
-    def get_logprobs(self, batch, reference=False):
-        assert not reference and not self.in_inference
-        self.batches.append(batch)
-        return self.weight.expand(batch.targets.numel()) * 1.0
-
-    def generate(self, prompt_ids, sampling_params, length_params, seed=None, seeds=None):
-        assert self.in_inference
-        self.calls.append(("generate", len(prompt_ids), sampling_params.use_greedy))
-        seeds = seeds if seeds is not None else [seed or 0] * len(prompt_ids)
-        responses = [[10 + (7 * seeds[row] + 3 * row) % 40] * (1 + row % 3) for row in range(len(prompt_ids))]
-        return GenerationOutput(responses, [True] * len(prompt_ids))
-
-    def backward(self, loss):
-        self.losses.append(float(loss))
-        loss.backward()
-
-    def finish_training_step(self):
-        self.calls.append(("finish",))
-        self.weight.grad = None
-        return {"grad_norm": 1.0, "lr": 0.1}
-
-    def prepare_for_inference(self):
-        self.in_inference = True
-
-    def finish_inference(self):
-        self.in_inference = False
-
-    device = torch.device("cpu")
-    data_parallel_rank = 0
-    data_parallel_size = 1
-
-    def all_reduce(self, tensor, op="mean"):
-        return tensor
-
-    def save_checkpoint(self, path, extra_state):
-        raise AssertionError("not used")
-
-    def load_checkpoint(self, path):
-        raise AssertionError("not used")
-
-    def export_hf(self, path):
-        raise AssertionError("not used")
-
-
 def test_train_step_keeps_the_best_and_trains_on_them_in_configured_batches(tmp_path):
     policy = FakePolicy()
     cfg = RSConfig(num_rollout_samples=4, num_rollouts_per_prompt=3, top_n_rollouts=2, rollout_micro_batch_size=5,
@@ -231,16 +172,6 @@ def test_validation_is_greedy_and_writes_a_sample_table(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end on a tiny Llama
 # ---------------------------------------------------------------------------------------------------------------
-TOPICS = ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt", "fox", "dog", "salt", "yeast"]
-
-
-def write_prompts(path: Path, n: int = 16) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Human: Tell me about {TOPICS[i % len(TOPICS)]} {i}. Assistant:"}) + "\n")
-    return path
-
-
 def token_fraction_reward(target_ids):
     """Programmatic reward: the fraction of response tokens whose id is in ``target_ids``."""
     targets = set(target_ids)
@@ -412,42 +343,11 @@ def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path, smollm2_rm_export):
 # ---------------------------------------------------------------------------------------------------------------
 # data-parallel seeding: a response depends on its global prompt index and sample index, not on the rank
 # ---------------------------------------------------------------------------------------------------------------
-class EnginePolicy(FakePolicy):
-    """:class:`FakePolicy` on a simulated data-parallel rank whose ``generate`` samples from a tiny Llama with the
-    real engine (``seed`` seeds a ``torch.Generator`` and ``seeds`` are per-row, as in ``HFCausalLM.generate``);
-    every response is recorded in generation order."""
-
-    def __init__(self, lm, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.lm = lm
-        self.data_parallel_rank, self.data_parallel_size = rank, world_size
-        self.generated: list[list[int]] = []
-
-    def generate(self, prompt_ids, sampling_params, length_params, seed=None, seeds=None):
-        from nemo_aligner.generation import generate
-
-        assert self.in_inference
-        generator = torch.Generator().manual_seed(int(seed)) if seed is not None and seeds is None else None
-        out = generate(self.lm, prompt_ids, sampling_params, length_params, eos_token_ids=[2], pad_token_id=0,
-                       generator=generator, seeds=seeds)
-        self.generated += out.response_ids
-        return out
-
-
-def step_responses_by_global_index(policy: EnginePolicy, trainer, num_per_prompt: int) -> dict[tuple[int, int], list]:
-    """``{(dataset index, sample index): response}`` of the responses ``policy`` generated for step 0 (rollouts
-    are prompt-major over the rank's sampler indices)."""
-    indices = [i for mb in trainer.sampler.micro_batches(0) for i in mb]
-    keys = [(i, j) for i in indices for j in range(num_per_prompt)]
-    assert len(policy.generated) == len(keys)
-    return dict(zip(keys, policy.generated))
-
-
 def test_rs_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tokenizer):
     """Every prompt is the same text, so only the random numbers tell the responses apart. On 2 simulated ranks,
     the ranks' responses differ (with one seed per generation call, whatever the rank, they were identical); and
     each (global prompt, sample) gets the same response as in a 1-rank run with other generation micro-batches."""
-    from conftest import build_tiny_model
+    from tests.helpers import build_tiny_model
 
     lm = build_tiny_model("llama", len(tokenizer), seed=4).eval()
     prompt = tokenizer("Human: What is two plus two? Assistant:", add_special_tokens=False)["input_ids"]
@@ -482,7 +382,7 @@ def test_rs_scores_ended_chat_rollouts_with_the_end_of_turn_suffix(tmp_path):
     ``<|im_end|>\\n`` and the RM reads at the ``\\n``. Rollouts that stopped at ``<|im_end|>`` reach the reward
     function with the ``\\n`` appended -- in training steps and in validation -- so the RM sees exactly its
     training tokens; rollouts cut at max_length are scored as they are; what the policy trains on is unchanged."""
-    from test_prompts import build_chatml_tokenizer
+    from tests.helpers import build_chatml_tokenizer
 
     from nemo_aligner.data.prompts import tokenize_prompt
     from nemo_aligner.data.chat import tokenize_prompt_response

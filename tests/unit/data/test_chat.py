@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from tests.helpers import REPO, SHARED_DATA
 from nemo_aligner.data import chat, preference, prompts, reward, sft
 from nemo_aligner.data.chat import (
     CHAT_ROLES,
@@ -31,7 +31,7 @@ from nemo_aligner.data.preference_batch import PreferenceBatch, collate_preferen
 from nemo_aligner.data.reward_batch import RewardBatch, collate_reward_examples
 from nemo_aligner.data.sequences import SequenceBatch, TokenLayout, collate_sequences
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nemo_aligner"
+PACKAGE = REPO / "nemo_aligner"
 ERROR = functools.partial(DataFormatError, "data.jsonl", 3)
 
 

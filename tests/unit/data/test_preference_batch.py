@@ -6,7 +6,7 @@ import torch
 from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 
-from conftest import build_tiny_model
+from tests.helpers import build_tiny_model
 
 PAIRS = [
     {"prompt_ids": [1, 20, 21, 22], "chosen_ids": [30, 31, 2], "rejected_ids": [40, 2]},

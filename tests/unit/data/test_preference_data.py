@@ -20,6 +20,8 @@ from nemo_aligner.data.preference import (
     truncate_pair,
 )
 
+from tests.helpers import SHARED_DATA
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -31,7 +33,7 @@ CORPUS = [
     "Hello there, how are you today? I am fine, thank you very much.",
     "Please write a short poem about the sea and the sky.",
 ]
-HH_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/validation.jsonl.gz"
+HH_DATA = SHARED_DATA / "validation.jsonl.gz"
 
 
 def make_tokenizer(with_bos: bool = True, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:

@@ -11,6 +11,8 @@ from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.prompts import load_prompts, parse_prompt_record, tokenize_prompt, tokenize_prompt_example
 from nemo_aligner.data.chat import tokenize_prompt_response
 
+from tests.helpers import build_chatml_tokenizer
+
 MESSAGES = [
     {"role": "user", "content": "hi"},
     {"role": "assistant", "content": "hello"},
@@ -135,28 +137,6 @@ def test_load_prompt_ids_keeps_the_last_tokens(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the sequence a reward model scores: the chat template's end-of-turn suffix (ChatML: <|im_end|> then "\n")
 # ---------------------------------------------------------------------------------------------------------------
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_chatml_tokenizer():
-    """A tiny byte-level BPE tokenizer with a ChatML template (SmolLM2's layout): EOS = pad-free ``<|im_end|>``,
-    an assistant turn is ``<|im_start|>assistant\\n{content}<|im_end|>\\n``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["user\nHow do I bake bread?", "assistant\nMix flour and water.", "Human: hi"] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   chat_template=CHATML_TEMPLATE)
-
-
 def _check_scored_sequence_is_the_rm_training_sequence(tokenizer):
     """For a chat prompt, a rollout that stopped at the end-of-turn token is scored as exactly the prompt + response
     tokens reward-model data gives that conversation; truncated rollouts and plain-text prompts are scored as they

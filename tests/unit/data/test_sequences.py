@@ -7,7 +7,7 @@ from nemo_aligner.data.chat import tokenize_prompt_response
 from nemo_aligner.data.sequences import collate_sequences, per_sequence_sum
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 
-from conftest import build_tiny_model
+from tests.helpers import build_tiny_model
 
 
 def test_targets_and_last_positions():

@@ -24,7 +24,7 @@ from nemo_aligner.data.sft import (
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 
-from conftest import REPO, build_tiny_model, load_example_script
+from tests.helpers import REPO, build_tiny_model, load_example_script
 
 
 def masked_runs(tokenizer, ids, mask):
@@ -164,7 +164,7 @@ def test_invalid_json_and_missing_chat_template(tmp_path, tokenizer):
     path.write_text(json.dumps(GOOD) + "\n{not json\n")
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: invalid JSON"):
         build_sft_dataset(path, tokenizer, 64, cache_dir=tmp_path / "cache")
-    from conftest import build_tokenizer
+    from tests.helpers import build_tokenizer
 
     plain = build_tokenizer()
     plain.chat_template = None
@@ -174,7 +174,7 @@ def test_invalid_json_and_missing_chat_template(tmp_path, tokenizer):
 
 
 def test_chat_template_that_rewrites_earlier_turns_is_an_error(tmp_path, tokenizer):
-    from conftest import build_tokenizer
+    from tests.helpers import build_tokenizer
 
     odd = build_tokenizer()
     odd.chat_template = "{{ messages | length }}" + odd.chat_template  # the prefix changes with every turn

@@ -9,7 +9,7 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 
-from conftest import build_tiny_model
+from tests.helpers import build_tiny_model
 from nemo_aligner.generation import GenerationOutput, LengthParams, SamplingParams, generate
 from nemo_aligner.generation.sampling import choose_tokens, splitmix64
 
@@ -215,7 +215,7 @@ def test_end_strings_read_backslash_escapes_from_the_command_line():
 def test_response_seed_moved_unchanged_and_shared_with_the_generate_script():
     """``response_seed`` lives in nemo_aligner.generation (used by the online trainers and examples/.../generate.py);
     its values are the ones the script had, so generation files stay reproducible across the move."""
-    from conftest import load_example_script
+    from tests.helpers import load_example_script
     from nemo_aligner.generation import response_seed
 
     assert load_example_script("generate").response_seed is response_seed

@@ -11,7 +11,7 @@ import pytest
 
 from nemo_aligner.models import pretrained
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _fake_dequantise(gguf_path, target):

@@ -19,7 +19,7 @@ from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.reward_model import HFRewardModel, RewardScorer
 from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
 
-from conftest import REPO, build_tiny_model, load_example_script
+from tests.helpers import REPO, build_tiny_model, load_example_script
 
 
 def softplus(x):

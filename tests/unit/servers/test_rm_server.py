@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
-from conftest import REPO, load_example_script
+from tests.helpers import REPO, load_example_script
 from nemo_aligner.errors import UserError
 from nemo_aligner.models.reward_model import MAX_SEQ_LENGTH_KEY, RewardScorer
 from nemo_aligner.servers.app import API_TOKEN_ENV, BackgroundServer

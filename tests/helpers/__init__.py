@@ -1,0 +1,26 @@
+"""What several test files share, in one place: every test imports these from ``tests.helpers`` (never from another
+test module, nor from ``conftest.py``, which only turns some of them into fixtures).
+
+``paths``       :data:`REPO` (the repository root) and :data:`SHARED_DATA` (the shared HH-RLHF copy)
+``tokenizers``  :func:`build_tokenizer` (the tiny BPE tokenizer with a chat template), :func:`build_chatml_tokenizer`
+``models``      :func:`build_tiny_model` (2-layer random GPT-2 / Llama)
+``scripts``     :func:`load_example_script` (an entry script of ``examples/nlp/gpt/`` as a module)
+``fakes``       :class:`FakePolicy`, :class:`EnginePolicy` and :func:`step_responses_by_global_index`
+``dpo``         :func:`write_pairs` and :func:`dpo_cfg` (the DPO recipe on a tiny model)
+``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
+                :func:`checkpoint_model_state` (the PPO recipe on tiny models)
+"""
+
+from tests.helpers.dpo import dpo_cfg, write_pairs
+from tests.helpers.fakes import EnginePolicy, FakePolicy, step_responses_by_global_index
+from tests.helpers.models import build_tiny_model
+from tests.helpers.paths import REPO, SHARED_DATA
+from tests.helpers.ppo import LEARNING_OVERRIDES, Killed, checkpoint_model_state, ppo_cfg, write_prompts
+from tests.helpers.scripts import load_example_script
+from tests.helpers.tokenizers import CHAT_TEMPLATE, CHATML_TEMPLATE, CORPUS, build_chatml_tokenizer, build_tokenizer
+
+__all__ = [
+    "CHATML_TEMPLATE", "CHAT_TEMPLATE", "CORPUS", "LEARNING_OVERRIDES", "REPO", "SHARED_DATA", "EnginePolicy",
+    "FakePolicy", "Killed", "build_chatml_tokenizer", "build_tiny_model", "build_tokenizer", "checkpoint_model_state",
+    "dpo_cfg", "load_example_script", "ppo_cfg", "step_responses_by_global_index", "write_pairs", "write_prompts",
+]
