@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -21,7 +20,6 @@ from nemo_aligner.algorithms.ppo import PPOConfig
 from nemo_aligner.algorithms.rs import RSConfig
 from nemo_aligner.generation.params import LengthParams, SamplingParams
 from nemo_aligner.utils.config import (
-    CONF_DIR,
     SCHEMAS,
     ConfigValueError,
     apply_schema,
@@ -30,14 +28,9 @@ from nemo_aligner.utils.config import (
     schema_fields,
 )
 
-from tests.helpers import REPO
+from tests.helpers import REPO, compose_config
 
 ALL_CONFS = sorted(p.stem for p in (REPO / "conf").glob("*.yaml"))
-
-
-def _compose(name, overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
 
 
 #: recipe -> the config objects its entry script builds, from the composed config.
@@ -62,7 +55,7 @@ def test_every_conf_file_is_covered():
 
 @pytest.mark.parametrize("name", ALL_CONFS)
 def test_every_conf_composes_with_its_schema(name):
-    cfg = _compose(name)
+    cfg = compose_config(name)
     check_keys(cfg, load_schema(name), source=f"{name} config")
     typed = apply_schema(cfg, name)  # the YAML fills the structured config of the recipe's dataclasses
     assert set(typed.keys()) == set(cfg.keys())  # the schema adds no section the YAML lacks
@@ -74,7 +67,7 @@ def test_every_conf_composes_with_its_schema(name):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_schema_keys_exist_in_the_yaml_with_the_fields_type(name):
     """Every key a dataclass types is a key of the shipped YAML, and the YAML's value has the field's type."""
-    cfg = OmegaConf.to_container(_compose(name), resolve=True)
+    cfg = OmegaConf.to_container(compose_config(name), resolve=True)
     cfg = OmegaConf.create(cfg)
     for cls, sections in SCHEMAS[name]:
         for dotted, kind, _, f in schema_fields(cls, sections):
@@ -97,7 +90,7 @@ RECIPE_VALUES = {
 def test_dataclass_defaults_are_the_yaml_values(name):
     """No drift: a dataclass default equals the shipped YAML's value (e.g. DPOLossConfig's beta was 0.2 while
     conf/gpt_dpo.yaml said 0.1), except a nullable key the YAML leaves null (derived) and :data:`RECIPE_VALUES`."""
-    raw = _compose(name)
+    raw = compose_config(name)
     cfg = OmegaConf.create(OmegaConf.to_container(raw, resolve=True))
     drift = []
     for cls, sections in SCHEMAS[name]:
@@ -118,7 +111,7 @@ def test_dataclass_defaults_are_the_yaml_values(name):
 
 
 def test_dpo_beta_default_is_the_yaml_value():
-    assert DPOLossConfig().ref_policy_kl_penalty == 0.1 == _compose("gpt_dpo").model.dpo.ref_policy_kl_penalty
+    assert DPOLossConfig().ref_policy_kl_penalty == 0.1 == compose_config("gpt_dpo").model.dpo.ref_policy_kl_penalty
     assert DPOLossConfig.from_cfg({}).ref_policy_kl_penalty == 0.1
 
 
@@ -139,7 +132,7 @@ def test_schemas_are_registered_as_hydra_structured_configs():
      "model.ppo.length_params.max_length=[1]: expected an integer (LengthParams.max_length)"),
 ])
 def test_type_errors_come_from_the_schema_naming_the_key(name, override, message):
-    cfg = _compose(name, [override])
+    cfg = compose_config(name, [override])
     with pytest.raises(ConfigValueError) as err:
         apply_schema(cfg, name)
     assert str(err.value) == message
@@ -151,10 +144,10 @@ def test_check_config_types_null_default_keys_from_the_schema():
     then failed with a bare ``int('abc')`` ValueError)."""
     from nemo_aligner.utils.config import check_values
 
-    cfg = _compose("gpt_rs_actor", ["model.rs.forward_micro_batch_size=abc"])
+    cfg = compose_config("gpt_rs_actor", ["model.rs.forward_micro_batch_size=abc"])
     with pytest.raises(ConfigValueError, match=r"^model\.rs\.forward_micro_batch_size='abc': expected an integer"):
         check_values(cfg, load_schema("gpt_rs_actor"), "gpt_rs_actor")
-    cfg = _compose("gpt_rs_actor", ["model.rs.forward_micro_batch_size=4.0"])
+    cfg = compose_config("gpt_rs_actor", ["model.rs.forward_micro_batch_size=4.0"])
     check_values(cfg, load_schema("gpt_rs_actor"), "gpt_rs_actor")
     assert cfg.model.rs.forward_micro_batch_size == 4 and type(cfg.model.rs.forward_micro_batch_size) is int
     assert RSConfig.from_cfg(cfg).forward_micro_batch_size == 4
@@ -163,7 +156,7 @@ def test_check_config_types_null_default_keys_from_the_schema():
 def test_unknown_key_is_still_an_error_naming_it():
     from nemo_aligner.utils.config import ConfigKeyError
 
-    cfg = _compose("gpt_dpo", ["+model.dpo.ref_policy_kl_penaltyy=0.3"])
+    cfg = compose_config("gpt_dpo", ["+model.dpo.ref_policy_kl_penaltyy=0.3"])
     with pytest.raises(ConfigKeyError, match=r"model\.dpo\.ref_policy_kl_penaltyy.*did you mean 'model\.dpo\.ref_policy_kl_penalty'"):
         check_keys(cfg, load_schema("gpt_dpo"), source="gpt_dpo config")
 

@@ -5,12 +5,14 @@ test module, nor from ``conftest.py``, which only turns some of them into fixtur
 ``tokenizers``  :func:`build_tokenizer` (the tiny BPE tokenizer with a chat template), :func:`build_chatml_tokenizer`
 ``models``      :func:`build_tiny_model` (2-layer random GPT-2 / Llama)
 ``scripts``     :func:`load_example_script` (an entry script of ``examples/nlp/gpt/`` as a module)
+``config``      :func:`compose_config` (a ``conf/*.yaml`` composed by Hydra, as the entry scripts do)
 ``fakes``       :class:`FakePolicy`, :class:`EnginePolicy` and :func:`step_responses_by_global_index`
 ``dpo``         :func:`write_pairs` and :func:`dpo_cfg` (the DPO recipe on a tiny model)
 ``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
                 :func:`checkpoint_model_state` (the PPO recipe on tiny models)
 """
 
+from tests.helpers.config import compose_config
 from tests.helpers.dpo import dpo_cfg, write_pairs
 from tests.helpers.fakes import EnginePolicy, FakePolicy, step_responses_by_global_index
 from tests.helpers.models import build_tiny_model
@@ -22,5 +24,6 @@ from tests.helpers.tokenizers import CHAT_TEMPLATE, CHATML_TEMPLATE, CORPUS, bui
 __all__ = [
     "CHATML_TEMPLATE", "CHAT_TEMPLATE", "CORPUS", "LEARNING_OVERRIDES", "REPO", "SHARED_DATA", "EnginePolicy",
     "FakePolicy", "Killed", "build_chatml_tokenizer", "build_tiny_model", "build_tokenizer", "checkpoint_model_state",
-    "dpo_cfg", "load_example_script", "ppo_cfg", "step_responses_by_global_index", "write_pairs", "write_prompts",
+    "compose_config", "dpo_cfg", "load_example_script", "ppo_cfg", "step_responses_by_global_index", "write_pairs",
+    "write_prompts",
 ]

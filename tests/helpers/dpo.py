@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from nemo_aligner.utils.config import CONF_DIR
+from tests.helpers.config import compose_config
 
 TOPICS = ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt"]
 
@@ -28,14 +26,13 @@ def write_pairs(path: Path, n: int = 8) -> Path:
 def dpo_cfg(tmp_path, model_dir, train, val, *overrides):
     """``conf/gpt_dpo.yaml`` composed for a tiny run on CPU: the policy from ``model_dir``, the ``train`` and ``val``
     pair files, the data cache and logs under ``tmp_path``, 64-token sequences; ``overrides`` come last and win."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("gpt_dpo", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            f"model.data.data_prefix.train=[{train}]",
-            f"model.data.data_prefix.validation=[{val}]",
-            f"model.data.cache_dir={tmp_path / 'cache'}",
-            f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-            "trainer.accelerator=cpu",
-            "model.encoder_seq_length=64",
-            *overrides,
-        ])
+    return compose_config("gpt_dpo", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        f"model.data.data_prefix.train=[{train}]",
+        f"model.data.data_prefix.validation=[{val}]",
+        f"model.data.cache_dir={tmp_path / 'cache'}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+        "trainer.accelerator=cpu",
+        "model.encoder_seq_length=64",
+        *overrides,
+    ])

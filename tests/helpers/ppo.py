@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from nemo_aligner.utils.config import CONF_DIR
+from tests.helpers.config import compose_config
 
 TOPICS = ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt", "fox", "dog", "salt", "yeast"]
 
@@ -27,24 +26,23 @@ def ppo_cfg(tmp_path, model_dir, prompts, *overrides, run="run"):
     """``conf/gpt_ppo_actor.yaml`` composed for a tiny colocated run on CPU: policy and critic from ``model_dir``, no
     reward model (pass ``reward_fn``), ``prompts`` for training and validation, logs in ``tmp_path / run``; 8
     rollouts of at most 8 tokens per step, global batch 8, micro-batch 4; ``overrides`` come last and win."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("gpt_ppo_actor", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            f"critic.restore_from_path={model_dir}",
-            "reward_model.restore_from_path=null",
-            f"model.data.data_prefix.train=[{prompts}]",
-            f"model.data.data_prefix.validation=[{prompts}]",
-            f"exp_manager.explicit_log_dir={tmp_path / run}",
-            "trainer.accelerator=cpu",
-            "model.encoder_seq_length=64",
-            "model.ppo.length_params.max_length=8",
-            "model.ppo.num_rollout_samples=8",
-            "model.ppo.rollout_micro_batch_size=4",
-            "model.ppo.num_val_samples=8",
-            "model.global_batch_size=8",
-            "model.micro_batch_size=4",
-            *overrides,
-        ])
+    return compose_config("gpt_ppo_actor", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        f"critic.restore_from_path={model_dir}",
+        "reward_model.restore_from_path=null",
+        f"model.data.data_prefix.train=[{prompts}]",
+        f"model.data.data_prefix.validation=[{prompts}]",
+        f"exp_manager.explicit_log_dir={tmp_path / run}",
+        "trainer.accelerator=cpu",
+        "model.encoder_seq_length=64",
+        "model.ppo.length_params.max_length=8",
+        "model.ppo.num_rollout_samples=8",
+        "model.ppo.rollout_micro_batch_size=4",
+        "model.ppo.num_val_samples=8",
+        "model.global_batch_size=8",
+        "model.micro_batch_size=4",
+        *overrides,
+    ])
 
 
 LEARNING_OVERRIDES = [

@@ -6,16 +6,15 @@ import sys
 import time
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from nemo_aligner.algorithms.base import TrainerConfig
 from nemo_aligner.algorithms.dpo import DPOLossConfig
 from nemo_aligner.generation.params import SamplingParams
 from nemo_aligner.recipes import common as recipe
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, to_bool, to_float, to_int
+from nemo_aligner.utils.config import ConfigValueError, to_bool, to_float, to_int
 
-from tests.helpers import REPO, load_example_script
+from tests.helpers import REPO, compose_config, load_example_script
 
 
 # ---- item 9: booleans and numbers given as strings ---------------------------------------------------------------
@@ -63,9 +62,8 @@ def test_other_from_cfg_coercions_parse_the_same_way():
     assert SamplingParams(use_greedy="false").use_greedy is False
     with pytest.raises(ConfigValueError, match="sampling_params.use_greedy"):
         SamplingParams(use_greedy="sometimes")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        ppo = compose("gpt_ppo_actor", overrides=["trainer.ppo.use_absolute_kl='false'",
-                                                  "trainer.ppo.normalize_advantages='no'"])
+    ppo = compose_config("gpt_ppo_actor", ["trainer.ppo.use_absolute_kl='false'",
+                                           "trainer.ppo.normalize_advantages='no'"])
     assert isinstance(ppo.trainer.ppo.use_absolute_kl, str)  # Hydra keeps a quoted value a string
     out = PPOConfig.from_cfg(ppo)
     assert out.use_absolute_kl is False and out.normalize_advantages is False
@@ -91,8 +89,7 @@ def _cfg(schema, tmp_path, model_dir, *overrides):
         base += [f"model.data.train_ds.file_path={data}", "model.data.validation_ds.file_path=null"]
     else:
         base += [f"model.data.data_prefix.train=[{data}]", "model.data.data_prefix.validation=null"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(schema, overrides=base + list(overrides))
+    return compose_config(schema, base + list(overrides))
 
 
 def _forbid_loads(monkeypatch, script, allow_fabric=False):

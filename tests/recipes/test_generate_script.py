@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.helpers import REPO, load_example_script
+from tests.helpers import REPO, compose_config, load_example_script
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.utils.config import ConfigKeyError
 
 NUM_PROMPTS = 7
 
@@ -46,8 +45,7 @@ def overrides(model_dir, prompts, output, *extra):
 
 
 def gen_cfg(*args):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("generation", overrides=list(args))
+    return compose_config("generation", list(args))
 
 
 def read(path):

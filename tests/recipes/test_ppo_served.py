@@ -4,13 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from nemo_aligner.servers.app import BackgroundServer
 from nemo_aligner.servers.client import HTTPClient, ServerRequestError
-from nemo_aligner.utils.config import CONF_DIR
 
-from tests.helpers import load_example_script, ppo_cfg, write_prompts
+from tests.helpers import compose_config, load_example_script, ppo_cfg, write_prompts
 
 COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean", "value_loss", "explained_variance",
             "policy_loss", "clip_fraction", "approx_kl", "entropy", "response_lengths_mean"]
@@ -31,8 +29,7 @@ def rm_dir(tmp_path_factory, tiny_model_dir, tokenizer):
 
 
 def compose_cfg(name, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_config(name, list(overrides))
 
 
 def test_served_matches_colocated_first_step(tmp_path, tiny_model_dir, rm_dir):

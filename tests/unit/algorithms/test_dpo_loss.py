@@ -8,6 +8,8 @@ import torch
 from nemo_aligner.algorithms.dpo import DPOLossConfig, dpo_loss_and_metrics, preference_loss, sequence_logprobs
 from nemo_aligner.data.preference_batch import collate_preference_pairs
 
+from tests.helpers import compose_config
+
 BETA = 0.5
 CHOSEN = torch.tensor([1.0, -0.5])  # log pi - log pi_ref of each chosen response
 REJECTED = torch.tensor([0.2, 0.5])
@@ -131,16 +133,11 @@ def test_average_log_probs_and_default_rewards():
 
 
 def test_sft_average_log_probs_follows_preference_average_log_probs():
-    from hydra import compose, initialize_config_dir
-
-    from nemo_aligner.utils.config import CONF_DIR
-
     assert DPOLossConfig.from_cfg({"preference_average_log_probs": True}).sft_average_log_probs is True
     assert DPOLossConfig.from_cfg({}).sft_average_log_probs is False
     explicit = DPOLossConfig.from_cfg({"preference_average_log_probs": True, "sft_average_log_probs": False})
     assert explicit.sft_average_log_probs is False
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("gpt_dpo", overrides=["model.dpo.preference_average_log_probs=true"])
+    cfg = compose_config("gpt_dpo", ["model.dpo.preference_average_log_probs=true"])
     assert DPOLossConfig.from_cfg(cfg.model.dpo).sft_average_log_probs is True
     # and the SFT loss is then the per-token mean: chosen sums [-2, -0.5] over lengths [2, 1] -> -(-1 - 0.5) / 2
     batch, logprobs = _known_batch()

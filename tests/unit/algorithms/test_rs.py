@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from tests.helpers import (
     REPO,
     EnginePolicy,
     FakePolicy,
+    compose_config,
     load_example_script,
     step_responses_by_global_index,
     write_prompts,
@@ -29,7 +29,7 @@ from nemo_aligner.algorithms.rs import (
 )
 from nemo_aligner.generation import GenerationOutput, LengthParams, SamplingParams
 from nemo_aligner.utils.checkpoint import CheckpointManager
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.utils.config import ConfigKeyError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,28 +179,27 @@ def token_fraction_reward(target_ids):
 
 
 def rs_cfg(tmp_path, model_dir, prompts, *overrides, run="run"):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("gpt_rs_actor", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            "reward_model.restore_from_path=null",
-            f"model.data.data_prefix.train=[{prompts}]",
-            f"model.data.data_prefix.validation=[{prompts}]",
-            f"exp_manager.explicit_log_dir={tmp_path / run}",
-            "trainer.accelerator=cpu",
-            "model.encoder_seq_length=64",
-            "model.rs.length_params.max_length=6",
-            "model.rs.num_rollout_samples=8",
-            "model.rs.num_rollouts_per_prompt=4",
-            "model.rs.rollout_micro_batch_size=32",
-            "model.rs.num_val_samples=16",
-            "model.global_batch_size=8",
-            "model.micro_batch_size=8",
-            "trainer.rs.max_epochs=100",
-            "model.optim.lr=3e-3",
-            "model.optim.sched.min_lr=3e-3",
-            "model.optim.weight_decay=0",
-            *overrides,
-        ])
+    return compose_config("gpt_rs_actor", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        "reward_model.restore_from_path=null",
+        f"model.data.data_prefix.train=[{prompts}]",
+        f"model.data.data_prefix.validation=[{prompts}]",
+        f"exp_manager.explicit_log_dir={tmp_path / run}",
+        "trainer.accelerator=cpu",
+        "model.encoder_seq_length=64",
+        "model.rs.length_params.max_length=6",
+        "model.rs.num_rollout_samples=8",
+        "model.rs.num_rollouts_per_prompt=4",
+        "model.rs.rollout_micro_batch_size=32",
+        "model.rs.num_val_samples=16",
+        "model.global_batch_size=8",
+        "model.micro_batch_size=8",
+        "trainer.rs.max_epochs=100",
+        "model.optim.lr=3e-3",
+        "model.optim.sched.min_lr=3e-3",
+        "model.optim.weight_decay=0",
+        *overrides,
+    ])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,8 +306,7 @@ def test_local_and_remote_reward_models_agree(tmp_path, tiny_model_dir, tiny_rm_
 
 def test_user_errors(tmp_path, tiny_model_dir, rs_script):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 4)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        bad = compose("gpt_rs_actor", overrides=["++model.rs.top_n_rollout=2"])
+    bad = compose_config("gpt_rs_actor", ["++model.rs.top_n_rollout=2"])
     with pytest.raises(ConfigKeyError, match="did you mean 'model.rs.top_n_rollouts'"):
         rs_script.run(bad)
     with pytest.raises(ValueError, match="top_n_rollouts"):
@@ -323,17 +321,16 @@ def test_smollm2_rs_two_steps_with_the_rm_export(tmp_path, smollm2_rm_export):
     export = smollm2_rm_export
     data = REPO.parent / "shared" / "data" / "hh-rlhf"
     script = load_example_script("train_gpt_rs_actor")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("gpt_rs_actor", overrides=[
-            f"reward_model.restore_from_path={export}",
-            f"model.data.data_prefix.train=[{data / 'train.jsonl.gz'}]",
-            f"model.data.data_prefix.validation=[{data / 'validation.jsonl.gz'}]",
-            "model.data.max_prompts=8", "model.data.max_val_prompts=2", "trainer.accelerator=cpu",
-            "trainer.rs.max_steps=2", "model.rs.num_rollout_samples=2", "model.rs.num_rollouts_per_prompt=2",
-            "model.rs.rollout_micro_batch_size=4", "model.rs.num_val_samples=2", "model.global_batch_size=2",
-            "model.rs.length_params.max_length=16", "model.encoder_seq_length=512", "exp_manager.export_hf=false",
-            f"exp_manager.explicit_log_dir={tmp_path / 'rs'}",
-        ])
+    cfg = compose_config("gpt_rs_actor", [
+        f"reward_model.restore_from_path={export}",
+        f"model.data.data_prefix.train=[{data / 'train.jsonl.gz'}]",
+        f"model.data.data_prefix.validation=[{data / 'validation.jsonl.gz'}]",
+        "model.data.max_prompts=8", "model.data.max_val_prompts=2", "trainer.accelerator=cpu",
+        "trainer.rs.max_steps=2", "model.rs.num_rollout_samples=2", "model.rs.num_rollouts_per_prompt=2",
+        "model.rs.rollout_micro_batch_size=4", "model.rs.num_val_samples=2", "model.global_batch_size=2",
+        "model.rs.length_params.max_length=16", "model.encoder_seq_length=512", "exp_manager.export_hf=false",
+        f"exp_manager.explicit_log_dir={tmp_path / 'rs'}",
+    ])
     out = script.run(cfg)
     assert len(out["history"]) == 2
     assert all(m["rewards_kept_mean"] >= m["rewards_all_mean"] for m in out["history"])

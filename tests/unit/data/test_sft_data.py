@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
 from nemo_aligner.data.jsonl import DataFormatError
@@ -22,9 +21,9 @@ from nemo_aligner.data.sft import (
     truncate_sequence,
 )
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.utils.config import ConfigKeyError
 
-from tests.helpers import REPO, build_tiny_model, load_example_script
+from tests.helpers import REPO, build_tiny_model, compose_config, load_example_script
 
 
 def masked_runs(tokenizer, ids, mask):
@@ -325,21 +324,20 @@ def write_chats(path: Path) -> Path:
 
 
 def sft_cfg(tmp_path, model_dir, train, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("gpt_sft", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            f"model.data.train_ds.file_path={train}",
-            f"model.data.validation_ds.file_path={train}",
-            f"model.data.cache_dir={tmp_path / 'cache'}",
-            f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-            "trainer.accelerator=cpu",
-            "model.data.train_ds.max_seq_length=128",
-            "model.data.train_ds.global_batch_size=4",
-            "model.data.train_ds.micro_batch_size=2",
-            "model.optim.lr=1e-2",
-            "model.optim.sched.warmup_steps=0",
-            *overrides,
-        ])
+    return compose_config("gpt_sft", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        f"model.data.train_ds.file_path={train}",
+        f"model.data.validation_ds.file_path={train}",
+        f"model.data.cache_dir={tmp_path / 'cache'}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+        "trainer.accelerator=cpu",
+        "model.data.train_ds.max_seq_length=128",
+        "model.data.train_ds.global_batch_size=4",
+        "model.data.train_ds.micro_batch_size=2",
+        "model.optim.lr=1e-2",
+        "model.optim.sched.warmup_steps=0",
+        *overrides,
+    ])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 
@@ -17,9 +16,9 @@ from nemo_aligner.data.chat import tokenize_prompt_response
 from nemo_aligner.data.reward_batch import RewardBatch, collate_reward_examples
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.models.reward_model import HFRewardModel, RewardScorer
-from nemo_aligner.utils.config import CONF_DIR, ConfigKeyError
+from nemo_aligner.utils.config import ConfigKeyError
 
-from tests.helpers import REPO, build_tiny_model, load_example_script
+from tests.helpers import REPO, build_tiny_model, compose_config, load_example_script
 
 
 def softplus(x):
@@ -198,17 +197,16 @@ def write_text_pairs(path: Path) -> Path:
 
 
 def rm_cfg(tmp_path, model_dir, train, val, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("training_rm", overrides=[
-            f"pretrained_checkpoint.restore_from_path={model_dir}",
-            f"model.data.data_prefix.train=[{train}]",
-            f"model.data.data_prefix.validation=[{val}]",
-            f"model.data.cache_dir={tmp_path / 'cache'}",
-            f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-            "trainer.accelerator=cpu",
-            "model.encoder_seq_length=64",
-            *overrides,
-        ])
+    return compose_config("training_rm", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        f"model.data.data_prefix.train=[{train}]",
+        f"model.data.data_prefix.validation=[{val}]",
+        f"model.data.cache_dir={tmp_path / 'cache'}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+        "trainer.accelerator=cpu",
+        "model.encoder_seq_length=64",
+        *overrides,
+    ])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
-from tests.helpers import REPO, load_example_script
+from tests.helpers import REPO, compose_config, load_example_script
 from nemo_aligner.errors import UserError
 from nemo_aligner.models.reward_model import MAX_SEQ_LENGTH_KEY, RewardScorer
 from nemo_aligner.servers.app import API_TOKEN_ENV, BackgroundServer
@@ -260,8 +260,7 @@ def test_client_splits_large_inputs(scorer, no_env_token):
 
 # ---- entry script --------------------------------------------------------------------------------------------------
 def _cfg(**overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "inference_rm.yaml")
-    cfg.pop("defaults")
+    cfg = compose_config("inference_rm")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
