@@ -40,8 +40,8 @@ def build_tiny_rm(path: Path, layers: int = 2, hidden: int = 64) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tokenizer
+    sys.path.insert(0, str(REPO))
+    from tests.helpers import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install, check the layer contract (.importlinter: no module imports a higher floor), then run the whole test suite
-# (tiny random models; a few slow tests use the real SmolLM2-135M).
+# (tiny random models; a few slow tests use the real SmolLM2-135M). pytest.ini's testpaths = tests collects every
+# folder of tests/ (unit/<floor>/, recipes/, architecture/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

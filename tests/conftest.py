@@ -1,65 +1,16 @@
-"""Shared fixtures: a tiny tokenizer and tiny causal LMs built offline from a config (random weights)."""
+"""Shared fixtures: a tiny tokenizer and tiny causal LMs built offline from a config (random weights), and a SmolLM2
+reward-model export for the slow tests. The code they run lives in ``tests/helpers/``, which tests import directly;
+nothing imports this file."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-CORPUS = [
-    "Human: How do I bake bread? Assistant: Mix flour, water, yeast and salt, then bake.",
-    "Human: What is two plus two? Assistant: Two plus two is four.",
-    "Human: Tell me something rude. Assistant: I would rather not be rude.",
-    "the quick brown fox jumps over the lazy dog 0123456789",
-]
-
-
-def build_tokenizer():
-    """Byte-level BPE tokenizer (vocab ~300) with <s>, </s>, <pad> and a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
-    )
-
-
-def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
-    """A 2-layer, hidden-64 causal LM of the given family with random weights (dropout off)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        cfg = GPT2Config(
-            n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        )
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+from tests.helpers import REPO, SHARED_DATA, build_tiny_model, build_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -96,16 +47,6 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     build_tiny_model("gpt2", len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def load_example_script(name: str):
-    """Import ``examples/nlp/gpt/<name>.py`` as a module (for in-process end-to-end tests)."""
-    path = REPO / "examples" / "nlp" / "gpt" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -542,8 +542,8 @@ def check_batch_sizes(cfg: DictConfig, name: str, world_size: int) -> None:
 # default; the YAML file fills the dataclass's structured config with values (a key the YAML leaves out takes the
 # field's default). A dataclass that serves one section of one recipe (DPOLossConfig, PPOConfig, RSConfig) has the
 # shipped YAML's value as its default; one shared by several recipes (TrainerConfig, SamplingParams, LengthParams)
-# has a neutral default and each YAML states its recipe's own value, which wins. tests/test_conf_compose.py checks
-# both rules against every file of conf/.
+# has a neutral default and each YAML states its recipe's own value, which wins.
+# tests/architecture/test_conf_compose.py checks both rules against every file of conf/.
 
 _NO_DEFAULT = dataclasses.MISSING
 

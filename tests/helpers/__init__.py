@@ -1,0 +1,31 @@
+"""What several test files share, in one place: every test imports these from ``tests.helpers`` (never from another
+test module, nor from ``conftest.py``, which only turns some of them into fixtures).
+
+``paths``       :data:`REPO` (the repository root) and :data:`SHARED_DATA` (the shared HH-RLHF copy)
+``tokenizers``  :func:`build_tokenizer` (the tiny BPE tokenizer with a chat template), :func:`build_chatml_tokenizer`
+``models``      :func:`build_tiny_model` (2-layer random GPT-2 / Llama)
+``scripts``     :func:`load_example_script` (an entry script of ``examples/nlp/gpt/`` as a module)
+``config``      :func:`compose_config` (a ``conf/*.yaml`` composed by Hydra, as the entry scripts do)
+``fakes``       :class:`FakePolicy`, :class:`EnginePolicy` and :func:`step_responses_by_global_index`
+``dpo``         :func:`write_pairs` and :func:`dpo_cfg` (the DPO recipe on a tiny model)
+``sft``         :func:`encode_sft_record` (an SFT record as the SFT reader tokenises it)
+``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
+                :func:`checkpoint_model_state` (the PPO recipe on tiny models)
+"""
+
+from tests.helpers.config import compose_config
+from tests.helpers.dpo import dpo_cfg, write_pairs
+from tests.helpers.fakes import EnginePolicy, FakePolicy, step_responses_by_global_index
+from tests.helpers.models import build_tiny_model
+from tests.helpers.paths import REPO, SHARED_DATA
+from tests.helpers.ppo import LEARNING_OVERRIDES, Killed, checkpoint_model_state, ppo_cfg, write_prompts
+from tests.helpers.scripts import load_example_script
+from tests.helpers.sft import encode_sft_record
+from tests.helpers.tokenizers import CHAT_TEMPLATE, CHATML_TEMPLATE, CORPUS, build_chatml_tokenizer, build_tokenizer
+
+__all__ = [
+    "CHATML_TEMPLATE", "CHAT_TEMPLATE", "CORPUS", "LEARNING_OVERRIDES", "REPO", "SHARED_DATA", "EnginePolicy",
+    "FakePolicy", "Killed", "build_chatml_tokenizer", "build_tiny_model", "build_tokenizer", "checkpoint_model_state",
+    "compose_config", "dpo_cfg", "encode_sft_record", "load_example_script", "ppo_cfg",
+    "step_responses_by_global_index", "write_pairs", "write_prompts",
+]

@@ -1,0 +1,24 @@
+"""Tiny causal LMs with random weights, built from a config (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
+    """A 2-layer, hidden-64 causal LM of the given family with random weights (dropout off)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=512,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
