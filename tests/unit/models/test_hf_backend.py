@@ -24,7 +24,7 @@ from nemo_aligner.models.reward_model import (
 from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.runtime import build_fabric, rng_state, set_rng_state
 
-from conftest import build_tiny_model
+from tests.helpers import build_tiny_model
 
 CFG = OmegaConf.create({"optim": {"name": "adamw", "lr": 1e-3, "sched": {}}, "peft": {"peft_scheme": "none"}})
 
