@@ -7,7 +7,9 @@ checkpoints, exact resume, logging and the HF export. It talks to the model only
 
 :class:`TrainingLoop` holds the steps that the offline loop and the online loops
 (:class:`nemo_aligner.algorithms.online.OnlineTrainer`: PPO, rejection sampling) have in common: the checkpoint with
-its data position, exact resume, logging a validation and the HF export.
+its data position, exact resume, logging a validation and the HF export. Every trainer receives a
+:class:`RunContext` (the run directory, checkpoints, metrics sink, resume / export / rank-0 flags): the plumbing
+the loops share is that one object, composed in, not constructor arguments repeated by every subclass.
 """
 
 from __future__ import annotations
@@ -25,6 +27,37 @@ from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, step_of_name
 from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
 from nemo_aligner.utils.logging import format_metrics, get_logger, trim_csv_log
+
+
+def _discard_metrics(metrics: dict, step: int) -> None:
+    """The default metrics sink: logs nothing."""
+
+
+@dataclass
+class RunContext:
+    """Where a training run writes and how it reports: what every trainer's loop receives besides its model, data
+    and algorithm config (the recipes build it with :func:`nemo_aligner.recipes.common.run_context`).
+
+    Fields:
+        log_dir: the run directory (``hf_export/``, ``val_samples/`` and ``csv/`` go here); a ``str`` is made a
+            :class:`~pathlib.Path`.
+        checkpoints: the checkpoint naming and top-k bookkeeping of ``<log_dir>/checkpoints``.
+        log_metrics: ``(dict, step) -> None`` sink for TensorBoard/CSV (the recipes pass ``fabric.log_dict``);
+            default: nothing is logged.
+        resume: restore the newest valid checkpoint in ``checkpoints`` when there is one.
+        export_hf: write ``<log_dir>/hf_export`` at the end.
+        is_global_zero: whether this process prints, shows progress and writes files meant once per run.
+    """
+
+    log_dir: Path
+    checkpoints: CheckpointManager
+    log_metrics: Callable[[dict, int], None] = _discard_metrics
+    resume: bool = True
+    export_hf: bool = True
+    is_global_zero: bool = True
+
+    def __post_init__(self) -> None:
+        self.log_dir = Path(self.log_dir)
 
 
 @config_schema("gpt_dpo", trainer="trainer.dpo", batch="model", model="model")
@@ -130,10 +163,13 @@ def optimizer_step(
 class TrainingLoop:
     """Checkpoint, resume, validation-logging and export steps shared by every trainer.
 
-    A subclass sets ``model`` (the :class:`~nemo_aligner.models.alignable.AlignableModel` being trained, whose
-    checkpoints these are), ``checkpoints``, ``sampler`` (for ``steps_per_epoch``), ``step``, ``max_steps``,
-    ``last_val_metrics``, ``log_metrics``, ``resume``, ``export_hf``, ``log_dir``, ``is_global_zero``, ``log``, and
-    implements :meth:`validate` and :attr:`samples_per_step`.
+    Args:
+        model: the :class:`~nemo_aligner.models.alignable.AlignableModel` being trained, whose checkpoints these are.
+        context: the run's directory, checkpoints, metrics sink and flags (:class:`RunContext`).
+
+    A subclass also sets ``sampler`` (for ``steps_per_epoch``) and ``max_steps``, and implements :meth:`validate`
+    and :attr:`samples_per_step`. The loop state starts at ``step = 0`` with empty ``last_val_metrics`` and
+    ``history``.
     """
 
     #: Progress-bar label (also names the step unit in log lines).
@@ -142,6 +178,14 @@ class TrainingLoop:
     val_summary_keys: list[str] | None = None
     #: What the HF export holds, for its log line (``"the actor"``); empty: not named.
     export_role = ""
+
+    def __init__(self, model: AlignableModel, context: RunContext):
+        self.model = model
+        self.context = context
+        self.step = 0
+        self.last_val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.log = get_logger()
 
     @property
     def samples_per_step(self) -> int:
@@ -170,9 +214,9 @@ class TrainingLoop:
             "epoch": self.step // self.sampler.steps_per_epoch,
             "metrics": {f"val_{k}": v for k, v in self.last_val_metrics.items()},
         }
-        self.model.save_checkpoint(str(self.checkpoints.path_for(self.step)), extra)
-        if self.is_global_zero:
-            self.checkpoints.prune()
+        self.model.save_checkpoint(str(self.context.checkpoints.path_for(self.step)), extra)
+        if self.context.is_global_zero:
+            self.context.checkpoints.prune()
 
     def _maybe_resume(self) -> None:
         """Restore the newest valid checkpoint (model, optimizer, scheduler, RNG, step, :meth:`_restore`) when
@@ -187,27 +231,27 @@ class TrainingLoop:
             DamagedCheckpointError: checkpoints exist but none is valid (restarting from step 0 would silently
                 overwrite them), or the chosen checkpoint fails to load; the message names the path.
         """
-        if self.resume:
-            valid = self.checkpoints.checkpoints()
+        if self.context.resume:
+            valid = self.context.checkpoints.checkpoints()
             latest = valid[-1][0] if valid else None
             latest_step = int(valid[-1][1]["step"]) if valid else -1
-            damaged = [(path, problem) for path, problem in self.checkpoints.damaged()
+            damaged = [(path, problem) for path, problem in self.context.checkpoints.damaged()
                        if step_of_name(path) > latest_step or step_of_name(path) < 0]
             if damaged and latest is None:
                 listing = "; ".join(f"{path}: {problem}" for path, problem in damaged)
                 raise DamagedCheckpointError(
-                    f"cannot resume: no valid checkpoint in {self.checkpoints.directory} ({listing}). Move the "
+                    f"cannot resume: no valid checkpoint in {self.context.checkpoints.directory} ({listing}). Move the "
                     "damaged directories away to start over, or restore them from a backup"
                 )
-            if self.is_global_zero:
+            if self.context.is_global_zero:
                 for path, problem in damaged:
                     self.log.warning(f"warning: checkpoint {path} is damaged ({problem}); resuming from {latest} "
                                      "instead")
         else:
             latest = None
         if latest is None:
-            if self.is_global_zero:
-                trim_csv_log(self.log_dir, -1)
+            if self.context.is_global_zero:
+                trim_csv_log(self.context.log_dir, -1)
             return
         try:
             extra = self.model.load_checkpoint(str(latest))
@@ -216,8 +260,8 @@ class TrainingLoop:
         self.step = int(extra["step"])
         self._restore(extra)
         self.last_val_metrics = {k[4:]: v for k, v in extra.get("metrics", {}).items() if k.startswith("val_")}
-        if self.is_global_zero:
-            dropped = trim_csv_log(self.log_dir, self.step)
+        if self.context.is_global_zero:
+            dropped = trim_csv_log(self.context.log_dir, self.step)
             note = f"; dropped {dropped} CSV log rows logged after it" if dropped else ""
             self.log.info(f"resumed from {latest} at {self.name} step {self.step} "
                           f"(consumed_samples={extra.get('consumed_samples')}){note}")
@@ -230,7 +274,7 @@ class TrainingLoop:
         try:
             yield
         except NonFiniteError as err:
-            latest = self.checkpoints.latest()
+            latest = self.context.checkpoints.latest()
             kept = f"the last checkpoint, {latest}, is kept" if latest is not None else "no checkpoint was written"
             raise NonFiniteError(f"training stopped at {self.name} step {self.step + 1}/{self.max_steps}: {err}; "
                                  f"{kept}") from err
@@ -239,8 +283,8 @@ class TrainingLoop:
         """:meth:`validate`, logged under ``val/`` and summarised in one line (rank 0); returns the metrics."""
         metrics = self.validate()
         if metrics:
-            self.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-            if self.is_global_zero:
+            self.context.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+            if self.context.is_global_zero:
                 summary = format_metrics(metrics, self.val_summary_keys)
                 self.log.info(f"validation step {self.step}/{self.max_steps}: {summary}")
         return metrics
@@ -249,14 +293,22 @@ class TrainingLoop:
         """Whether the step just finished is a multiple of ``every`` (> 0) or the last one."""
         return (every > 0 and self.step % every == 0) or self.step == self.max_steps
 
+    def _validate_and_save(self, val_every: int, save_every: int) -> None:
+        """After a step: validate every ``val_every`` steps and checkpoint every ``save_every`` steps (each also
+        after the last step; 0 = only then)."""
+        if self._should(val_every):
+            self.last_val_metrics = self._run_validation()
+        if self._should(save_every):
+            self._save()
+
     def _export(self) -> None:
         """Write ``<log_dir>/hf_export`` when ``export_hf``."""
-        if not self.export_hf:
+        if not self.context.export_hf:
             return
-        self.model.export_hf(str(self.log_dir / "hf_export"))
-        if self.is_global_zero:
+        self.model.export_hf(str(self.context.log_dir / "hf_export"))
+        if self.context.is_global_zero:
             role = f" of {self.export_role}" if self.export_role else ""
-            self.log.info(f"Hugging Face export{role} written to {self.log_dir / 'hf_export'}")
+            self.log.info(f"Hugging Face export{role} written to {self.context.log_dir / 'hf_export'}")
 
 
 class BaseTrainer(TrainingLoop):
@@ -268,43 +320,20 @@ class BaseTrainer(TrainingLoop):
         collate_fn: ``list[dict] -> batch``; each example gets an ``index`` key (its dataset index). The batch
             must expose ``num_tokens`` (int, the throughput unit).
         cfg: loop configuration.
-        log_dir: where ``hf_export/`` goes.
-        checkpoints: checkpoint naming and top-k bookkeeping.
-        log_metrics: ``(dict, step) -> None`` sink for TensorBoard/CSV.
-        resume: restore the latest checkpoint in ``checkpoints`` if there is one.
-        export_hf: write ``<log_dir>/hf_export`` at the end.
-        is_global_zero: whether this process prints and shows progress.
+        context: the run's directory (``hf_export/`` goes there), checkpoints, metrics sink and flags.
     """
 
     #: Progress-bar label and the metrics shown in the one-line validation summary.
     name = "train"
     summary_keys: list[str] = ["loss"]
 
-    def __init__(
-        self,
-        model: AlignableModel,
-        train_dataset: Sequence[dict],
-        val_dataset: Sequence[dict] | None,
-        collate_fn: Callable[[list[dict]], Any],
-        cfg: TrainerConfig,
-        log_dir: str | Path,
-        checkpoints: CheckpointManager,
-        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-        resume: bool = True,
-        export_hf: bool = True,
-        is_global_zero: bool = True,
-    ):
-        self.model = model
+    def __init__(self, model: AlignableModel, train_dataset: Sequence[dict], val_dataset: Sequence[dict] | None,
+                 collate_fn: Callable[[list[dict]], Any], cfg: TrainerConfig, context: RunContext):
+        super().__init__(model, context)
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.collate_fn = collate_fn
         self.cfg = cfg
-        self.log_dir = Path(log_dir)
-        self.checkpoints = checkpoints
-        self.log_metrics = log_metrics
-        self.resume = resume
-        self.export_hf = export_hf
-        self.is_global_zero = is_global_zero
         self.sampler = GlobalBatchSampler(
             len(train_dataset),
             cfg.global_batch_size,
@@ -314,10 +343,6 @@ class BaseTrainer(TrainingLoop):
             seed=cfg.seed,
         )
         self.max_steps = compute_max_steps(len(train_dataset), cfg)
-        self.step = 0
-        self.last_val_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-        self.log = get_logger()
 
     # ---- what a subclass provides -----------------------------------------------------------------------------
     def loss_and_metrics(self, batch: Any, training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -395,7 +420,8 @@ class BaseTrainer(TrainingLoop):
 
         self._maybe_resume()
         progress = tqdm(
-            total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero, dynamic_ncols=True
+            total=self.max_steps, initial=self.step, desc=self.name, disable=not self.context.is_global_zero,
+            dynamic_ncols=True,
         )
         val_every, save_every = int(self.cfg.val_check_interval), int(self.cfg.save_interval)
         while self.step < self.max_steps:
@@ -405,14 +431,11 @@ class BaseTrainer(TrainingLoop):
             metrics["epoch"] = (self.step - 1) // self.sampler.steps_per_epoch
             metrics["consumed_samples"] = self.step * self.cfg.global_batch_size
             self.history.append(metrics)
-            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            self.context.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
             progress.update(1)
             shown = {k: f"{metrics[k]:.4g}" for k in self.summary_keys[:2] if k in metrics}
             progress.set_postfix(**shown, tok_s=f"{metrics['tokens_per_sec']:.0f}")
-            if self._should(val_every):
-                self.last_val_metrics = self._run_validation()
-            if self._should(save_every):
-                self._save()
+            self._validate_and_save(val_every, save_every)
         progress.close()
         self._export()
         return self.history

@@ -14,27 +14,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from nemo_aligner.algorithms.base import TrainingLoop
+import torch
+
+from nemo_aligner.algorithms.base import RunContext, TrainingLoop
 from nemo_aligner.data.prompts import EndOfTurn, end_of_turn_rule
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.data.samplers import GlobalBatchSampler
 from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
-from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigValueError
-from nemo_aligner.utils.logging import format_metrics, get_logger
+from nemo_aligner.utils.logging import format_metrics
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
-def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: int | None = None,
+def score_rewards(reward_fn: RewardFn, rollouts: Rollouts, micro_batch_size: int | None = None,
                   end_of_turn: EndOfTurn | None = None) -> list[float]:
-    """Set each rollout's ``reward`` with ``reward_fn`` in calls of ``micro_batch_size`` rollouts (``None``: one
-    call for all); returns the rewards in rollout order.
+    """Set ``rollouts.rewards`` (``[S]`` float64) with ``reward_fn``, called on consecutive micro-batches of
+    ``micro_batch_size`` rollouts (``None``: one call for all); returns the rewards as Python floats, in rollout
+    order.
 
-    The reward function gets each rollout's ``prompt_ids`` and its *scored* response: with ``end_of_turn`` (the
+    The reward function gets each rollout's prompt ids and its *scored* response: with ``end_of_turn`` (the
     policy's chat template, :func:`~nemo_aligner.data.prompts.end_of_turn_rule`), a rollout that ``ended`` at the
     end-of-turn token after a chat prompt is scored with the template's suffix appended (ChatML: ``<|im_end|>`` then
     ``\\n``), the tokens reward-model training gave that turn, so the reward is read where the head was trained
@@ -45,30 +49,23 @@ def score_rewards(reward_fn: RewardFn, rollouts: list[dict], micro_batch_size: i
         RuntimeError: the reward function returned the wrong number of scores.
     """
     size = micro_batch_size or max(len(rollouts), 1)
+    prompts, responses, ended = rollouts.prompts(), rollouts.responses(), rollouts.ended.tolist()
     out: list[float] = []
     for start in range(0, len(rollouts), size):
-        chunk = rollouts[start : start + size]
-        responses = [r["response_ids"] if end_of_turn is None
-                     else end_of_turn.scored_response(r["prompt_ids"], r["response_ids"], r.get("ended", False))
-                     for r in chunk]
-        rewards = list(reward_fn([r["prompt_ids"] for r in chunk], responses))
+        chunk = range(start, min(start + size, len(rollouts)))
+        scored = [responses[i] if end_of_turn is None
+                  else end_of_turn.scored_response(prompts[i], responses[i], ended[i]) for i in chunk]
+        rewards = list(reward_fn([prompts[i] for i in chunk], scored))
         if len(rewards) != len(chunk):
             raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
-        for r, value in zip(chunk, rewards):
-            r["reward"] = float(value)
-            out.append(r["reward"])
+        out.extend(float(value) for value in rewards)
+    rollouts.rewards = torch.tensor(out, dtype=torch.float64)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # rollouts and run length
 # ---------------------------------------------------------------------------------------------------------------
-def rollout_examples(rollouts: Sequence[dict]) -> list[dict]:
-    """``{"input_ids", "prompt_length"}`` of each rollout: the
-    :func:`~nemo_aligner.data.sequences.collate_sequences` input whose targets are exactly the response tokens."""
-    return [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts]
-
-
 def compute_online_max_steps(num_prompts: int, cfg: Any, section: str) -> int:
     """Steps of an online run: ``max_epochs * (num_prompts // num_rollout_samples)``, capped by ``max_steps`` >= 0
     (the incomplete last prompt batch of an epoch is dropped). ``cfg`` has ``num_rollout_samples``, ``max_epochs``
@@ -91,24 +88,36 @@ def compute_online_max_steps(num_prompts: int, cfg: Any, section: str) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the online loop
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RolloutSetup:
+    """What an online run samples responses to, and how: the prompts and the generation settings.
+
+    Fields:
+        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty or None.
+        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams`` of the
+            training rollouts (rejection sampling validates with the same, greedy).
+        eos_token_id: the token given to an empty response (a response needs at least one token); ``None``: the
+            policy tokenizer's.
+    """
+
+    train_prompts: Sequence[Sequence[int]]
+    val_prompts: Sequence[Sequence[int]] | None
+    sampling_params: Any
+    length_params: Any
+    eos_token_id: int | None = None
+
+
 class OnlineTrainer(TrainingLoop):
     """The parts of an online trainer that PPO and rejection sampling share (see the module docstring).
 
     Args:
         model: the policy being trained (PPO's actor); must implement ``generate`` and ``get_logprobs``.
         reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
-        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        setup: the prompts and generation settings (:class:`RolloutSetup`).
         cfg: the algorithm's config (``num_rollout_samples``, ``num_val_samples``, ``num_val_samples_to_show``,
             ``val_check_interval``, ``save_interval``, ``seed``, ...).
-        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams``.
-        log_dir: ``hf_export/`` and ``val_samples/`` go here.
-        checkpoints: the model's checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
-        log_metrics: ``(dict, step) -> None`` sink.
-        resume: restore the latest checkpoint when there is one.
-        export_hf: write ``<log_dir>/hf_export`` at the end.
-        is_global_zero: whether this process prints and writes sample tables.
-        eos_token_id: the token given to an empty response (a response needs at least one token); default the
-            tokenizer's.
+        context: the run (:class:`~nemo_aligner.algorithms.base.RunContext`): ``hf_export/`` and ``val_samples/``
+            go to its ``log_dir``; its checkpoints monitor ``val_global_rewards``, mode ``max``.
         rollout_micro_batch_size: the sampler's micro-batch (the prompts of a step are this rank's share either way).
 
     A subclass sets ``max_steps`` and implements ``train_step() -> (metrics, rollouts)`` and ``validate()``.
@@ -123,38 +132,17 @@ class OnlineTrainer(TrainingLoop):
     #: First line of the validation sample table.
     sample_table_title = "validation samples"
 
-    def __init__(
-        self,
-        model: AlignableModel,
-        reward_fn: RewardFn,
-        train_prompts: Sequence[Sequence[int]],
-        val_prompts: Sequence[Sequence[int]] | None,
-        cfg: Any,
-        sampling_params: Any,
-        length_params: Any,
-        log_dir: str | Path,
-        checkpoints: CheckpointManager,
-        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-        resume: bool = True,
-        export_hf: bool = True,
-        is_global_zero: bool = True,
-        eos_token_id: int | None = None,
-        rollout_micro_batch_size: int = 1,
-    ):
-        self.model = model
+    def __init__(self, model: AlignableModel, reward_fn: RewardFn, setup: RolloutSetup, cfg: Any, context: RunContext,
+                 rollout_micro_batch_size: int = 1):
+        super().__init__(model, context)
         self.reward_fn = reward_fn
-        self.train_prompts = [list(p) for p in train_prompts]
-        self.val_prompts = [list(p) for p in (val_prompts or [])]
+        self.train_prompts = [list(p) for p in setup.train_prompts]
+        self.val_prompts = [list(p) for p in (setup.val_prompts or [])]
         self.cfg = cfg
-        self.sampling_params = sampling_params
-        self.length_params = length_params
-        self.log_dir = Path(log_dir)
-        self.checkpoints = checkpoints
-        self.log_metrics = log_metrics
-        self.resume = resume
-        self.export_hf = export_hf
-        self.is_global_zero = is_global_zero
+        self.sampling_params = setup.sampling_params
+        self.length_params = setup.length_params
         self.tokenizer = model.tokenizer
+        eos_token_id = setup.eos_token_id
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         self.eos_token_id = eos_token_id
@@ -165,11 +153,7 @@ class OnlineTrainer(TrainingLoop):
             len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
             rank=model.data_parallel_rank, world_size=model.data_parallel_size, seed=cfg.seed,
         )
-        self.step = 0
         self.initial_val_metrics: dict[str, float] = {}
-        self.last_val_metrics: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-        self.log = get_logger()
 
     @property
     def samples_per_step(self) -> int:
@@ -190,8 +174,7 @@ class OnlineTrainer(TrainingLoop):
 
     # ---- rollouts ---------------------------------------------------------------------------------------------
     def generate_rollouts(self, prompts: list[list[int]], num_per_prompt: int, sampling_params: Any,
-                          micro_batch_size: int, seed: int,
-                          prompt_indices: Sequence[int] | None = None) -> list[dict]:
+                          micro_batch_size: int, seed: int, prompt_indices: Sequence[int] | None = None) -> Rollouts:
         """``num_per_prompt`` responses to each prompt, in generation calls of ``micro_batch_size`` responses.
 
         Response ``j`` of prompt ``p`` samples with its own seed
@@ -200,9 +183,9 @@ class OnlineTrainer(TrainingLoop):
         responses do not depend on how the prompts are split over data-parallel ranks or micro-batches, and two
         ranks never share random numbers.
 
-        Returns ``len(prompts) * num_per_prompt`` rollouts, prompt-major (rollout ``p * num_per_prompt + j`` is
-        sample ``j`` of prompt ``p``), each ``{"prompt_ids", "response_ids", "input_ids", "prompt_length",
-        "ended", "prompt_index", "sample_index"}``; an empty response becomes ``[eos_token_id]``.
+        Returns ``len(prompts) * num_per_prompt`` :class:`~nemo_aligner.data.rollouts.Rollouts`, prompt-major
+        (rollout ``p * num_per_prompt + j`` is sample ``j`` of prompt ``p``: ``prompt_index`` ``p``, the position
+        in ``prompts``, and ``sample_index`` ``j``), with ``ended``; an empty response becomes ``[eos_token_id]``.
 
         Raises:
             ValueError: ``prompt_indices`` does not have one entry per prompt.
@@ -211,31 +194,28 @@ class OnlineTrainer(TrainingLoop):
         if len(indices) != len(prompts):
             raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
         rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
-        rollouts = []
+        responses, ended = [], []
         with self.model.inference():
             for start in range(0, len(rows), micro_batch_size):
                 chunk = rows[start : start + micro_batch_size]
                 out = self.model.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
                                           seeds=[response_seed(seed, indices[p], j) for p, j in chunk])
-                for (p, j), response, ended in zip(chunk, out.response_ids, out.ended):
-                    response = list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)]
-                    prompt = list(prompts[p])
-                    rollouts.append({
-                        "prompt_ids": prompt, "response_ids": response, "input_ids": prompt + response,
-                        "prompt_length": len(prompt), "ended": bool(ended), "prompt_index": p, "sample_index": j,
-                    })
-        return rollouts
+                for response, done in zip(out.response_ids, out.ended):
+                    responses.append(list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)])
+                    ended.append(bool(done))
+        return Rollouts.from_lists([prompts[p] for p, _ in rows], responses, ended,
+                                   prompt_index=[p for p, _ in rows], sample_index=[j for _, j in rows])
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_rollouts(self, sampling_params: Any, micro_batch_size: int,
-                            score_micro_batch_size: int | None = None) -> list[dict]:
+                            score_micro_batch_size: int | None = None) -> Rollouts | None:
         """One response (``sampling_params``, seeded by ``cfg.seed`` and the prompt's index) to each of this rank's
         share of the first ``num_val_samples`` validation prompts, scored (:func:`score_rewards` in calls of
-        ``score_micro_batch_size``); empty when this rank has no validation prompt."""
+        ``score_micro_batch_size``); ``None`` when this rank has no validation prompt."""
         rank, world = self.model.data_parallel_rank, self.model.data_parallel_size
         prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
         if not prompts:
-            return []
+            return None
         rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed,
                                           prompt_indices=range(rank, rank + world * len(prompts), world))
         score_rewards(self.reward_fn, rollouts, score_micro_batch_size, self.end_of_turn)
@@ -247,24 +227,25 @@ class OnlineTrainer(TrainingLoop):
         except NotImplementedError:  # a model without a tokenizer: the ids themselves
             return " ".join(map(str, ids))
 
-    def write_samples(self, rollouts: list[dict]) -> Path:
-        """Write ``<log_dir>/val_samples/step=<N>.md``, a table of the rollouts' prompts (last 300 characters),
-        responses and rewards, and log the first two responses; returns the file."""
+    def write_samples(self, rollouts: Rollouts) -> Path:
+        """Write ``<log_dir>/val_samples/step=<N>.md``, a table of the scored rollouts' prompts (last 300
+        characters), responses and rewards, and log the first two responses; returns the file."""
         cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+        prompts, responses, rewards = rollouts.prompts(), rollouts.responses(), rollouts.rewards.tolist()
         lines = [f"# {self.sample_table_title}, step {self.step}", "",
                  "| # | prompt | response | reward |", "|---|---|---|---|"]
-        for i, r in enumerate(rollouts):
-            lines.append(f"| {i} | {cell(self._decode(r['prompt_ids'])[-300:])} | "
-                         f"{cell(self._decode(r['response_ids']))} | {r['reward']:.4g} |")
-        out = self.log_dir / "val_samples" / f"step={self.step:07d}.md"
+        for i, (prompt, response, reward) in enumerate(zip(prompts, responses, rewards)):
+            lines.append(f"| {i} | {cell(self._decode(prompt)[-300:])} | {cell(self._decode(response))} | "
+                         f"{reward:.4g} |")
+        out = self.context.log_dir / "val_samples" / f"step={self.step:07d}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
-        for r in rollouts[:2]:
-            self.log.info(f"val sample (reward {r['reward']:.3g}): {self._decode(r['response_ids'])[:200]!r}")
+        for response, reward in list(zip(responses, rewards))[:2]:
+            self.log.info(f"val sample (reward {reward:.3g}): {self._decode(response)[:200]!r}")
         return out
 
     # ---- loop -------------------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+    def train_step(self) -> tuple[dict[str, float], Rollouts]:
         """Run step ``self.step``; returns ``(metrics averaged over ranks, this rank's rollouts)``."""
         raise NotImplementedError
 
@@ -286,8 +267,8 @@ class OnlineTrainer(TrainingLoop):
         val_every, save_every = self.cfg.val_check_interval, self.cfg.save_interval
         if self.validate_before_training and self.step == 0 and val_every > 0:
             self.initial_val_metrics = self._run_validation()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name, disable=not self.is_global_zero,
-                        dynamic_ncols=True)
+        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name,
+                        disable=not self.context.is_global_zero, dynamic_ncols=True)
         while self.step < self.max_steps:
             with self._stop_on_non_finite():
                 metrics, _ = self.train_step()
@@ -295,17 +276,14 @@ class OnlineTrainer(TrainingLoop):
             metrics["consumed_samples"] = self.step * self.samples_per_step
             metrics.update(self._counters())
             self.history.append(metrics)
-            self.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            self.context.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
             progress.update(1)
             progress.set_postfix(**self._progress_postfix(metrics))
-            if self.is_global_zero:
+            if self.context.is_global_zero:
                 times = ", ".join(f"{label} {metrics[key]:.1f}s" for label, key in self.timing_keys.items())
                 self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
                               f"({times})")
-            if self._should(val_every):
-                self.last_val_metrics = self._run_validation()
-            if self._should(save_every):
-                self._save()
+            self._validate_and_save(val_every, save_every)
         progress.close()
         self._export()
         return self.history

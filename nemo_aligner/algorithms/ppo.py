@@ -46,19 +46,19 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import torch
 
+from nemo_aligner.algorithms.base import RunContext, optimizer_step
 from nemo_aligner.algorithms.online import (
     OnlineTrainer,
     RewardFn,
+    RolloutSetup,
     compute_online_max_steps,
-    rollout_examples,
     score_rewards,
 )
-from nemo_aligner.algorithms.base import optimizer_step
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
@@ -203,16 +203,6 @@ def compute_ppo_max_steps(num_prompts: int, cfg: PPOConfig) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # roles
 # ---------------------------------------------------------------------------------------------------------------
-def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
-    """Cut a flat ``[N]`` tensor into per-sequence lists of the given lengths (summing to ``N``)."""
-    out, start = [], 0
-    values = flat.detach().float().cpu().tolist()
-    for n in lengths:
-        out.append(values[start : start + int(n)])
-        start += int(n)
-    return out
-
-
 class CriticHandle(Protocol):
     """What the PPO trainer needs from a critic (local or remote).
 
@@ -223,10 +213,10 @@ class CriticHandle(Protocol):
 
     shared: bool
 
-    def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
-        """Values of each response token of each rollout (``{"input_ids", "prompt_length"}``)."""
+    def infer(self, rollouts: Rollouts) -> torch.Tensor:
+        """``[N]`` float32 values of the response tokens of ``rollouts`` (flat, rollout then token order)."""
 
-    def train(self, rollouts: Sequence[dict], seed: int, step: int) -> dict[str, float]:
+    def train(self, rollouts: Rollouts, seed: int, step: int) -> dict[str, float]:
         """Critic training on rollouts with ``values`` and ``returns``; returns metrics. ``step`` numbers the
         trainings of a run (warm-up buffer ``w`` is ``w``, PPO step ``s`` (0-based) is ``critic_warmup_steps + s``),
         so that a retried request can be recognised."""
@@ -248,8 +238,8 @@ class CriticHandle(Protocol):
 class InitialPolicyHandle(Protocol):
     """What the PPO trainer needs from the initial (reference) policy."""
 
-    def logprobs(self, rollouts: Sequence[dict]) -> list[list[float]]:
-        """Log-probabilities (nats) of each response token of each rollout."""
+    def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """``[N]`` float32 log-probabilities (nats) of the response tokens of ``rollouts`` (flat)."""
 
 
 class LocalCritic:
@@ -279,10 +269,10 @@ class LocalCritic:
         self.epochs = epochs
         self._changed = False  # trained or loaded since construction (or the last reset)
 
-    def infer(self, rollouts):
-        return critic_values(self.critic, rollout_examples(rollouts), self.forward_micro_batch_size)
+    def infer(self, rollouts: Rollouts) -> torch.Tensor:
+        return critic_values(self.critic, rollouts, self.forward_micro_batch_size)
 
-    def train(self, rollouts, seed, step=0):
+    def train(self, rollouts: Rollouts, seed: int, step: int = 0) -> dict[str, float]:
         self._changed = True
         return update_critic(self.critic, rollouts, self.global_batch_size, self.micro_batch_size, self.epochs, seed)
 
@@ -323,50 +313,39 @@ class LocalInitialPolicy:
         self.actor = actor
         self.forward_micro_batch_size = forward_micro_batch_size
 
-    def logprobs(self, rollouts):
+    def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         return policy_logprobs(self.actor, rollouts, self.forward_micro_batch_size, reference=True)
 
 
 @torch.no_grad()
-def policy_logprobs(model: AlignableModel, rollouts: Sequence[dict], micro_batch_size: int, reference: bool = False) -> list[list[float]]:
-    """Per-response-token log-probabilities (nats) of ``rollouts`` under ``model`` (or its reference policy)."""
-    out: list[list[float]] = []
+def policy_logprobs(model: AlignableModel, rollouts: Rollouts, micro_batch_size: int,
+                    reference: bool = False) -> torch.Tensor:
+    """``[N]`` float32 log-probabilities (nats, on the CPU) of the response tokens of ``rollouts`` under ``model``
+    (or its reference policy), in consecutive micro-batches of ``micro_batch_size`` rollouts."""
     pad = model.pad_token_id
     with model.inference():
-        for start in range(0, len(rollouts), micro_batch_size):
-            batch = collate_sequences(rollout_examples(rollouts[start : start + micro_batch_size]), pad)
-            out.extend(split_by_lengths(model.get_logprobs(batch, reference=reference), batch.target_lengths.tolist()))
-    return out
+        out = [model.get_logprobs(chunk.sequence_batch(pad), reference=reference).detach().float().cpu()
+               for chunk in rollouts.split(micro_batch_size)]
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def critic_values(critic: AlignableModel, rollouts: Sequence[dict], micro_batch_size: int) -> list[list[float]]:
-    """Values of the response tokens of each rollout (``{"input_ids", "prompt_length"}``) under ``critic``
-    (:meth:`~nemo_aligner.models.alignable.AlignableModel.get_values`), in micro-batches of ``micro_batch_size``.
-
-    Returns:
-        ``S`` lists, rollout ``s`` holding ``len(input_ids) - prompt_length`` floats.
-    """
-    out: list[list[float]] = []
+def critic_values(critic: AlignableModel, rollouts: Rollouts, micro_batch_size: int) -> torch.Tensor:
+    """``[N]`` float32 values (on the CPU) of the response tokens of ``rollouts`` under ``critic``
+    (:meth:`~nemo_aligner.models.alignable.AlignableModel.get_values`), in consecutive micro-batches of
+    ``micro_batch_size`` rollouts."""
     with critic.inference():
-        for start in range(0, len(rollouts), micro_batch_size):
-            batch = _critic_batch(critic, rollouts[start : start + micro_batch_size])
-            out.extend(split_by_lengths(critic.get_values(batch), batch.target_lengths.tolist()))
-    return out
-
-
-def _critic_batch(critic: AlignableModel, rollouts: Sequence[dict]) -> SequenceBatch:
-    return collate_sequences(
-        [{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in rollouts], critic.pad_token_id
-    )
+        out = [critic.get_values(chunk.sequence_batch(critic.pad_token_id)).detach().float().cpu()
+               for chunk in rollouts.split(micro_batch_size)]
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # advantages
 # ---------------------------------------------------------------------------------------------------------------
-def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callable | None = None) -> dict[str, float]:
-    """Fill each rollout's ``advantages`` and ``returns`` (and ``kl``) from its ``logprobs``, ``init_logprobs``,
-    ``values`` and ``reward``; return buffer statistics.
+def compute_advantages(rollouts: Rollouts, cfg: PPOConfig, all_reduce: Callable | None = None) -> dict[str, float]:
+    """Set ``rollouts.advantages`` and ``rollouts.returns`` (``[N]`` float32) from its ``logprobs``,
+    ``init_logprobs``, ``values`` and ``rewards``; return buffer statistics.
 
     KL penalty per token (:func:`~nemo_aligner.algorithms.ppo_math.calculate_kl_penalty`), KL-penalised token rewards
     (Ouyang et al. 2022 eq. 2), GAE (Schulman et al. 2016 eq. 11-16) per response; with ``normalize_advantages`` the
@@ -377,14 +356,12 @@ def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callabl
         ``init_policy_kl`` (mean per-response summed KL, nats; the raw ``log pi - log pi_init`` even with
         ``use_absolute_kl``), ``advantages_mean``/``std`` (before whitening), ``returns_mean``.
     """
-    lengths = [len(r["logprobs"]) for r in rollouts]
-    seq_id = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(lengths))
-    cat = lambda key: torch.tensor([v for r in rollouts for v in r[key]], dtype=torch.float32)  # noqa: E731
-    logp, init_logp, values = cat("logprobs"), cat("init_logprobs"), cat("values")
-    rewards = torch.tensor([float(r["reward"]) for r in rollouts], dtype=torch.float32)
+    seq_id, num = rollouts.token_seq_id(), len(rollouts)
+    logp, init_logp, values = rollouts.logprobs, rollouts.init_logprobs, rollouts.values
+    rewards = rollouts.rewards.float()
     kl = calculate_kl_penalty(logp, init_logp, cfg.use_absolute_kl)
-    kl_p, mask = flat_to_padded(kl, seq_id, len(rollouts))
-    values_p, _ = flat_to_padded(values, seq_id, len(rollouts))
+    kl_p, mask = flat_to_padded(kl, seq_id, num)
+    values_p, _ = flat_to_padded(values, seq_id, num)
     token_rewards = kl_penalized_token_rewards(rewards, kl_p, mask, cfg.initial_policy_kl_penalty)
     adv_p, ret_p = calculate_gae(token_rewards, values_p, mask, cfg.discount_factor, cfg.gae_lambda)
     adv, ret = padded_to_flat(adv_p, mask), padded_to_flat(ret_p, mask)
@@ -399,30 +376,28 @@ def compute_advantages(rollouts: list[dict], cfg: PPOConfig, all_reduce: Callabl
         "advantages_mean": mean,
         "advantages_std": math.sqrt(var),
         "returns_mean": float(ret.mean()),
-        "init_policy_kl": float((logp - init_logp).sum() / len(rollouts)),
+        "init_policy_kl": float((logp - init_logp).sum() / num),
     }
     if cfg.normalize_advantages:
         adv = (adv - mean) / math.sqrt(var + 1e-8)
-    raw_kl = split_by_lengths(logp - init_logp, lengths)
-    for r, a, rt, k in zip(rollouts, split_by_lengths(adv, lengths), split_by_lengths(ret, lengths), raw_kl):
-        r["advantages"], r["returns"], r["kl"] = a, rt, k
+    rollouts.advantages, rollouts.returns = adv, ret
     return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # updates: the actor's clipped surrogate and the critic's clipped value regression
 # ---------------------------------------------------------------------------------------------------------------
-def _global_batches(rollouts: Sequence[dict], per_rank: int, micro_batch_size: int, seed: int):
+def _global_batches(rollouts: Rollouts, per_rank: int, micro_batch_size: int, seed: int):
     """The global batches of one epoch over ``rollouts`` (shuffled by ``random.Random(seed)``): ``per_rank``
     rollouts each (an incomplete last one too), as ``(group, micro-batches of micro_batch_size)``."""
     order = list(range(len(rollouts)))
     random.Random(seed).shuffle(order)
     for g in range(0, len(order), per_rank):
-        group = [rollouts[i] for i in order[g : g + per_rank]]
-        yield group, [group[m : m + micro_batch_size] for m in range(0, len(group), micro_batch_size)]
+        group = rollouts.select(order[g : g + per_rank])
+        yield group, group.split(micro_batch_size)
 
 
-def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, seed: int) -> dict[str, float]:
+def update_actor(actor: AlignableModel, rollouts: Rollouts, cfg: PPOConfig, seed: int) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped-surrogate updates of ``actor`` over ``rollouts`` (shuffled by ``seed + epoch``).
 
     Each global batch (``global_batch_size / data-parallel size`` rollouts on this rank) is one optimizer step
@@ -438,8 +413,7 @@ def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, se
     over the same tokens (0 for such a batch).
 
     Args:
-        rollouts: this rank's rollouts, each with ``input_ids``, ``prompt_length``, ``response_ids``, ``ended``,
-            ``logprobs`` (the rollout policy's) and ``advantages`` (one float per response token each).
+        rollouts: this rank's rollouts, with ``ended``, ``logprobs`` (the rollout policy's) and ``advantages``.
 
     Returns:
         Averages over optimizer steps (and ranks) of ``policy_loss``, ``entropy``, ``actor_loss``,
@@ -451,15 +425,14 @@ def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, se
     sums: dict[str, float] = {}
     steps = 0
 
-    def loss_fn(micro: tuple[list[dict], list[bool]]):
+    def loss_fn(micro: tuple[Rollouts, torch.Tensor]):
         chunk, chunk_keep = micro
-        batch = collate_sequences(rollout_examples(chunk), pad)
-        old = torch.tensor([v for r in chunk for v in r["logprobs"]], dtype=torch.float32, device=device)
-        adv = torch.tensor([v for r in chunk for v in r["advantages"]], dtype=torch.float32, device=device)
+        batch = chunk.sequence_batch(pad)
+        old = chunk.logprobs.to(device)
+        adv = chunk.advantages.to(device)
         mask = None
-        if not all(chunk_keep):  # 1 on the tokens of the rollouts that enter the loss
-            mask = torch.tensor([float(k) for r, k in zip(chunk, chunk_keep) for _ in r["response_ids"]],
-                                dtype=torch.float32, device=device)
+        if not bool(chunk_keep.all()):  # 1 on the tokens of the rollouts that enter the loss
+            mask = chunk_keep.repeat_interleave(chunk.response_lengths).float().to(device)
         logprobs, entropies = actor.get_logprobs(batch, return_entropy=True)
         pg_loss, metrics = ppo_policy_loss(logprobs, old, adv, cfg.ratio_eps, mask)
         entropy = masked_mean(entropies, mask)
@@ -469,8 +442,8 @@ def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, se
 
     for epoch in range(cfg.ppo_epochs):
         for group, micro in _global_batches(rollouts, per_rank, cfg.micro_batch_size, seed + epoch):
-            keep = [[not cfg.mask_truncated or bool(r["ended"]) for r in chunk] for chunk in micro]
-            kept = [sum(len(r["response_ids"]) for r, k in zip(chunk, ks) if k) for chunk, ks in zip(micro, keep)]
+            keep = [chunk.ended if cfg.mask_truncated else torch.ones(len(chunk), dtype=torch.bool) for chunk in micro]
+            kept = [int(chunk.response_lengths[ks].sum()) for chunk, ks in zip(micro, keep)]
             total_tokens = sum(kept)
             weights = [n / total_tokens if total_tokens else 0.0 for n in kept]
             step_sums, info = optimizer_step(actor, list(zip(micro, keep)), loss_fn, weights)
@@ -484,7 +457,7 @@ def update_actor(actor: AlignableModel, rollouts: list[dict], cfg: PPOConfig, se
 
 
 def update_critic(
-    critic: AlignableModel, rollouts: Sequence[dict], global_batch_size: int, micro_batch_size: int, epochs: int = 1,
+    critic: AlignableModel, rollouts: Rollouts, global_batch_size: int, micro_batch_size: int, epochs: int = 1,
     seed: int = 0,
 ) -> dict[str, float]:
     """Fit the critic's values of the response tokens to their GAE returns with the clipped value loss
@@ -499,29 +472,26 @@ def update_critic(
 
     Args:
         critic: a critic (:meth:`~nemo_aligner.models.alignable.AlignableModel.get_values`, ``loss_clip_val``).
-        rollouts: dicts with ``input_ids``, ``prompt_length``, ``values`` (rollout-time values) and ``returns``
-            (one float per response token each).
+        rollouts: rollouts with ``values`` (rollout-time values) and ``returns``.
 
     Returns:
         Averages over optimizer steps of ``value_loss``, ``value_clip_fraction``, ``explained_variance``,
         ``values_mean``, ``returns_mean``, ``grad_norm``, ``lr``, plus ``critic_optimizer_steps``.
 
     Raises:
-        ValueError: a rollout's ``values``/``returns`` length differs from its response length.
+        ValueError: the rollouts have no ``values`` or no ``returns``.
     """
-    for r in rollouts:
-        n = len(r["input_ids"]) - int(r["prompt_length"])
-        if len(r["values"]) != n or len(r["returns"]) != n:
-            raise ValueError(f"a rollout has {n} response tokens but {len(r['values'])} values / {len(r['returns'])} returns")
+    if rollouts.values is None or rollouts.returns is None:
+        raise ValueError("critic training needs rollouts with values and returns")
     per_rank = max(global_batch_size // critic.data_parallel_size, 1)
     device = critic.device
     sums: dict[str, float] = {}
     steps = 0
 
-    def loss_fn(chunk: list[dict]):
-        batch = _critic_batch(critic, chunk)
-        old = torch.tensor([v for r in chunk for v in r["values"]], dtype=torch.float32, device=device)
-        ret = torch.tensor([v for r in chunk for v in r["returns"]], dtype=torch.float32, device=device)
+    def loss_fn(chunk: Rollouts):
+        batch = chunk.sequence_batch(critic.pad_token_id)
+        old = chunk.values.to(device)
+        ret = chunk.returns.to(device)
         values = critic.get_values(batch)
         loss, metrics = ppo_value_loss(values, old, ret, critic.loss_clip_val)
         with torch.no_grad():
@@ -532,13 +502,11 @@ def update_critic(
 
     for epoch in range(epochs):
         for group, micro in _global_batches(rollouts, per_rank, micro_batch_size, seed + epoch):
-            total_tokens = sum(len(r["values"]) for r in group)
-            weights = [sum(len(r["values"]) for r in chunk) / total_tokens for chunk in micro]
+            total_tokens = group.num_response_tokens
+            weights = [chunk.num_response_tokens / total_tokens for chunk in micro]
             step_sums, info = optimizer_step(critic, micro, loss_fn, weights)
             with torch.no_grad():
-                all_old = torch.tensor([v for r in group for v in r["values"]])
-                all_ret = torch.tensor([v for r in group for v in r["returns"]])
-                step_sums["explained_variance"] = float(explained_variance(all_old, all_ret))
+                step_sums["explained_variance"] = float(explained_variance(group.values, group.returns))
             step_sums.update(info)
             for k, v in step_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -560,16 +528,11 @@ class PPOTrainer(OnlineTrainer):
         critic: :class:`CriticHandle`.
         initial_policy: :class:`InitialPolicyHandle`.
         reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
-        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        setup: the prompts and generation settings (:class:`~nemo_aligner.algorithms.online.RolloutSetup`).
         cfg: :class:`PPOConfig`.
-        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams``.
-        log_dir: ``hf_export/`` and ``val_samples/`` go here.
-        checkpoints: the actor's checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
-        log_metrics: ``(dict, step) -> None`` sink.
-        resume: restore the latest checkpoint (actor, critic, data position) when there is one.
-        export_hf: write ``<log_dir>/hf_export`` at the end.
-        is_global_zero: whether this process prints.
-        eos_token_id: appended to an empty response (a response needs at least one token).
+        context: the run (:class:`~nemo_aligner.algorithms.base.RunContext`): the actor's checkpoints (monitor
+            ``val_global_rewards``, mode ``max``; resume restores actor, critic and data position), ``hf_export/``
+            and ``val_samples/`` in its ``log_dir``.
 
     Raises:
         ValueError: too few prompts for one step, ``num_rollout_samples`` not a multiple of
@@ -585,25 +548,8 @@ class PPOTrainer(OnlineTrainer):
     timing_keys = {"generation": "time_generation", "inference": "time_inference", "training": "time_train"}
     export_role = "the actor"
 
-    def __init__(
-        self,
-        actor: AlignableModel,
-        critic: CriticHandle,
-        initial_policy: InitialPolicyHandle,
-        reward_fn: RewardFn,
-        train_prompts: Sequence[Sequence[int]],
-        val_prompts: Sequence[Sequence[int]] | None,
-        cfg: PPOConfig,
-        sampling_params: Any,
-        length_params: Any,
-        log_dir: str | Path,
-        checkpoints: CheckpointManager,
-        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-        resume: bool = True,
-        export_hf: bool = True,
-        is_global_zero: bool = True,
-        eos_token_id: int | None = None,
-    ):
+    def __init__(self, actor: AlignableModel, critic: CriticHandle, initial_policy: InitialPolicyHandle,
+                 reward_fn: RewardFn, setup: RolloutSetup, cfg: PPOConfig, context: RunContext):
         world = actor.data_parallel_size
         if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
             raise ConfigValueError(
@@ -617,17 +563,19 @@ class PPOTrainer(OnlineTrainer):
             if size % world:
                 raise ConfigValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
                                        f"trains on {key} / {world} of its rollouts per optimizer step)")
-        super().__init__(actor, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
-                         checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id,
-                         rollout_micro_batch_size=cfg.rollout_micro_batch_size)
+        super().__init__(actor, reward_fn, setup, cfg, context, rollout_micro_batch_size=cfg.rollout_micro_batch_size)
         self.actor = actor
         self.critic = critic
         self.initial_policy = initial_policy
         self.max_steps = compute_ppo_max_steps(len(self.train_prompts), cfg)
 
     # ---- rollouts ---------------------------------------------------------------------------------------------
-    def score_rollouts(self, rollouts: list[dict]) -> dict[str, float]:
-        """Fill ``logprobs``, ``init_logprobs``, ``values`` and ``reward`` of each rollout; return timings."""
+    def score_rollouts(self, rollouts: Rollouts) -> dict[str, float]:
+        """Set ``logprobs``, ``init_logprobs``, ``values`` and ``rewards`` of the rollouts; return timings.
+
+        Raises:
+            RuntimeError: the actor, initial policy or critic did not give one number per response token.
+        """
         timing = {}
         start = time.perf_counter()
         logprobs = policy_logprobs(self.actor, rollouts, self.cfg.forward_micro_batch_size)
@@ -637,15 +585,15 @@ class PPOTrainer(OnlineTrainer):
         start = time.perf_counter()
         score_rewards(self.reward_fn, rollouts, end_of_turn=self.end_of_turn)
         timing["time_inference_reward"] = time.perf_counter() - start
-        for r, lp, ilp, v in zip(rollouts, logprobs, init_logprobs, values):
-            n = len(r["response_ids"])
-            if not (len(lp) == len(ilp) == len(v) == n):
-                raise RuntimeError(f"a response of {n} tokens got {len(lp)} logprobs, {len(ilp)} initial, {len(v)} values")
-            r.update(logprobs=lp, init_logprobs=ilp, values=v)
+        n = rollouts.num_response_tokens
+        if not (logprobs.shape == init_logprobs.shape == values.shape == (n,)):
+            raise RuntimeError(f"{n} response tokens got {logprobs.numel()} logprobs, {init_logprobs.numel()} initial, "
+                               f"{values.numel()} values")
+        rollouts.logprobs, rollouts.init_logprobs, rollouts.values = logprobs, init_logprobs, values
         return timing
 
     # ---- actor training ---------------------------------------------------------------------------------------
-    def train_actor(self, rollouts: list[dict], seed: int) -> dict[str, float]:
+    def train_actor(self, rollouts: Rollouts, seed: int) -> dict[str, float]:
         """The actor's update on this rank's rollout buffer (:func:`update_actor`)."""
         return update_actor(self.actor, rollouts, self.cfg, seed)
 
@@ -665,7 +613,7 @@ class PPOTrainer(OnlineTrainer):
             fn()
         self._barrier()
 
-    def train_critic(self, rollouts: list[dict], seed: int, round_index: int) -> dict[str, float]:
+    def train_critic(self, rollouts: Rollouts, seed: int, round_index: int) -> dict[str, float]:
         """One critic training on this PPO step's rollout buffer (``round_index``: see :meth:`CriticHandle.train`).
 
         A per-rank (colocated) critic trains on this rank's rollouts (each rank ``critic_global_batch_size / W`` per
@@ -676,14 +624,13 @@ class PPOTrainer(OnlineTrainer):
         world = self.actor.data_parallel_size
         if not self.critic.shared or world == 1:
             return self.critic.train(rollouts, seed=seed, step=round_index)
-        keys = ("input_ids", "prompt_length", "values", "returns")
-        shards = _all_gather_objects([{k: r[k] for k in keys} for r in rollouts], world)
+        shards = _all_gather_objects(rollouts, world)
         metrics = None
         if self.actor.data_parallel_rank == 0:
-            metrics = self.critic.train([r for shard in shards for r in shard], seed=seed, step=round_index)
+            metrics = self.critic.train(Rollouts.cat(shards), seed=seed, step=round_index)
         return _all_gather_objects(metrics, world)[0]
 
-    def _rollout_buffer(self, seed: int) -> tuple[list[dict], dict[str, float]]:
+    def _rollout_buffer(self, seed: int) -> tuple[Rollouts, dict[str, float]]:
         """This rank's rollouts of step ``self.step``'s prompts, sampled with ``seed``, scored (log-probs, values,
         rewards) and with advantages and returns; plus their metrics."""
         cfg = self.cfg
@@ -727,7 +674,7 @@ class PPOTrainer(OnlineTrainer):
         return out
 
     # ---- one PPO step -----------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+    def train_step(self) -> tuple[dict[str, float], Rollouts]:
         """Run PPO step ``self.step``: rollouts, inference, advantages, critic then actor training (after the critic
         warm-up of :meth:`warm_up_critic` when this is the first step of a fresh run)."""
         cfg = self.cfg
@@ -753,17 +700,17 @@ class PPOTrainer(OnlineTrainer):
         ``global_rewards`` (mean reward), ``rewards_std``, ``response_lengths_mean``; writes
         ``val_samples/step=<N>.md`` with a table of the first ``num_val_samples_to_show`` prompts and responses."""
         rollouts = self.validation_rollouts(self.sampling_params, self.cfg.val_rollout_micro_batch_size)
-        if not rollouts:
+        if rollouts is None:
             return {}
-        rew_t = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)
+        rew_t = rollouts.rewards.float()
         metrics = {
             "global_rewards": float(rew_t.mean()),
             "rewards_std": float(rew_t.std()) if len(rollouts) > 1 else 0.0,
-            "response_lengths_mean": float(sum(len(r["response_ids"]) for r in rollouts) / len(rollouts)),
+            "response_lengths_mean": float(int(rollouts.response_lengths.sum()) / len(rollouts)),
         }
         metrics = self.actor.all_reduce_mean(metrics)
-        if self.is_global_zero:
-            self.write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+        if self.context.is_global_zero:
+            self.write_samples(rollouts.select(range(min(self.cfg.num_val_samples_to_show, len(rollouts)))))
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -772,8 +719,8 @@ class PPOTrainer(OnlineTrainer):
         then prunes both to the same steps (the actor's top-k). A shared (served) critic is saved by rank 0 alone."""
         self._on_critic_owner(lambda: self.critic.save(self.step))
         super()._save()
-        if self.is_global_zero:
-            self.critic.prune({int(meta.get("step", -1)) for _, meta in self.checkpoints.checkpoints()})
+        if self.context.is_global_zero:
+            self.critic.prune({int(meta.get("step", -1)) for _, meta in self.context.checkpoints.checkpoints()})
 
     def _maybe_resume(self) -> None:
         """Resume from the latest checkpoint (the critic loads its checkpoint of that step), or, in a fresh run,
@@ -804,15 +751,15 @@ def _all_gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def rollout_metrics(rollouts: Sequence[dict]) -> dict[str, float]:
-    """``rewards_mean``/``std``, ``response_lengths_mean``/``max`` (tokens), ``ended_fraction`` of a rollout buffer."""
-    rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)
-    lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float32)
+def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
+    """``rewards_mean``/``std``, ``response_lengths_mean``/``max`` (tokens), ``ended_fraction`` of a scored rollout
+    buffer."""
+    rewards = rollouts.rewards.float()
+    lengths = rollouts.response_lengths.float()
     return {
         "rewards_mean": float(rewards.mean()),
         "rewards_std": float(rewards.std()) if len(rollouts) > 1 else 0.0,
         "response_lengths_mean": float(lengths.mean()),
         "response_lengths_max": float(lengths.max()),
-        "ended_fraction": float(sum(r["ended"] for r in rollouts) / len(rollouts)),
+        "ended_fraction": float(int(rollouts.ended.sum()) / len(rollouts)),
     }
-

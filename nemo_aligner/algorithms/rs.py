@@ -34,23 +34,22 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from nemo_aligner.algorithms.base import optimizer_step
+from nemo_aligner.algorithms.base import RunContext, optimizer_step
 from nemo_aligner.algorithms.online import (
     OnlineTrainer,
     RewardFn,
+    RolloutSetup,
     compute_online_max_steps,
-    rollout_examples,
     score_rewards,
 )
 from nemo_aligner.algorithms.supervised import sft_loss_and_metrics
-from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
+from nemo_aligner.data.rollouts import Rollouts
+from nemo_aligner.data.sequences import SequenceBatch
 from nemo_aligner.models.alignable import AlignableModel
-from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
 
 
@@ -193,23 +192,24 @@ def select_top_n(rewards: torch.Tensor | Sequence[Sequence[float]], top_n: int) 
     return order[:, : int(top_n)].to(torch.long)
 
 
-def build_rs_training_batch(rollouts: Sequence[dict], pad_token_id: int, pack: bool = False,
+def build_rs_training_batch(rollouts: Rollouts, pad_token_id: int, pack: bool = False,
                             max_row_length: int | None = None) -> SequenceBatch:
-    """The SFT batch of kept rollouts: ``prompt + response`` tokens with the prompt masked out of the loss.
+    """The SFT batch of kept rollouts: ``prompt + response`` tokens with the prompt masked out of the loss
+    (:meth:`~nemo_aligner.data.rollouts.Rollouts.sequence_batch`).
 
     Args:
-        rollouts: dicts with ``input_ids`` (prompt then response token ids) and ``prompt_length`` (int).
+        rollouts: the kept rollouts.
         pad_token_id: padding id (never attended to, never a target).
         pack, max_row_length: as :func:`nemo_aligner.data.sequences.collate_sequences`.
 
     Returns:
         :class:`~nemo_aligner.data.sequences.SequenceBatch` whose ``targets`` are exactly the response tokens of each
-        rollout, in rollout then token order (``target_lengths[s] = len(response_s)``).
+        rollout, in rollout then token order (``target_lengths[s] = response_lengths[s]``).
 
     Raises:
-        ValueError: as :func:`~nemo_aligner.data.sequences.collate_sequences` (no rollouts, an empty sequence).
+        ValueError: as :func:`~nemo_aligner.data.sequences.collate_sequences` (no rollouts).
     """
-    return collate_sequences(rollout_examples(rollouts), int(pad_token_id), pack=pack, max_row_length=max_row_length)
+    return rollouts.sequence_batch(pad_token_id, pack=pack, max_row_length=max_row_length)
 
 
 def rs_rollout_metrics(rewards: torch.Tensor, response_lengths: torch.Tensor, kept: torch.Tensor) -> dict[str, float]:
@@ -253,17 +253,12 @@ class RSTrainer(OnlineTrainer):
         policy: an :class:`~nemo_aligner.models.alignable.AlignableModel` with ``generate`` and ``get_logprobs``
             (no reference policy needed).
         reward_fn: ``(prompt_ids, response_ids) -> list[float]``, one score per response.
-        train_prompts, val_prompts: tokenised prompts (lists of token ids); ``val_prompts`` may be empty.
+        setup: the prompts and generation settings (:class:`~nemo_aligner.algorithms.online.RolloutSetup`); its
+            ``sampling_params`` are the training rollouts', validation uses the same with ``use_greedy=True``.
         cfg: :class:`RSConfig`.
-        sampling_params, length_params: :class:`nemo_aligner.generation.SamplingParams` / ``LengthParams`` of the
-            training rollouts; validation uses the same with ``use_greedy=True``.
-        log_dir: ``hf_export/`` and ``val_samples/`` go here.
-        checkpoints: checkpoint bookkeeping (monitor ``val_global_rewards``, mode ``max``).
-        log_metrics: ``(dict, step) -> None`` sink.
-        resume: restore the latest checkpoint (policy, optimizer, scheduler, RNG, step) when there is one.
-        export_hf: write ``<log_dir>/hf_export`` at the end.
-        is_global_zero: whether this process prints and writes sample tables.
-        eos_token_id: the token given to an empty response (a response needs at least one token).
+        context: the run (:class:`~nemo_aligner.algorithms.base.RunContext`): checkpoints (monitor
+            ``val_global_rewards``, mode ``max``; resume restores policy, optimizer, scheduler, RNG and step),
+            ``hf_export/`` and ``val_samples/`` in its ``log_dir``.
 
     Raises:
         ValueError: too few prompts for one step, or batch sizes that do not divide (see :meth:`RSConfig.check`).
@@ -282,55 +277,39 @@ class RSTrainer(OnlineTrainer):
     sample_table_title = "validation samples (greedy)"
     export_role = "the policy"
 
-    def __init__(
-        self,
-        policy: AlignableModel,
-        reward_fn: RewardFn,
-        train_prompts: Sequence[Sequence[int]],
-        val_prompts: Sequence[Sequence[int]] | None,
-        cfg: RSConfig,
-        sampling_params: Any,
-        length_params: Any,
-        log_dir: str | Path,
-        checkpoints: CheckpointManager,
-        log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-        resume: bool = True,
-        export_hf: bool = True,
-        is_global_zero: bool = True,
-        eos_token_id: int | None = None,
-    ):
+    def __init__(self, policy: AlignableModel, reward_fn: RewardFn, setup: RolloutSetup, cfg: RSConfig,
+                 context: RunContext):
         cfg.check(policy.data_parallel_size)
-        super().__init__(policy, reward_fn, train_prompts, val_prompts, cfg, sampling_params, length_params, log_dir,
-                         checkpoints, log_metrics, resume, export_hf, is_global_zero, eos_token_id)
+        super().__init__(policy, reward_fn, setup, cfg, context)
         self.policy = policy
-        self.greedy_params = dataclasses.replace(sampling_params, use_greedy=True)
+        self.greedy_params = dataclasses.replace(setup.sampling_params, use_greedy=True)
         self.max_steps = compute_rs_max_steps(len(self.train_prompts), cfg)
         self.optimizer_step = 0
 
     # ---- rollouts and selection -------------------------------------------------------------------------------
-    def score_rollouts(self, rollouts: list[dict]) -> None:
-        """Set each rollout's ``reward`` with ``reward_fn``, in calls of ``forward_micro_batch_size`` rollouts.
+    def score_rollouts(self, rollouts: Rollouts) -> None:
+        """Set ``rollouts.rewards`` with ``reward_fn``, in calls of ``forward_micro_batch_size`` rollouts.
 
         Raises:
             RuntimeError: the reward function returned the wrong number of scores.
         """
         score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size, self.end_of_turn)
 
-    def select(self, rollouts: list[dict], num_prompts: int) -> tuple[list[dict], dict[str, float]]:
+    def select(self, rollouts: Rollouts, num_prompts: int) -> tuple[Rollouts, dict[str, float]]:
         """Keep the ``top_n_rollouts`` best of each prompt's ``num_rollouts_per_prompt`` scored rollouts
         (prompt-major order, as :meth:`generate_rollouts`); returns ``(kept, metrics of rs_rollout_metrics)``,
         the kept rollouts prompt by prompt, best first."""
         n = self.cfg.num_rollouts_per_prompt
-        rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float64).view(num_prompts, n)
-        lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float64).view(num_prompts, n)
+        rewards = rollouts.rewards.view(num_prompts, n)
+        lengths = rollouts.response_lengths.double().view(num_prompts, n)
         kept_idx = select_top_n(rewards, self.cfg.top_n_rollouts)
-        kept = [rollouts[p * n + j] for p in range(num_prompts) for j in kept_idx[p].tolist()]
+        kept = rollouts.select([p * n + j for p in range(num_prompts) for j in kept_idx[p].tolist()])
         metrics = rs_rollout_metrics(rewards, lengths, kept_idx)
-        metrics["ended_fraction"] = sum(r["ended"] for r in rollouts) / len(rollouts)
+        metrics["ended_fraction"] = int(rollouts.ended.sum()) / len(rollouts)
         return kept, metrics
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def train_on_rollouts(self, kept: list[dict], seed: int) -> dict[str, float]:
+    def train_on_rollouts(self, kept: Rollouts, seed: int) -> dict[str, float]:
         """One pass of SFT over this rank's kept rollouts (shuffled by ``seed``), one optimizer step per global
         batch of ``global_batch_size / data-parallel size`` rollouts on this rank, in micro-batches of
         ``micro_batch_size``. Each micro-batch's loss is its token-mean NLL of the response tokens
@@ -347,14 +326,13 @@ class RSTrainer(OnlineTrainer):
         sums: dict[str, float] = {}
         steps = 0
 
-        def loss_fn(chunk: list[dict]):
+        def loss_fn(chunk: Rollouts):
             batch = build_rs_training_batch(chunk, pad)
             loss, metrics = sft_loss_and_metrics(self.policy.get_logprobs(batch), batch)
             return loss, {k: metrics[k] for k in ("loss", "target_tokens")}
 
         for g in range(0, len(order), per_rank):
-            group = [kept[i] for i in order[g : g + per_rank]]
-            micro = [group[m : m + cfg.micro_batch_size] for m in range(0, len(group), cfg.micro_batch_size)]
+            micro = kept.select(order[g : g + per_rank]).split(cfg.micro_batch_size)
             step_sums, info = optimizer_step(self.policy, micro, loss_fn, [1.0] * len(micro), len(micro))
             step_sums.update(info)
             self.optimizer_step += 1
@@ -365,7 +343,7 @@ class RSTrainer(OnlineTrainer):
         out["optimizer_steps"] = float(steps)
         return out
 
-    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+    def train_step(self) -> tuple[dict[str, float], Rollouts]:
         """Run RS step ``self.step``: rollouts, rewards, top-n selection, SFT on the kept rollouts.
 
         Returns ``(metrics averaged over ranks, this rank's kept rollouts)``.
@@ -398,16 +376,17 @@ class RSTrainer(OnlineTrainer):
             return {}
         rollouts = self.validation_rollouts(self.greedy_params, self.cfg.val_rollout_micro_batch_size,
                                             self.cfg.forward_micro_batch_size)
-        totals = torch.tensor([
-            sum(r["reward"] for r in rollouts), sum(len(r["response_ids"]) for r in rollouts), float(len(rollouts)),
-        ], dtype=torch.float64, device=self.policy.device)
+        rewards = rollouts.rewards.tolist() if rollouts is not None else []
+        lengths = rollouts.response_lengths.tolist() if rollouts is not None else []
+        totals = torch.tensor([sum(rewards), sum(lengths), float(len(rewards))], dtype=torch.float64,
+                              device=self.policy.device)
         if self.policy.data_parallel_size > 1:
             totals = self.policy.all_reduce(totals, "sum")
         reward_sum, length_sum, count = totals.tolist()
         if count == 0:
             return {}
-        if self.is_global_zero:
-            self.write_samples(rollouts[: self.cfg.num_val_samples_to_show])
+        if self.context.is_global_zero and rollouts is not None:
+            self.write_samples(rollouts.select(range(min(self.cfg.num_val_samples_to_show, len(rollouts)))))
         return {"global_rewards": reward_sum / count, "global_response_lengths_mean": length_sum / count}
 
     # ---- loop state -------------------------------------------------------------------------------------------

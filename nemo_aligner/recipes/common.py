@@ -10,6 +10,8 @@ functions in order::
     train_ds, train_stats = load_split(fabric, load_preference_datasets, train_paths, tokenizer=tokenizer, ...)
     trainer_cfg, max_steps = trainer_config(cfg.trainer.dpo, cfg.model, len(train_ds))
     ...
+    trainer = DPOTrainer(model, train_ds, val_ds, collate, trainer_cfg, run_context(fabric, cfg.exp_manager,
+                         log_dir, checkpoints), loss_cfg=...)
     finish(fabric, checkpoints)
 
 and wrap ``run`` with :func:`run_or_exit` in the Hydra ``main``. Every function that logs does so on rank 0 only.
@@ -26,7 +28,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from nemo_aligner.algorithms.base import TrainerConfig, compute_max_steps
+from nemo_aligner.algorithms.base import RunContext, TrainerConfig, compute_max_steps
 from nemo_aligner.errors import OutputExistsError, UserError
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.checkpoint import CheckpointManager
@@ -172,6 +174,22 @@ def log_model_summary(
     log.info(
         f"{max_steps} steps of {trainer_cfg.global_batch_size} {unit} ({model.data_parallel_size} rank(s), "
         f"micro-batch {trainer_cfg.micro_batch_size}{batch_note}); logs and checkpoints in {log_dir}"
+    )
+
+
+def run_context(fabric, exp: DictConfig, log_dir: Path, checkpoints: CheckpointManager,
+                export_hf: bool | None = None) -> RunContext:
+    """The :class:`~nemo_aligner.algorithms.base.RunContext` a trainer receives: the log directory and checkpoints
+    of :func:`checkpoint_manager`, Fabric's metrics sink (``fabric.log_dict``) and rank,
+    ``exp_manager.resume_if_exists`` and ``exp_manager.export_hf`` (default true; ``export_hf`` given here
+    overrides it, e.g. ``False`` for a recipe that exports by itself after training)."""
+    return RunContext(
+        log_dir=log_dir,
+        checkpoints=checkpoints,
+        log_metrics=fabric.log_dict,
+        resume=bool(exp.resume_if_exists),
+        export_hf=bool(exp.get("export_hf", True)) if export_hf is None else bool(export_hf),
+        is_global_zero=fabric.is_global_zero,
     )
 
 

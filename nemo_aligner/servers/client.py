@@ -21,11 +21,13 @@ import time
 from typing import Any, Sequence
 
 import httpx
+import torch
 
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.app import API_TOKEN_ENV, resolve_api_token
 
-__all__ = ["HTTPClient", "RewardModelClient", "ServerRequestError", "rollout_payload"]
+__all__ = ["HTTPClient", "RewardModelClient", "ServerRequestError", "post_per_token"]
 
 
 class ServerRequestError(RuntimeError):
@@ -42,12 +44,20 @@ class ServerRequestError(RuntimeError):
         super().__init__(f"{url} answered {status_code}: {message}")
 
 
-def rollout_payload(rollouts: Sequence[dict]) -> dict:
-    """The JSON body the PPO servers take for rollouts (the critic's ``/infer`` and ``/train``, the initial
-    policy's ``/logprobs``): ``{"token_ids": [[int]], "prompt_lengths": [int]}`` from each rollout's
-    ``input_ids`` (prompt + response token ids) and ``prompt_length``."""
-    return {"token_ids": [list(map(int, r["input_ids"])) for r in rollouts],
-            "prompt_lengths": [int(r["prompt_length"]) for r in rollouts]}
+def post_per_token(client: "HTTPClient", path: str, key: str, rollouts: Rollouts) -> torch.Tensor:
+    """POST ``rollouts`` (:meth:`Rollouts.to_payload`: token ids and prompt lengths) to ``path`` in chunks of
+    ``client.max_items_per_request`` rollouts, and return the answers' ``key`` lists (one float per response token)
+    as one flat ``[N]`` float32 tensor, ``N`` the total number of response tokens. The PPO servers' clients use it:
+    the critic's ``/infer`` (``values``) and the initial policy's ``/logprobs`` (``logprobs``).
+
+    Raises:
+        ValueError: an answer without one number per response token (:meth:`Rollouts.per_token`).
+        ServerUnavailableError, APIError: as :meth:`HTTPClient.post`.
+    """
+    answers: list[list[float]] = []
+    for chunk in rollouts.split(client.max_items_per_request):
+        answers.extend(client.post(path, chunk.to_payload())[key])
+    return rollouts.per_token(answers, key)
 
 
 def _message(response: httpx.Response) -> str:

@@ -37,48 +37,31 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from fastapi import Request
 
 from nemo_aligner.algorithms.ppo import critic_values, update_critic
+from nemo_aligner.data.rollouts import PayloadError, Rollouts
 from nemo_aligner.servers.app import APIError, add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
-from nemo_aligner.servers.client import HTTPClient, rollout_payload
+from nemo_aligner.servers.client import HTTPClient, post_per_token
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 __all__ = ["build_critic_app", "RemoteCritic", "parse_sequences"]
 
 
-def parse_sequences(body: dict, vocab_size: int | None = None) -> list[dict]:
-    """``token_ids`` + ``prompt_lengths`` of a request as rollout dicts ``{"input_ids", "prompt_length"}``.
+def parse_sequences(body: dict, vocab_size: int | None = None, per_token: Sequence[str] = ()) -> Rollouts:
+    """The rollouts of a request: ``token_ids`` + ``prompt_lengths`` (and the per-token fields ``per_token``, e.g.
+    ``("values", "returns")``), parsed by :meth:`~nemo_aligner.data.rollouts.Rollouts.from_payload`.
 
     Raises:
-        APIError: 422 for missing/mismatched fields, non-integer ids, ids outside the vocabulary, or a prompt length
-            that leaves no response token.
+        APIError: 422 for missing/mismatched fields, non-integer ids, ids outside the vocabulary, a prompt length
+            that leaves no response token, or a per-token field without one number per response token.
     """
-    ids, lengths = body.get("token_ids"), body.get("prompt_lengths")
-    if not isinstance(ids, list) or not isinstance(lengths, list) or not ids or len(ids) != len(lengths):
-        raise APIError(422, "send non-empty lists 'token_ids' and 'prompt_lengths' of the same length")
-    out = []
-    for i, (seq, n) in enumerate(zip(ids, lengths)):
-        if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
-            raise APIError(422, f"token_ids[{i}] must be a list of integers")
-        if vocab_size is not None and any(t < 0 or t >= vocab_size for t in seq):
-            raise APIError(422, f"token_ids[{i}] holds an id outside the vocabulary [0, {vocab_size})")
-        if not isinstance(n, int) or not 1 <= n < len(seq):
-            raise APIError(422, f"prompt_lengths[{i}]={n!r} must be an integer in [1, {len(seq) - 1}]")
-        out.append({"input_ids": seq, "prompt_length": n})
-    return out
-
-
-def _float_lists(body: dict, key: str, rollouts: list[dict]) -> list[list[float]]:
-    values = body.get(key)
-    if not isinstance(values, list) or len(values) != len(rollouts):
-        raise APIError(422, f"'{key}' must be a list with one list of floats per sequence")
-    for i, (v, r) in enumerate(zip(values, rollouts)):
-        n = len(r["input_ids"]) - r["prompt_length"]
-        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) for x in v):
-            raise APIError(422, f"{key}[{i}] must hold {n} numbers (one per response token)")
-    return values
+    try:
+        return Rollouts.from_payload(body, vocab_size, per_token)
+    except PayloadError as err:
+        raise APIError(422, str(err)) from None
 
 
 def build_critic_app(
@@ -109,9 +92,10 @@ def build_critic_app(
     vocab_size = critic.vocab_size
     last_train: dict[str, Any] = {"run_id": None, "step": None, "metrics": None}
 
-    def process(items: list[dict]) -> list[list[float]]:
+    def process(items: list[Rollouts]) -> list[list[float]]:  # one single-rollout batch per sequence
+        rollouts = Rollouts.cat(items)
         with lock:
-            return critic_values(critic, items, forward_micro_batch_size)
+            return rollouts.per_sequence(critic_values(critic, rollouts, forward_micro_batch_size))
 
     batcher = DynamicBatcher(process, micro_batch_size=forward_micro_batch_size, max_wait_ms=max_wait_ms)
     app = create_app("NeMo-Aligner PPO critic server", api_token=api_token, on_shutdown=[batcher.close])
@@ -135,9 +119,9 @@ def build_critic_app(
     @app.post("/infer")
     async def infer(request: Request) -> dict:
         rollouts = parse_sequences(await read_json(request), vocab_size)
-        return {"values": await batcher.submit(rollouts)}
+        return {"values": await batcher.submit(rollouts.split(1))}
 
-    def _train(run_id: str | None, step: int, seed: int, rollouts: list[dict]) -> dict:
+    def _train(run_id: str | None, step: int, seed: int, rollouts: Rollouts) -> dict:
         with lock:
             if last_train["step"] == step and last_train["run_id"] == run_id:
                 return last_train["metrics"]  # a retry of the request just served
@@ -152,10 +136,7 @@ def build_critic_app(
         run_id = body.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise APIError(422, "'run_id' must be a string")
-        rollouts = parse_sequences(body, vocab_size)
-        for key in ("values", "returns"):
-            for r, v in zip(rollouts, _float_lists(body, key, rollouts)):
-                r[key] = [float(x) for x in v]
+        rollouts = parse_sequences(body, vocab_size, per_token=("values", "returns"))
         return {"metrics": await asyncio.to_thread(_train, run_id, step, seed, rollouts)}
 
     def _save(step: int) -> str:
@@ -234,19 +215,20 @@ class RemoteCritic(HTTPClient):
         self.run_id = run_id or uuid.uuid4().hex
         self._step = 0
 
-    def infer(self, rollouts: Sequence[dict]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for start in range(0, len(rollouts), self.max_items_per_request):
-            out.extend(self.post("/infer", rollout_payload(rollouts[start : start + self.max_items_per_request]))["values"])
-        return out
+    def infer(self, rollouts: Rollouts) -> torch.Tensor:
+        """``[N]`` float32 values of the response tokens (``POST /infer`` in chunks of ``max_items_per_request``).
 
-    def train(self, rollouts: Sequence[dict], seed: int, step: int | None = None) -> dict[str, float]:
+        Raises:
+            ValueError: the server did not answer one value per response token.
+        """
+        return post_per_token(self, "/infer", "values", rollouts)
+
+    def train(self, rollouts: Rollouts, seed: int, step: int | None = None) -> dict[str, float]:
         """Train on rollouts with ``values`` and ``returns``; ``step`` (default: a counter) makes retries safe."""
         step = self._step if step is None else step
         self._step = step + 1
-        payload = rollout_payload(rollouts)
-        payload.update(step=int(step), seed=int(seed), run_id=self.run_id,
-                       values=[list(r["values"]) for r in rollouts], returns=[list(r["returns"]) for r in rollouts])
+        payload = rollouts.to_payload(per_token=("values", "returns"))
+        payload.update(step=int(step), seed=int(seed), run_id=self.run_id)
         return {k: float(v) for k, v in self.post("/train", payload)["metrics"].items()}
 
     def save(self, step: int) -> None:

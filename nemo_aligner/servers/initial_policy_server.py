@@ -13,17 +13,17 @@ API (JSON; errors are ``{"error": "<message>"}``):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from fastapi import Request
 
-from nemo_aligner.data.sequences import collate_sequences
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.models.hf_causal_lm import ResponseLogprobs, load_causal_lm, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.servers.app import add_health_and_info, create_app, read_json
 from nemo_aligner.servers.batching import DynamicBatcher
-from nemo_aligner.servers.client import HTTPClient, rollout_payload
+from nemo_aligner.servers.client import HTTPClient, post_per_token
 from nemo_aligner.servers.critic_server import parse_sequences
 
 __all__ = ["InitialPolicyScorer", "build_initial_policy_app", "RemoteInitialPolicy"]
@@ -54,27 +54,24 @@ class InitialPolicyScorer:
         return cls(lm, load_tokenizer(source).pad_token_id, device)
 
     @torch.no_grad()
-    def logprobs(self, rollouts: Sequence[dict], micro_batch_size: int = 4) -> list[list[float]]:
-        """``[[float]]`` per-response-token log-probabilities (nats) of rollouts ``{"input_ids", "prompt_length"}``."""
-        out: list[list[float]] = []
-        for start in range(0, len(rollouts), micro_batch_size):
-            chunk = rollouts[start : start + micro_batch_size]
-            b = collate_sequences([{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in chunk],
-                                  self.pad_token_id).to(self.device)
+    def logprobs(self, rollouts: Rollouts, micro_batch_size: int = 4) -> torch.Tensor:
+        """``[N]`` float32 log-probabilities (nats, on the CPU) of the response tokens of ``rollouts``, in
+        consecutive micro-batches of ``micro_batch_size`` rollouts."""
+        out = []
+        for chunk in rollouts.split(micro_batch_size):
+            b = chunk.sequence_batch(self.pad_token_id).to(self.device)
             flat = self.module(b.input_ids, b.position_ids, b.attention_mask, b.pred_row, b.pred_col, b.targets)
-            values, pos = flat.float().cpu().tolist(), 0
-            for n in b.target_lengths.tolist():
-                out.append(values[pos : pos + n])
-                pos += n
-        return out
+            out.append(flat.float().cpu())
+        return torch.cat(out)
 
 
 def build_initial_policy_app(scorer: InitialPolicyScorer, micro_batch_size: int = 4, max_wait_ms: float = 2.0,
                              api_token: str | None = None):
     """A FastAPI app serving ``scorer`` (see the module docstring); ``app.state.batcher`` is its batcher."""
 
-    def process(items: list[dict]) -> list[list[float]]:
-        return scorer.logprobs(items, micro_batch_size)
+    def process(items: list[Rollouts]) -> list[list[float]]:  # one single-rollout batch per sequence
+        rollouts = Rollouts.cat(items)
+        return rollouts.per_sequence(scorer.logprobs(rollouts, micro_batch_size))
 
     batcher = DynamicBatcher(process, micro_batch_size=micro_batch_size, max_wait_ms=max_wait_ms)
     app = create_app("NeMo-Aligner PPO initial policy server", api_token=api_token, on_shutdown=[batcher.close])
@@ -87,7 +84,7 @@ def build_initial_policy_app(scorer: InitialPolicyScorer, micro_batch_size: int 
     @app.post("/logprobs")
     async def logprobs(request: Request) -> dict:
         rollouts = parse_sequences(await read_json(request), scorer.vocab_size)
-        return {"logprobs": await batcher.submit(rollouts)}
+        return {"logprobs": await batcher.submit(rollouts.split(1))}
 
     return app
 
@@ -99,11 +96,14 @@ class RemoteInitialPolicy(HTTPClient):
         super().__init__(base_url, *args, **kwargs)
         self.max_items_per_request = int(max_items_per_request)
 
-    def logprobs(self, rollouts: Sequence[dict]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for start in range(0, len(rollouts), self.max_items_per_request):
-            out.extend(self.post("/logprobs", rollout_payload(rollouts[start : start + self.max_items_per_request]))["logprobs"])
-        return out
+    def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """``[N]`` float32 log-probabilities of the response tokens (``POST /logprobs`` in chunks of
+        ``max_items_per_request``).
+
+        Raises:
+            ValueError: the server did not answer one log-probability per response token.
+        """
+        return post_per_token(self, "/logprobs", "logprobs", rollouts)
 
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict:
         """Poll ``/health`` until it answers (bounded by ``timeout``). Raises ``ConnectionError`` when not ready."""

@@ -162,6 +162,7 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path, tiny_model_dir
 def test_critic_stops_on_an_infinite_return(tmp_path, tiny_model_dir):
     """The PPO critic goes through the same optimizer step: an infinite GAE return stops it, weights unchanged."""
     from nemo_aligner.algorithms.ppo import update_critic
+    from nemo_aligner.data.rollouts import Rollouts
     from nemo_aligner.models.critic import HFCritic
     from nemo_aligner.utils.runtime import build_fabric
 
@@ -169,8 +170,7 @@ def test_critic_stops_on_an_infinite_return(tmp_path, tiny_model_dir):
     critic = HFCritic(fabric, OmegaConf.create({"optim": {"name": "adamw", "lr": 1e-2, "sched": {}}}),
                       str(tiny_model_dir), max_steps=4)
     before = _weights(critic)
-    rollouts = [{"input_ids": [1, 5, 9, 12, 7], "prompt_length": 2, "values": [0.0, 0.1, 0.2],
-                 "returns": [1.0, float("inf"), 0.0]}]
+    rollouts = Rollouts.from_lists([[1, 5]], [[9, 12, 7]], values=[[0.0, 0.1, 0.2]], returns=[[1.0, float("inf"), 0.0]])
     with pytest.raises(NonFiniteError, match="non-finite training values at optimizer step 1"):
         update_critic(critic, rollouts, global_batch_size=1, micro_batch_size=1)
     assert all(torch.equal(before[k], v) for k, v in _weights(critic).items())

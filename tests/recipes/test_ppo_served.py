@@ -191,8 +191,10 @@ def _critic_server(tmp_path, rm_dir, name="critic"):
 
 
 def _critic_rollouts(n=4):
-    return [{"input_ids": [1, 5 + i, 9, 12 + i, 7], "prompt_length": 2, "values": [0.0, 0.1, 0.2],
-             "returns": [1.0, 0.5, float(i)]} for i in range(n)]
+    from nemo_aligner.data.rollouts import Rollouts
+
+    return Rollouts.from_lists([[1, 5 + i] for i in range(n)], [[9, 12 + i, 7] for i in range(n)],
+                               values=[[0.0, 0.1, 0.2]] * n, returns=[[1.0, 0.5, float(i)] for i in range(n)])
 
 
 def test_critic_server_retry_cache_is_per_actor_run(tmp_path, rm_dir):
@@ -240,7 +242,7 @@ def test_critic_server_reset_restores_its_start_up_state(tmp_path, rm_dir):
         run.reset()  # idempotent: a retried reset changes nothing
         assert all(torch.equal(a, b) for a, b in zip(initial, weights()))
         assert len(critic.optimizer.state) == 0 and critic.scheduler.last_epoch == 0
-        assert run.infer(_critic_rollouts()) == values
+        assert torch.equal(run.infer(_critic_rollouts()), values)
         with HTTPClient(url, max_retries=0) as client:
             assert client.get("/info")["last_trained_step"] is None
         assert run.train(_critic_rollouts(), seed=3, step=0) == trained  # trained again, not the cached answer
@@ -324,16 +326,18 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
     critic = HFCritic(fabric, model_cfg, str(std_rm), max_steps=1)
     raw_critic = HFCritic(fabric, model_cfg, str(rm_dir), max_steps=1)
     rollouts = _critic_rollouts()
-    values, raw = critic_values(critic, rollouts, 4), critic_values(raw_critic, rollouts, 4)
+    values = rollouts.per_sequence(critic_values(critic, rollouts, 4))
+    raw = rollouts.per_sequence(critic_values(raw_critic, rollouts, 4))
     assert (critic.reward_mean, critic.reward_std) == (mean, std) and (raw_critic.reward_mean, raw_critic.reward_std) == (0.0, 1.0)
     for v, r in zip(values, raw):
         assert v == pytest.approx([(x - mean) / std for x in r], rel=1e-5, abs=1e-4)
-    rewards = RewardScorer.from_pretrained(str(std_rm)).score([r["input_ids"][:-1] for r in rollouts])
+    rewards = RewardScorer.from_pretrained(str(std_rm)).score([seq[:-1] for seq in rollouts.sequences()])
     assert [v[-1] for v in values] == pytest.approx(rewards, rel=1e-4, abs=1e-4)
     assert max(abs(x) for x in rewards) > 1.0  # far from the raw head's scale (|raw| < 0.2 here)
 
     # training: one optimizer step on all four rollouts; values_mean is that of the standardised values before it
-    metrics = update_critic(critic, [dict(r, values=v) for r, v in zip(rollouts, values)], 4, 4)
+    rollouts.values = rollouts.per_token(values)
+    metrics = update_critic(critic, rollouts, 4, 4)
     flat = [x for v in values for x in v]
     assert metrics["values_mean"] == pytest.approx(sum(flat) / len(flat), rel=1e-4)
 
@@ -343,12 +347,12 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
             f"exp_manager.explicit_log_dir={tmp_path / 'critic'}", "exp_manager.export_hf=false", *overrides))[0]
 
     with BackgroundServer(server()) as url:
-        served = RemoteCritic(url, max_retries=0).infer(rollouts)
+        served = rollouts.per_sequence(RemoteCritic(url, max_retries=0).infer(rollouts))
     for a, b in zip(served, values):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
     with BackgroundServer(server("model.reward_standardization.enable=true", "model.reward_standardization.mean=0.0",
                                  "model.reward_standardization.std=1.0")) as url:
-        overridden = RemoteCritic(url, max_retries=0).infer(rollouts)
+        overridden = rollouts.per_sequence(RemoteCritic(url, max_retries=0).infer(rollouts))
     for a, b in zip(overridden, raw):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match="reward_standardization.enable=true needs"):

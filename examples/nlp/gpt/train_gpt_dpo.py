@@ -35,6 +35,7 @@ from nemo_aligner.recipes.common import (
     load_split,
     log_data_stats,
     log_model_summary,
+    run_context,
     run_or_exit,
     setup_fabric,
     trainer_config,
@@ -117,13 +118,8 @@ def run(cfg: DictConfig) -> dict:
         collate_fn=collate,
         loss_cfg=loss_cfg,
         cfg=trainer_cfg,
-        log_dir=log_dir,
-        checkpoints=checkpoints,
-        log_metrics=fabric.log_dict,
+        context=run_context(fabric, exp, log_dir, checkpoints),
         ref_logprobs=ref_table,
-        resume=bool(exp.resume_if_exists),
-        export_hf=bool(exp.get("export_hf", True)),
-        is_global_zero=fabric.is_global_zero,
     )
     history = trainer.fit()
     finish(fabric, checkpoints)

@@ -23,12 +23,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from nemo_aligner.algorithms.online import RolloutSetup
 from nemo_aligner.algorithms.ppo import LocalInitialPolicy, PPOConfig, PPOTrainer, compute_ppo_max_steps
 from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_ids, prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.recipes.common import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
+from nemo_aligner.recipes.common import (
+    check_config,
+    checkpoint_manager,
+    finish,
+    run_context,
+    run_or_exit,
+    setup_fabric,
+)
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic, served_ppo_roles, server_url
 from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
@@ -105,10 +113,8 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
 
     trainer = PPOTrainer(
         actor=actor, critic=critic, initial_policy=initial, reward_fn=reward_fn,
-        train_prompts=train_prompts, val_prompts=val_prompts, cfg=ppo_cfg,
-        sampling_params=sampling, length_params=length, log_dir=log_dir, checkpoints=checkpoints,
-        log_metrics=fabric.log_dict, resume=bool(exp.resume_if_exists), export_hf=bool(exp.get("export_hf", True)),
-        is_global_zero=fabric.is_global_zero,
+        setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),
+        cfg=ppo_cfg, context=run_context(fabric, exp, log_dir, checkpoints),
     )
     history = trainer.fit()
     finish(fabric, checkpoints)

@@ -22,12 +22,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from nemo_aligner.algorithms.online import RolloutSetup
 from nemo_aligner.algorithms.rs import RSConfig, RSTrainer, compute_rs_max_steps
 from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_ids, prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.recipes.common import check_config, checkpoint_manager, finish, run_or_exit, setup_fabric
+from nemo_aligner.recipes.common import (
+    check_config,
+    checkpoint_manager,
+    finish,
+    run_context,
+    run_or_exit,
+    setup_fabric,
+)
 from nemo_aligner.recipes.online import build_reward_fn, server_url
 from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
@@ -97,10 +105,9 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
         precision=normalize_precision(cfg.trainer.precision),
     )
     trainer = RSTrainer(
-        policy=policy, reward_fn=reward_fn, train_prompts=train_prompts, val_prompts=val_prompts, cfg=rs_cfg,
-        sampling_params=sampling, length_params=length, log_dir=log_dir, checkpoints=checkpoints,
-        log_metrics=fabric.log_dict, resume=bool(exp.resume_if_exists), export_hf=bool(exp.get("export_hf", True)),
-        is_global_zero=fabric.is_global_zero,
+        policy=policy, reward_fn=reward_fn,
+        setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),
+        cfg=rs_cfg, context=run_context(fabric, exp, log_dir, checkpoints),
     )
     history = trainer.fit()
     finish(fabric, checkpoints)

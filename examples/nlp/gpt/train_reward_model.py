@@ -30,6 +30,7 @@ from nemo_aligner.recipes.common import (
     load_split,
     log_data_stats,
     log_model_summary,
+    run_context,
     run_or_exit,
     setup_fabric,
     trainer_config,
@@ -102,12 +103,8 @@ def run(cfg: DictConfig) -> dict:
         val_dataset=val_ds,
         collate_fn=collate,
         cfg=trainer_cfg,
-        log_dir=log_dir,
-        checkpoints=checkpoints,
-        log_metrics=fabric.log_dict,
-        resume=bool(exp.resume_if_exists),
-        export_hf=False,  # exported below, after the optional reward standardisation
-        is_global_zero=fabric.is_global_zero,
+        context=run_context(fabric, exp, log_dir, checkpoints,
+                            export_hf=False),  # exported below, after the optional reward standardisation
     )
     history = trainer.fit()
 

@@ -200,7 +200,7 @@ class _FakePolicy:
 def test_rewards_all_std_is_over_the_whole_global_batch(tmp_path):
     """With micro-batches of one pair, the logged std is that of all 2 x global_batch_size implicit rewards (as
     NeMo-Aligner computes it over the gathered global batch), not the mean of per-micro-batch stds."""
-    from nemo_aligner.algorithms.base import TrainerConfig
+    from nemo_aligner.algorithms.base import RunContext, TrainerConfig
     from nemo_aligner.algorithms.dpo import DPOTrainer
     from nemo_aligner.utils.checkpoint import CheckpointManager
 
@@ -214,7 +214,7 @@ def test_rewards_all_std_is_over_the_whole_global_batch(tmp_path):
         model=_FakePolicy(token_logprob, ref_token_logprob), train_dataset=data, val_dataset=data,
         collate_fn=lambda ex: collate_preference_pairs(ex, pad_token_id=0),
         cfg=TrainerConfig(global_batch_size=n, micro_batch_size=1, max_steps=1),
-        log_dir=tmp_path, checkpoints=CheckpointManager(tmp_path / "ckpt"),
+        context=RunContext(tmp_path, CheckpointManager(tmp_path / "ckpt")),
         loss_cfg=DPOLossConfig(ref_policy_kl_penalty=beta), ref_logprobs=ref_table,
     )
     metrics = trainer.train_step(trainer.sampler.micro_batches(0))

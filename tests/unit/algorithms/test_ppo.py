@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nemo_aligner.algorithms.ppo import PPOConfig, compute_advantages
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.algorithms.ppo_math import (
     calculate_gae,
     calculate_kl_penalty,
@@ -123,19 +124,20 @@ def test_whiten_entropy_explained_variance():
 def test_compute_advantages_matches_hand_gae():
     cfg = PPOConfig(initial_policy_kl_penalty=0.1, use_absolute_kl=False, discount_factor=1.0, gae_lambda=1.0,
                     normalize_advantages=False)
-    rollouts = [
-        {"logprobs": [-1.0, -1.0], "init_logprobs": [-1.5, -0.5], "values": [0.2, 0.1], "reward": 1.0},
-        {"logprobs": [-2.0], "init_logprobs": [-2.0], "values": [0.3], "reward": -1.0},
-    ]
+    rollouts = Rollouts.from_lists([[1], [1, 3]], [[5, 6], [7]], rewards=[1.0, -1.0],
+                                   logprobs=[[-1.0, -1.0], [-2.0]], init_logprobs=[[-1.5, -0.5], [-2.0]],
+                                   values=[[0.2, 0.1], [0.3]])
     stats = compute_advantages(rollouts, cfg)
+    advantages, returns = rollouts.per_sequence(rollouts.advantages), rollouts.per_sequence(rollouts.returns)
     # rollout 0: kl = [0.5, -0.5]; token rewards [-0.05, 0.05 + 1.0]; gamma=lambda=1: A_t = sum_{k>=t} r_k - V_t
-    assert rollouts[0]["advantages"] == pytest.approx([1.0 - 0.2, 1.05 - 0.1])
-    assert rollouts[0]["returns"] == pytest.approx([1.0, 1.05])
-    assert rollouts[1]["advantages"] == pytest.approx([-1.3])
+    assert advantages[0] == pytest.approx([1.0 - 0.2, 1.05 - 0.1])
+    assert returns[0] == pytest.approx([1.0, 1.05])
+    assert advantages[1] == pytest.approx([-1.3])
     assert stats["init_policy_kl"] == pytest.approx(0.0)  # (0.5 - 0.5 + 0) / 2 responses
     cfg.normalize_advantages = True
     compute_advantages(rollouts, cfg)
-    flat = torch.tensor([a for r in rollouts for a in r["advantages"]])
+    flat = rollouts.advantages
+    assert flat.dtype == torch.float32 and flat.shape == (3,)
     assert float(flat.mean()) == pytest.approx(0.0, abs=1e-6)
     assert float(flat.std()) == pytest.approx(1.0, abs=1e-4)
 
@@ -261,8 +263,8 @@ def test_local_critic_reset_restores_the_initial_state(tmp_path, tiny_model_dir)
                          micro_batch_size=1)
     weights = lambda: {k: v.detach().clone() for k, v in hf.module.state_dict().items()}  # noqa: E731
     initial, lr0, rng0 = weights(), hf.optimizer.param_groups[0]["lr"], torch.get_rng_state()
-    rollouts = [{"input_ids": [1, 5 + i, 9, 12 + i, 7], "prompt_length": 2, "values": [0.0, 0.1, 0.2],
-                 "returns": [1.0, 0.5, float(i)]} for i in range(4)]
+    rollouts = Rollouts.from_lists([[1, 5 + i] for i in range(4)], [[9, 12 + i, 7] for i in range(4)],
+                                   values=[[0.0, 0.1, 0.2]] * 4, returns=[[1.0, 0.5, float(i)] for i in range(4)])
 
     calls = []
     original_reset = hf.reset
@@ -292,6 +294,8 @@ def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tok
     from tests.helpers import build_tiny_model
     from tests.helpers import EnginePolicy, step_responses_by_global_index
 
+    from nemo_aligner.algorithms.base import RunContext
+    from nemo_aligner.algorithms.online import RolloutSetup
     from nemo_aligner.algorithms.ppo import PPOTrainer
     from nemo_aligner.generation import LengthParams, SamplingParams
     from nemo_aligner.utils.checkpoint import CheckpointManager
@@ -316,15 +320,17 @@ def test_ppo_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, tok
         actor = Actor(lm, rank, world_size)
         cfg = PPOConfig(num_rollout_samples=4, rollout_micro_batch_size=rollout_micro_batch_size, global_batch_size=4,
                         critic_global_batch_size=4, max_steps=1, num_val_samples=4)
-        trainer = PPOTrainer(actor, Unused(), Unused(), lambda p, r: [0.0] * len(r), [prompt] * 12, [prompt] * 4, cfg,
-                             SamplingParams(top_p=0.95), LengthParams(max_length=8), tmp_path / f"{rank}-{world_size}",
-                             CheckpointManager(tmp_path / f"ckpt-{rank}-{world_size}"), export_hf=False)
+        setup = RolloutSetup([prompt] * 12, [prompt] * 4, SamplingParams(top_p=0.95), LengthParams(max_length=8))
+        checkpoints = CheckpointManager(tmp_path / f"ckpt-{rank}-{world_size}")
+        context = RunContext(tmp_path / f"{rank}-{world_size}", checkpoints, export_hf=False)
+        trainer = PPOTrainer(actor, Unused(), Unused(), lambda p, r: [0.0] * len(r), setup, cfg, context)
         with pytest.raises(Generated):
             trainer.train_step()
         step = step_responses_by_global_index(actor, trainer, 1)
         # validation rollouts: rank r has validation prompts r, r + W, ...
-        val = {rank + world_size * r["prompt_index"]: r["response_ids"]
-               for r in trainer.validation_rollouts(trainer.sampling_params, rollout_micro_batch_size)}
+        val_rollouts = trainer.validation_rollouts(trainer.sampling_params, rollout_micro_batch_size)
+        val = {rank + world_size * p: response
+               for p, response in zip(val_rollouts.prompt_index.tolist(), val_rollouts.responses())}
         return step, val
 
     (rank0, val0), (rank1, val1) = run(0, 2, 1), run(1, 2, 2)
@@ -380,14 +386,9 @@ def _train_table_actor(mask_truncated: bool, micro_batch_size: int = 1):
     from nemo_aligner.algorithms.ppo import PPOTrainer
 
     # rollout 0 ended at EOS (2); rollout 1 was cut at max_length (tokens 7, 8, 9); rollout 2 ended (an end string)
-    rollouts = [
-        {"input_ids": [1, 4, 5, 2], "prompt_length": 2, "response_ids": [5, 2], "ended": True,
-         "logprobs": [0.0, 0.0], "advantages": [1.0, 3.0]},
-        {"input_ids": [1, 4, 7, 8, 9], "prompt_length": 2, "response_ids": [7, 8, 9], "ended": False,
-         "logprobs": [0.0, 0.0, 0.0], "advantages": [2.0, -4.0, 5.0]},
-        {"input_ids": [1, 6, 11], "prompt_length": 2, "response_ids": [11], "ended": True,
-         "logprobs": [0.0], "advantages": [-2.0]},
-    ]
+    rollouts = Rollouts.from_lists([[1, 4], [1, 4], [1, 6]], [[5, 2], [7, 8, 9], [11]], ended=[True, False, True],
+                                   logprobs=[[0.0, 0.0], [0.0, 0.0, 0.0], [0.0]],
+                                   advantages=[[1.0, 3.0], [2.0, -4.0, 5.0], [-2.0]])
     cfg = PPOConfig(ppo_epochs=1, global_batch_size=3, micro_batch_size=micro_batch_size, ratio_eps=0.2,
                     mask_truncated=mask_truncated)
     actor = _TableActor()
@@ -424,8 +425,8 @@ def test_mask_truncated_batch_of_only_truncated_rollouts_gives_zero_gradient():
 
     from nemo_aligner.algorithms.ppo import PPOTrainer
 
-    rollouts = [{"input_ids": [1, 4, 7, 8], "prompt_length": 2, "response_ids": [7, 8], "ended": False,
-                 "logprobs": [0.0, 0.0], "advantages": [2.0, -4.0]} for _ in range(2)]
+    rollouts = Rollouts.from_lists([[1, 4]] * 2, [[7, 8]] * 2, ended=[False, False], logprobs=[[0.0, 0.0]] * 2,
+                                   advantages=[[2.0, -4.0]] * 2)
     actor = _TableActor()
     cfg = PPOConfig(global_batch_size=2, micro_batch_size=1, mask_truncated=True)
     metrics = PPOTrainer.train_actor(SimpleNamespace(cfg=cfg, actor=actor), rollouts, seed=0)

@@ -19,6 +19,8 @@ from tests.helpers import (
     step_responses_by_global_index,
     write_prompts,
 )
+from nemo_aligner.algorithms.base import RunContext
+from nemo_aligner.algorithms.online import RolloutSetup
 from nemo_aligner.algorithms.rs import (
     RSConfig,
     RSTrainer,
@@ -27,6 +29,7 @@ from nemo_aligner.algorithms.rs import (
     rs_rollout_metrics,
     select_top_n,
 )
+from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.generation import GenerationOutput, LengthParams, SamplingParams
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigKeyError
@@ -58,10 +61,7 @@ def test_select_top_n_known_scores_and_ties():
 
 
 def test_training_batch_masks_the_prompt():
-    kept = [
-        {"input_ids": [5, 6, 7, 40, 41], "prompt_length": 3},  # response 40 41
-        {"input_ids": [8, 9, 50], "prompt_length": 2},         # response 50
-    ]
+    kept = Rollouts.from_lists([[5, 6, 7], [8, 9]], [[40, 41], [50]])
     batch = build_rs_training_batch(kept, pad_token_id=0)
     assert batch.targets.tolist() == [40, 41, 50]  # only response tokens are targets
     assert batch.seq_id.tolist() == [0, 0, 1]
@@ -118,8 +118,8 @@ def test_train_step_keeps_the_best_and_trains_on_them_in_configured_batches(tmp_
         reward_calls.append(len(response_ids))
         return [float(r[0]) for r in response_ids]
 
-    trainer = RSTrainer(policy, reward_fn, prompts, [], cfg, SamplingParams(), LengthParams(max_length=4),
-                        tmp_path, CheckpointManager(tmp_path / "ckpt"), export_hf=False)
+    trainer = RSTrainer(policy, reward_fn, RolloutSetup(prompts, [], SamplingParams(), LengthParams(max_length=4)),
+                        cfg, RunContext(tmp_path, CheckpointManager(tmp_path / "ckpt"), export_hf=False))
     metrics, kept = trainer.train_step()
 
     # 4 prompts x 3 responses = 12 rows, generated in calls of 5, scored in calls of 4
@@ -129,16 +129,18 @@ def test_train_step_keeps_the_best_and_trains_on_them_in_configured_batches(tmp_
     indices = [i for mb in trainer.sampler.micro_batches(0) for i in mb]
     rollouts = trainer.generate_rollouts([prompts[i] for i in indices], 3, SamplingParams(), 5, trainer._step_seed(0),
                                          prompt_indices=indices)
+    responses, sequences = rollouts.responses(), rollouts.sequences()
     expected = []
     for p in range(4):
-        group = rollouts[3 * p : 3 * p + 3]
-        ranked = sorted(range(3), key=lambda j: (-group[j]["response_ids"][0], j))[:2]
-        expected += [group[j]["input_ids"] for j in ranked]
-    assert [r["input_ids"] for r in kept] == expected
-    assert all(r["prompt_ids"] == prompts[indices[k // 2]] for k, r in enumerate(kept))
-    all_rewards = [r["response_ids"][0] for r in rollouts]
+        ranked = sorted(range(3), key=lambda j: (-responses[3 * p + j][0], j))[:2]
+        expected += [sequences[3 * p + j] for j in ranked]
+    assert kept.sequences() == expected
+    assert all(prompt == prompts[indices[k // 2]] for k, prompt in enumerate(kept.prompts()))
+    assert kept.prompt_index.tolist() == [k // 2 for k in range(8)]
+    all_rewards = [r[0] for r in responses]
     assert metrics["rewards_all_mean"] == pytest.approx(sum(all_rewards) / 12)
-    assert metrics["rewards_kept_mean"] == pytest.approx(sum(r["response_ids"][0] for r in kept) / 8)
+    assert metrics["rewards_kept_mean"] == pytest.approx(sum(r[0] for r in kept.responses()) / 8)
+    assert kept.rewards.tolist() == [float(r[0]) for r in kept.responses()]
     assert metrics["rewards_kept_mean"] > metrics["rewards_all_mean"]
 
     # 8 kept rollouts, global batch 4, micro batch 2: 2 optimizer steps of 2 micro-batches each
@@ -148,7 +150,7 @@ def test_train_step_keeps_the_best_and_trains_on_them_in_configured_batches(tmp_
     # every kept rollout is trained on exactly once, with only its response tokens as targets
     seen = sorted(tuple(row[: n].tolist()) for b in policy.batches for row, n in zip(b.input_ids, b.seq_lengths))
     assert seen == sorted(tuple(ids) for ids in expected)
-    responses = sorted(t for r in kept for t in r["response_ids"])
+    responses = sorted(kept.response_ids.tolist())
     assert sorted(t for b in policy.batches for t in b.targets.tolist()) == responses
     # loss = token-mean NLL (1.0 here) divided by the micro-batches of the step
     assert policy.losses == [pytest.approx(0.5)] * 4
@@ -159,8 +161,9 @@ def test_validation_is_greedy_and_writes_a_sample_table(tmp_path):
     policy = FakePolicy()
     cfg = RSConfig(num_rollout_samples=2, num_rollouts_per_prompt=2, num_val_samples=3, val_rollout_micro_batch_size=2,
                    num_val_samples_to_show=2, global_batch_size=2)
-    trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r], [[1, 2]] * 4, [[1, 3], [1, 4], [1, 5], [1, 6]],
-                        cfg, SamplingParams(), LengthParams(max_length=4), tmp_path, CheckpointManager(tmp_path / "c"))
+    setup = RolloutSetup([[1, 2]] * 4, [[1, 3], [1, 4], [1, 5], [1, 6]], SamplingParams(), LengthParams(max_length=4))
+    trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r], setup, cfg,
+                        RunContext(tmp_path, CheckpointManager(tmp_path / "c")))
     val = trainer.validate()
     assert [c for c in policy.calls if c[0] == "generate"] == [("generate", 2, True), ("generate", 1, True)]
     assert val["global_rewards"] == pytest.approx((1 + 2 + 1) / 3)  # lengths 1, 2 (call 1) and 1 (call 2)
@@ -357,8 +360,8 @@ def test_rs_rollouts_differ_across_ranks_and_match_a_one_rank_run(tmp_path, toke
                        rollout_micro_batch_size=rollout_micro_batch_size, global_batch_size=2, micro_batch_size=1,
                        max_steps=1)
         run_dir = tmp_path / f"{rank}-{world_size}"
-        trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r], prompts, [], cfg, sampling, lengths,
-                            run_dir, CheckpointManager(run_dir / "ckpt"), export_hf=False)
+        trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r],
+                            RolloutSetup(prompts, [], sampling, lengths), cfg, RunContext(run_dir, CheckpointManager(run_dir / "ckpt"), export_hf=False))
         trainer.train_step()
         return step_responses_by_global_index(policy, trainer, 2)
 
@@ -412,14 +415,14 @@ def test_rs_scores_ended_chat_rollouts_with_the_end_of_turn_suffix(tmp_path):
     cfg = RSConfig(num_rollout_samples=2, num_rollouts_per_prompt=2, top_n_rollouts=1, rollout_micro_batch_size=4,
                    forward_micro_batch_size=4, global_batch_size=2, micro_batch_size=1, max_steps=1,
                    num_val_samples=2, val_rollout_micro_batch_size=2)
-    trainer = RSTrainer(policy, reward_fn, [prompt] * 4, [prompt] * 2, cfg, SamplingParams(),
-                        LengthParams(max_length=len(content) + 1), tmp_path, CheckpointManager(tmp_path / "ckpt"),
-                        export_hf=False)
+    setup = RolloutSetup([prompt] * 4, [prompt] * 2, SamplingParams(), LengthParams(max_length=len(content) + 1))
+    trainer = RSTrainer(policy, reward_fn, setup, cfg,
+                        RunContext(tmp_path, CheckpointManager(tmp_path / "ckpt"), export_hf=False))
     assert prompt == rm_prompt and trainer.end_of_turn is not None
     _, kept = trainer.train_step()
     assert seen == [rm_prompt + rm_response, prompt + content[:3]] * 2
     # the ended response (longer once scored) is kept and trained on as generated: it ends at <|im_end|>
-    assert [r["response_ids"] for r in kept] == [content + [eos]] * 2
+    assert kept.responses() == [content + [eos]] * 2 and kept.ended.tolist() == [True, True]
     seen.clear()
     trainer.validate()
     assert seen == [rm_prompt + rm_response, prompt + content[:3]]

@@ -143,6 +143,7 @@ def _check_scored_sequence_is_the_rm_training_sequence(tokenizer):
     are. Returns the rule."""
     from nemo_aligner.algorithms.online import score_rewards
     from nemo_aligner.data.prompts import end_of_turn_rule
+    from nemo_aligner.data.rollouts import Rollouts
 
     rule = end_of_turn_rule(tokenizer)
     assert rule is not None and rule.end_id == tokenizer.eos_token_id
@@ -155,11 +156,11 @@ def _check_scored_sequence_is_the_rm_training_sequence(tokenizer):
     generated = rm_response[: len(rm_response) - len(rule.suffix_ids)]  # a rollout stops at <|im_end|> (EOS)
     assert generated[-1] == tokenizer.eos_token_id
     plain_prompt = tokenize_prompt("Human: hi", tokenizer)
-    rollouts = [
-        {"prompt_ids": rm_prompt, "response_ids": generated, "ended": True},
-        {"prompt_ids": rm_prompt, "response_ids": generated[:-1], "ended": False},  # cut at max_length
-        {"prompt_ids": plain_prompt, "response_ids": generated, "ended": True},  # plain text: RM data is text + EOS
-    ]
+    rollouts = Rollouts.from_lists(
+        [rm_prompt, rm_prompt, plain_prompt],  # plain text: RM data is text + EOS
+        [generated, generated[:-1], generated],  # the second was cut at max_length
+        ended=[True, False, True],
+    )
     seen = []
 
     def reward_fn(prompt_ids, response_ids):
@@ -171,7 +172,8 @@ def _check_scored_sequence_is_the_rm_training_sequence(tokenizer):
     assert seen[1] == rm_prompt + generated[:-1]
     assert seen[2] == plain_prompt + generated
     assert rewards == [len(rm_response), len(generated) - 1, len(generated)]
-    assert rollouts[0]["response_ids"] == generated  # what the policy and the critic train on is unchanged
+    assert rollouts.rewards.tolist() == rewards and str(rollouts.rewards.dtype) == "torch.float64"
+    assert rollouts.responses()[0] == generated  # what the policy and the critic train on is unchanged
     return rule
 
 

@@ -26,21 +26,18 @@ def dropout_gpt2_dir(tmp_path_factory, tokenizer):
 
 
 def _rollouts(tokenizer):
+    from nemo_aligner.data.rollouts import Rollouts
+
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    out = []
-    for prompt, response in (("Human: tea? Assistant:", " yes please"), ("Human: rain? Assistant:", " wet and cold")):
-        p, r = [1] + ids(prompt), ids(response) + [2]
-        out.append({"input_ids": p + r, "prompt_length": len(p), "prompt_ids": p, "response_ids": r})
-    return out
+    pairs = (("Human: tea? Assistant:", " yes please"), ("Human: rain? Assistant:", " wet and cold"))
+    return Rollouts.from_lists([[1] + ids(p) for p, _ in pairs], [ids(r) + [2] for _, r in pairs])
 
 
 @pytest.mark.parametrize("scheme", ["none", "lora"])
 def test_first_ppo_ratio_is_one_with_a_dropout_model(dropout_gpt2_dir, tokenizer, scheme):
     """PPO's old log-probs (``policy_logprobs``, eval mode) against the train-mode log-probs of the first actor
     update (``PPOTrainer.train_actor``'s calls): the ratio is exactly 1 before any update."""
-    from nemo_aligner.algorithms.online import rollout_examples
     from nemo_aligner.algorithms.ppo import policy_logprobs
-    from nemo_aligner.data.sequences import collate_sequences
     from nemo_aligner.models.hf_causal_lm import HFCausalLM
     from nemo_aligner.algorithms.ppo_math import ppo_policy_loss
 
@@ -49,9 +46,9 @@ def test_first_ppo_ratio_is_one_with_a_dropout_model(dropout_gpt2_dir, tokenizer
         "target_modules": ["attention_qkv"], "adapter_dim": 4, "alpha": 8, "adapter_dropout": 0.1}}})
     actor = HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(dropout_gpt2_dir), max_steps=1)
     rollouts = _rollouts(tokenizer)
-    old = torch.tensor([v for lp in policy_logprobs(actor, rollouts, 2) for v in lp])
+    old = policy_logprobs(actor, rollouts, 2)
     actor.prepare_for_training_step()
-    logprobs = actor.get_logprobs(collate_sequences(rollout_examples(rollouts), actor.pad_token_id))
+    logprobs = actor.get_logprobs(rollouts.sequence_batch(actor.pad_token_id))
     _, metrics = ppo_policy_loss(logprobs, old, torch.ones_like(old), 0.2)
     assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(logprobs.detach(), old, atol=1e-6, rtol=0)
@@ -61,13 +58,12 @@ def test_first_ppo_ratio_is_one_with_a_dropout_model(dropout_gpt2_dir, tokenizer
 
 def test_critic_and_reward_model_train_without_dropout(dropout_gpt2_dir, tokenizer):
     """As TRL (RewardTrainer and PPOTrainer's value model, ``disable_dropout=True``): train mode == eval mode."""
-    from nemo_aligner.data.sequences import collate_sequences
     from nemo_aligner.models.critic import HFCritic
     from nemo_aligner.models.reward_model import HFRewardModel
 
     fabric = Fabric(accelerator="cpu", devices=1)
     cfg = OmegaConf.create({"optim": OPTIM})
-    batch = collate_sequences([{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]} for r in _rollouts(tokenizer)], 0)
+    batch = _rollouts(tokenizer).sequence_batch(0)
     for model, read in ((HFCritic(fabric, cfg, str(dropout_gpt2_dir), max_steps=1), "get_values"),
                         (HFRewardModel(fabric, cfg, str(dropout_gpt2_dir), max_steps=1), "get_rewards")):
         model.prepare_for_training_step()

@@ -4,23 +4,47 @@ import json
 import socket
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from nemo_aligner.errors import ServerUnavailableError
-from nemo_aligner.servers.client import HTTPClient, rollout_payload
+from nemo_aligner.data.rollouts import Rollouts
+from nemo_aligner.servers.client import HTTPClient, post_per_token
 from nemo_aligner.servers.critic_server import RemoteCritic
 from nemo_aligner.servers.initial_policy_server import RemoteInitialPolicy
 
 
-def test_rollout_payload_is_plain_json_of_the_token_ids_and_prompt_lengths():
-    rollouts = [{"input_ids": torch.tensor([1, 5, 9]), "prompt_length": np.int64(2), "values": [0.1]},
-                {"input_ids": np.array([1, 7], dtype=np.int32), "prompt_length": 1}]
-    payload = rollout_payload(rollouts)
-    assert payload == {"token_ids": [[1, 5, 9], [1, 7]], "prompt_lengths": [2, 1]}
-    assert json.loads(json.dumps(payload)) == payload  # plain ints only
-    assert rollout_payload([]) == {"token_ids": [], "prompt_lengths": []}
+def test_post_per_token_chunks_the_payload_and_flattens_the_answers():
+    rollouts = Rollouts.from_lists([[1, 5], [1], [2]], [[9], [7], [3, 4, 6]])
+    sent = []
+
+    class Client:
+        max_items_per_request = 2
+
+        def post(self, path, payload):
+            assert json.loads(json.dumps(payload)) == payload  # plain JSON only
+            sent.append((path, payload))
+            return {"values": [[float(t) for t in ids[n:]] for ids, n in zip(payload["token_ids"],
+                                                                              payload["prompt_lengths"])]}
+
+    values = post_per_token(Client(), "/infer", "values", rollouts)
+    assert [p for p, _ in sent] == ["/infer", "/infer"]
+    assert [len(p["token_ids"]) for _, p in sent] == [2, 1]
+    assert sent[0][1] == {"token_ids": [[1, 5, 9], [1, 7]], "prompt_lengths": [2, 1]}
+    assert values.dtype == torch.float32 and values.tolist() == [9.0, 7.0, 3.0, 4.0, 6.0]
+
+
+def test_post_per_token_rejects_an_answer_of_the_wrong_length():
+    rollouts = Rollouts.from_lists([[1]], [[5, 9]])
+
+    class Client:
+        max_items_per_request = 8
+
+        def post(self, path, payload):
+            return {"logprobs": [[0.0]]}  # two response tokens, one answer
+
+    with pytest.raises(ValueError, match="logprobs"):
+        post_per_token(Client(), "/logprobs", "logprobs", rollouts)
 
 
 def _free_port() -> int:
