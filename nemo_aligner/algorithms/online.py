@@ -208,14 +208,14 @@ class OnlineTrainer(TrainingLoop):
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_rollouts(self, sampling_params: Any, micro_batch_size: int,
-                            score_micro_batch_size: int | None = None) -> Rollouts | None:
+                            score_micro_batch_size: int | None = None) -> Rollouts:
         """One response (``sampling_params``, seeded by ``cfg.seed`` and the prompt's index) to each of this rank's
         share of the first ``num_val_samples`` validation prompts, scored (:func:`score_rewards` in calls of
-        ``score_micro_batch_size``); ``None`` when this rank has no validation prompt."""
+        ``score_micro_batch_size``); no rollout (and no generation call) when this rank has no validation prompt."""
         rank, world = self.model.data_parallel_rank, self.model.data_parallel_size
         prompts = self.val_prompts[: self.cfg.num_val_samples][rank::world]
         if not prompts:
-            return None
+            return Rollouts.from_lists([], [], rewards=[])
         rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed,
                                           prompt_indices=range(rank, rank + world * len(prompts), world))
         score_rewards(self.reward_fn, rollouts, score_micro_batch_size, self.end_of_turn)

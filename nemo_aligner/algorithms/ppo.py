@@ -700,7 +700,7 @@ class PPOTrainer(OnlineTrainer):
         ``global_rewards`` (mean reward), ``rewards_std``, ``response_lengths_mean``; writes
         ``val_samples/step=<N>.md`` with a table of the first ``num_val_samples_to_show`` prompts and responses."""
         rollouts = self.validation_rollouts(self.sampling_params, self.cfg.val_rollout_micro_batch_size)
-        if rollouts is None:
+        if not len(rollouts):
             return {}
         rew_t = rollouts.rewards.float()
         metrics = {

@@ -376,16 +376,14 @@ class RSTrainer(OnlineTrainer):
             return {}
         rollouts = self.validation_rollouts(self.greedy_params, self.cfg.val_rollout_micro_batch_size,
                                             self.cfg.forward_micro_batch_size)
-        rewards = rollouts.rewards.tolist() if rollouts is not None else []
-        lengths = rollouts.response_lengths.tolist() if rollouts is not None else []
-        totals = torch.tensor([sum(rewards), sum(lengths), float(len(rewards))], dtype=torch.float64,
-                              device=self.policy.device)
+        totals = torch.tensor([sum(rollouts.rewards.tolist()), sum(rollouts.response_lengths.tolist()),
+                               float(len(rollouts))], dtype=torch.float64, device=self.policy.device)
         if self.policy.data_parallel_size > 1:
             totals = self.policy.all_reduce(totals, "sum")
         reward_sum, length_sum, count = totals.tolist()
         if count == 0:
             return {}
-        if self.context.is_global_zero and rollouts is not None:
+        if self.context.is_global_zero:
             self.write_samples(rollouts.select(range(min(self.cfg.num_val_samples_to_show, len(rollouts)))))
         return {"global_rewards": reward_sum / count, "global_response_lengths_mean": length_sum / count}
 

@@ -75,6 +75,8 @@ def test_select_carries_every_field_in_the_given_order():
     assert_same(r.select(range(3)), r)
     empty = r.select([])
     assert len(empty) == 0 and empty.num_response_tokens == 0 and empty.values.shape == (0,)
+    assert empty.prompts() == [] and empty.to_payload() == {"token_ids": [], "prompt_lengths": []}
+    assert len(Rollouts.from_lists([], [], rewards=[])) == 0
 
 
 def test_split_then_cat_is_the_identity():
