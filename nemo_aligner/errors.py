@@ -50,3 +50,8 @@ class UnsupportedError(UserError, NotImplementedError):
 class CannotListenError(UserError, OSError):
     """A server cannot listen on the host and port it was given (in use, not this machine's address, a privileged
     port); the message names ``host:port`` and the operating system's reason."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a setting asks for (e.g. vLLM for ``trainer.<algo>.vllm.enable=true``) is not installed;
+    the message names the key and the install command."""

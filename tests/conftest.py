@@ -41,6 +41,26 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_vllm_engines():
+    """Stop the session's vLLM engines before pytest closes its output (vLLM's own exit hook would log to it)."""
+    yield
+    module = sys.modules.get("nemo_aligner.generation.vllm_engine")
+    if module is not None:
+        module.shutdown_engines()
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama with ``head_dim`` 64 (what vLLM's CPU backend needs) and the tiny tokenizer. Every vLLM test uses
+    this one architecture with :data:`tests.helpers.VLLM_TEST_OVERRIDES`, so the session starts one engine
+    (``VLLMEngine.shared``) and each test refits it with its own weights."""
+    path = tmp_path_factory.mktemp("tiny_llama_hd64")
+    build_tiny_model("llama-hd64", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny_gpt2")

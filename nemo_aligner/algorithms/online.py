@@ -194,17 +194,24 @@ class OnlineTrainer(TrainingLoop):
         if len(indices) != len(prompts):
             raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
         rows = [(p, j) for p in range(len(prompts)) for j in range(num_per_prompt)]
-        responses, ended = [], []
+        responses, ended, engine_logprobs = [], [], []
         with self.model.inference():
             for start in range(0, len(rows), micro_batch_size):
                 chunk = rows[start : start + micro_batch_size]
                 out = self.model.generate([prompts[p] for p, _ in chunk], sampling_params, self.length_params,
                                           seeds=[response_seed(seed, indices[p], j) for p, j in chunk])
-                for response, done in zip(out.response_ids, out.ended):
+                logprobs = out.logprobs if out.logprobs is not None else [None] * len(out.response_ids)
+                for response, done, lp in zip(out.response_ids, out.ended, logprobs):
                     responses.append(list(response) or [int(self.eos_token_id if self.eos_token_id is not None else 0)])
                     ended.append(bool(done))
-        return Rollouts.from_lists([prompts[p] for p, _ in rows], responses, ended,
-                                   prompt_index=[p for p, _ in rows], sample_index=[j for _, j in rows])
+                    engine_logprobs.append(list(lp) if lp and len(lp) == len(response) else None)
+        known = any(lp is not None for lp in engine_logprobs)
+        return Rollouts.from_lists(
+            [prompts[p] for p, _ in rows], responses, ended, prompt_index=[p for p, _ in rows],
+            sample_index=[j for _, j in rows],
+            engine_logprobs=[lp if lp is not None else [float("nan")] * len(r) for lp, r in zip(engine_logprobs, responses)]
+            if known else None,
+        )
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_rollouts(self, sampling_params: Any, micro_batch_size: int,

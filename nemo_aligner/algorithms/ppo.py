@@ -69,6 +69,7 @@ from nemo_aligner.algorithms.ppo_math import (
     explained_variance,
     flat_to_padded,
     kl_penalized_token_rewards,
+    logprob_mismatch,
     masked_mean,
     padded_to_flat,
     ppo_policy_loss,
@@ -590,6 +591,8 @@ class PPOTrainer(OnlineTrainer):
             raise RuntimeError(f"{n} response tokens got {logprobs.numel()} logprobs, {init_logprobs.numel()} initial, "
                                f"{values.numel()} values")
         rollouts.logprobs, rollouts.init_logprobs, rollouts.values = logprobs, init_logprobs, values
+        if rollouts.engine_logprobs is not None:
+            timing.update(logprob_mismatch(rollouts.engine_logprobs, logprobs))
         return timing
 
     # ---- actor training ---------------------------------------------------------------------------------------
@@ -638,6 +641,7 @@ class PPOTrainer(OnlineTrainer):
         rollouts = self.generate_rollouts(self.step_prompts(), 1, self.sampling_params, cfg.rollout_micro_batch_size,
                                           seed, prompt_indices=self.step_prompt_indices())
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
+        metrics.update(self.actor.pop_generation_metrics())  # time_refit with a vLLM engine
         t0 = time.perf_counter()
         metrics.update(self.score_rollouts(rollouts))
         metrics["time_inference"] = time.perf_counter() - t0

@@ -289,3 +289,28 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if float(var_r) == 0.0:
         return torch.tensor(float("nan"))
     return 1.0 - var_err / var_r
+
+
+def logprob_mismatch(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor) -> dict[str, float]:
+    """How far the rollout engine's log-probabilities of the sampled tokens are from the trainer's, over the tokens
+    where both are known (the engine's NaN entries are skipped): ``rollout_logprob_mismatch`` =
+    ``mean |logp_engine - logp_trainer|`` (nats per token) and ``rollout_logprob_mismatch_max``. The off-policy gap
+    that vLLM-based RLHF trainers monitor (e.g. Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"); PPO's ratio keeps using the trainer's log-probabilities.
+
+    Args:
+        engine_logprobs, trainer_logprobs: ``[N]`` per-token log-probabilities (nats).
+
+    Returns:
+        The two metrics; empty when no token has both.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if engine_logprobs.shape != trainer_logprobs.shape:
+        raise ValueError(f"engine logprobs {tuple(engine_logprobs.shape)} vs trainer {tuple(trainer_logprobs.shape)}")
+    diff = (engine_logprobs.double() - trainer_logprobs.detach().double()).abs()
+    diff = diff[~torch.isnan(diff)]
+    if diff.numel() == 0:
+        return {}
+    return {"rollout_logprob_mismatch": float(diff.mean()), "rollout_logprob_mismatch_max": float(diff.max())}

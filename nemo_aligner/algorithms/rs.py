@@ -355,6 +355,7 @@ class RSTrainer(OnlineTrainer):
         rollouts = self.generate_rollouts(prompts, cfg.num_rollouts_per_prompt, self.sampling_params,
                                           cfg.rollout_micro_batch_size, seed, prompt_indices=self.step_prompt_indices())
         metrics: dict[str, float] = {"time_generation": time.perf_counter() - start}
+        metrics.update(self.policy.pop_generation_metrics())  # time_refit with a vLLM engine
         t0 = time.perf_counter()
         self.score_rollouts(rollouts)
         metrics["time_reward"] = time.perf_counter() - t0

@@ -24,6 +24,8 @@ field                   shape       dtype     meaning
 ``values``              ``[N]``     float32   the critic's values at rollout time, or ``None``
 ``advantages``          ``[N]``     float32   GAE advantages, or ``None``
 ``returns``             ``[N]``     float32   GAE returns (the critic's targets), or ``None``
+``engine_logprobs``     ``[N]``     float32   the rollout engine's own log-probabilities of the sampled tokens
+                                              (vLLM; NaN where unknown), or ``None`` (the native engine)
 ======================  ==========  ========  ==========================================================
 
 Every value a float field holds is exactly what the algorithms compute in float32 (or, for rewards, in Python
@@ -49,7 +51,7 @@ from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 #: Fields with one entry per rollout.
 SEQUENCE_FIELDS = ("prompt_lengths", "response_lengths", "ended", "prompt_index", "sample_index", "rewards")
 #: Float fields with one entry per response token (``response_ids`` is the int64 one).
-TOKEN_FLOAT_FIELDS = ("logprobs", "init_logprobs", "values", "advantages", "returns")
+TOKEN_FLOAT_FIELDS = ("logprobs", "init_logprobs", "values", "advantages", "returns", "engine_logprobs")
 
 
 class PayloadError(ValueError):
@@ -86,6 +88,7 @@ class Rollouts:
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         s = self.prompt_lengths.numel()

@@ -169,7 +169,10 @@ class GenerationOutput:
             was generated.
         ended: True when the response stopped by itself (an EOS token or an end string), False when it was cut
             at ``max_length``.
+        logprobs: the engine's log-probability (nats) of each response token, one list per response, when the
+            engine reports them (vLLM); None from the native engine (the trainers compute their own).
     """
 
     response_ids: list[list[int]]
     ended: list[bool]
+    logprobs: list[list[float]] | None = None

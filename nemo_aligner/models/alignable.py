@@ -101,6 +101,11 @@ class AlignableModel(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not generate")
 
+    def pop_generation_metrics(self) -> dict[str, float]:
+        """What the rollout engine measured since the last call (e.g. ``time_refit``, seconds spent copying the
+        policy's weights into a vLLM engine), then cleared; empty for an engine that measures nothing."""
+        return {}
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate a scalar ``loss`` (already divided by the number of micro-batches)."""

@@ -296,6 +296,9 @@ class HFModel(AlignableModel):
         )
         self.optimizer = fabric.setup_optimizers(optimizer)
         self.scheduler = build_cosine_scheduler(self.optimizer, max_steps, self.lr, optim_cfg.get("sched", {}) or {})
+        #: Counts the changes of the weights (optimizer steps, checkpoint loads): a rollout engine holding a copy of
+        #: the weights refits when it changed.
+        self.weights_version = 0
 
     def setup_frozen(self, module: nn.Module) -> nn.Module:
         """Place a frozen helper module (e.g. a reference policy) on the device; sharded too under FSDP."""
@@ -408,6 +411,7 @@ class HFModel(AlignableModel):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.weights_version += 1
         return {"grad_norm": float(grad_norm), "lr": float(lr)}
 
     # ---- inference --------------------------------------------------------------------------------------------
@@ -491,6 +495,7 @@ class HFModel(AlignableModel):
         rng = state["rng"] or remainder.get("rng")
         if rng:
             set_rng_state(rng)
+        self.weights_version += 1
         return state["extra_state"] or remainder.get("extra_state") or {}
 
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:

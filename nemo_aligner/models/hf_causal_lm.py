@@ -10,14 +10,14 @@ the attention mask) lives in :mod:`nemo_aligner.models.hf_backend`; its public n
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 
 from nemo_aligner.errors import UnsupportedError
-from nemo_aligner.generation import generate
+from nemo_aligner.generation import VLLMConfig, VLLMEngine, generate
 from nemo_aligner.models.hf_backend import (  # noqa: F401 (HFModel .. prepare_attention_mask: re-exported)
     HFModel,
     apply_peft,
@@ -162,6 +162,8 @@ class HFCausalLM(HFModel):
         )
         self._reference = self.setup_frozen(reference) if reference is not None else None
         self._has_reference = need_reference
+        self._engine: VLLMEngine | None = None
+        self._generation_metrics: dict[str, float] = {}
 
     def get_logprobs(self, batch, reference: bool = False, return_entropy: bool = False):
         inputs = self._inputs(batch)
@@ -190,6 +192,89 @@ class HFCausalLM(HFModel):
         ids.extend(extra if isinstance(extra, (list, tuple)) else [extra])
         return sorted({int(i) for i in ids if i is not None})
 
+    # ---- the rollout engine -------------------------------------------------------------------------------------
+    @property
+    def rollout_engine(self) -> VLLMEngine | None:
+        """The vLLM engine that generates for this policy (:meth:`use_vllm`), or None (the native engine)."""
+        return self._engine
+
+    def use_vllm(self, vllm_cfg: VLLMConfig, max_model_len: int | None = None) -> VLLMEngine:
+        """Generate with vLLM from now on: start (or reuse, :meth:`VLLMEngine.shared`) an engine for this policy's
+        architecture; the weights are copied into it before the next ``generate`` (and after every change).
+
+        ``vllm_cfg.dtype=auto`` runs the engine in the policy's parameter dtype (float32 under ``precision=32``,
+        bfloat16 under ``bf16-true``), so that greedy outputs match the native engine's.
+
+        Raises:
+            MissingDependencyError: vLLM is not installed.
+            UnsupportedError: more than one data-parallel rank on a CPU (each rank would start an engine on the
+                same cores) -- use one process, or a GPU per rank; or LoRA under FSDP.
+        """
+        if self.data_parallel_size > 1 and self.device.type == "cpu":
+            raise UnsupportedError("vllm.enable=true with several CPU data-parallel ranks is not supported (every rank "
+                                   "would start an engine on the same cores); use trainer.devices=1 on a CPU")
+        if self._fsdp and self.use_lora:
+            raise UnsupportedError("vllm.enable=true with LoRA under FSDP is not supported; use trainer.strategy=ddp")
+        dtype = vllm_cfg.dtype
+        if dtype == "auto":
+            dtype = str(next(self._lm.parameters()).dtype).replace("torch.", "")
+        self._engine = VLLMEngine.shared(self.source, vllm_cfg, dtype=dtype, max_model_len=max_model_len,
+                                         seed=int(torch.initial_seed() % (1 << 31)))
+        return self._engine
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.fabric.strategy.__class__.__name__.startswith("FSDP")
+
+    def rollout_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's full weights under their Hugging Face names (what a ``save_pretrained`` of the policy
+        holds): with LoRA, each adapted weight is ``W + B A * scaling`` (peft's ``get_delta_weight``, Hu et al.
+        2021 eq. 3), computed without touching the trained modules; under FSDP the full tensors gathered from the
+        shards (every rank must call this). Tensors are detached and may share storage with the parameters."""
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # full_state_dict without cpu_offload: the gathered tensors on every rank (each rank feeds its engine)
+            yield from get_model_state_dict(self._lm, options=StateDictOptions(full_state_dict=True)).items()
+            return
+        if not self.use_lora:
+            yield from ((n, t.detach()) for n, t in self._lm.state_dict().items())
+            return
+        from peft.tuners.lora import LoraLayer
+
+        base = self._lm.get_base_model()
+        merged = {}
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer):
+                    weight = module.get_base_layer().weight
+                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                    merged[f"{name}.weight"] = (weight + delta).to(weight.dtype)
+        for name, tensor in base.state_dict().items():
+            if "lora_" in name:
+                continue
+            clean = name.replace(".base_layer.", ".")
+            yield clean, merged.pop(clean) if clean in merged else tensor.detach()
+
+    def _sync_engine(self) -> None:
+        """Refit the engine when it does not hold this policy's current weights."""
+        holder = (id(self), self.weights_version)
+        if getattr(self._engine, "holder", None) == holder:
+            return
+        seconds = self._engine.refit(self.rollout_weights())
+        self._engine.holder = holder
+        self._generation_metrics["time_refit"] = self._generation_metrics.get("time_refit", 0.0) + seconds
+
+    def pop_generation_metrics(self) -> dict[str, float]:
+        out, self._generation_metrics = self._generation_metrics, {}
+        return out
+
+    def prepare_for_training_step(self) -> None:
+        """Training mode, gradients cleared; a vLLM engine with ``unload_engine_train`` goes to sleep."""
+        if self._engine is not None and self._engine.cfg.unload_engine_train:
+            self._engine.sleep()
+        super().prepare_for_training_step()
+
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -216,11 +301,20 @@ class HFCausalLM(HFModel):
         Returns:
             :class:`nemo_aligner.generation.GenerationOutput`.
 
+        With a vLLM engine (:meth:`use_vllm`) the engine generates instead, after a refit when the weights changed
+        since it last got them (the seconds go to :meth:`pop_generation_metrics` as ``time_refit``); the output
+        then also carries the engine's log-probabilities.
+
         Raises:
-            NotImplementedError: under FSDP (sharded parameters would need every rank in the same forward at every
-                step; generate with ``trainer.strategy=ddp`` instead).
+            NotImplementedError: under FSDP with the native engine (sharded parameters would need every rank in the
+                same forward at every step; generate with ``trainer.strategy=ddp``, or with vLLM, instead).
             ValueError: as :func:`nemo_aligner.generation.generate`.
         """
+        if self._engine is not None:
+            self._sync_engine()
+            generator = torch.Generator().manual_seed(int(seed)) if seed is not None and seeds is None else None
+            return self._engine.generate(prompt_ids, sampling_params, length_params, self.eos_token_ids(),
+                                         seeds=seeds, generator=generator)
         if self.fabric.strategy.__class__.__name__.startswith("FSDP"):
             raise UnsupportedError(
                 "generation under FSDP is not supported (parameters are sharded); use trainer.strategy=ddp"

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 
 from nemo_aligner.algorithms.base import RunContext, TrainerConfig, compute_max_steps
 from nemo_aligner.errors import OutputExistsError, UserError
+from nemo_aligner.generation import VLLMConfig, require_vllm
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigValueError, check_batch_sizes, check_keys, check_values, load_schema
@@ -201,6 +202,25 @@ def finish(fabric, checkpoints: CheckpointManager) -> None:
         get_logger().info(
             f"done: last checkpoint {checkpoints.latest()}, best by {checkpoints.monitor}: {checkpoints.best()}"
         )
+
+
+def use_rollout_engine(policy, section: Any, key: str, log=None) -> VLLMConfig:
+    """Give ``policy`` (an :class:`~nemo_aligner.models.hf_causal_lm.HFCausalLM`) a vLLM engine when the config
+    block ``section`` (``trainer.<algo>.vllm``, named ``key`` in errors) has ``enable=true``; otherwise it keeps
+    the native engine. Returns the parsed block.
+
+    Raises:
+        MissingDependencyError: ``enable=true`` but vLLM is not installed (the message says how to install it).
+        ConfigValueError: a bad value in the block.
+    """
+    vllm_cfg = VLLMConfig.from_cfg(section, key)
+    if vllm_cfg.enable:
+        require_vllm(f"{key}.enable")
+        engine = policy.use_vllm(vllm_cfg)
+        if log is not None and policy.data_parallel_rank == 0:
+            log.info(f"rollouts: vLLM engine ({key}; start-up took {engine.start_seconds:.1f} s, max_model_len "
+                     f"{engine.max_model_len}); the policy's weights are refit into it whenever they change")
+    return vllm_cfg
 
 
 def run_or_exit(fn: Callable, *args: Any) -> Any:

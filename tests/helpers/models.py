@@ -6,7 +6,8 @@ import torch
 
 
 def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
-    """A 2-layer, hidden-64 causal LM of the given family with random weights (dropout off)."""
+    """A 2-layer, hidden-64 causal LM of the given family with random weights (dropout off); ``llama-hd64`` is a
+    2-layer Llama with hidden size 128 and 2 heads of ``head_dim`` 64, the smallest head vLLM's CPU backend runs."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -16,6 +17,13 @@ def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         )
         return GPT2LMHeadModel(cfg)
+    if kind == "llama-hd64":
+        cfg = LlamaConfig(
+            num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=64, vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0, tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(cfg)
     cfg = LlamaConfig(
         num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,

@@ -37,7 +37,7 @@ from nemo_aligner.errors import OutputExistsError, UnsupportedError
 from nemo_aligner.generation import LengthParams, SamplingParams, response_seed
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.models.pretrained import resolve_pretrained
-from nemo_aligner.recipes.common import run_or_exit
+from nemo_aligner.recipes.common import run_or_exit, use_rollout_engine
 from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, as_list, check_keys, load_schema
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
@@ -203,6 +203,7 @@ def run(cfg: DictConfig) -> dict:
     policy = HFCausalLM(fabric, model_cfg, source, max_steps=1, gradient_clip_val=0.0, need_reference=False,
                         precision=normalize_precision(cfg.trainer.precision))
     policy.freeze()
+    use_rollout_engine(policy, cfg.trainer.get("generation", {}).get("vllm"), "trainer.generation.vllm", log)
     tokenizer = policy.tokenizer
     scorer = build_scorer(cfg, fabric.device)
 

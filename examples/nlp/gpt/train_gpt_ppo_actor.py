@@ -36,6 +36,7 @@ from nemo_aligner.recipes.common import (
     run_context,
     run_or_exit,
     setup_fabric,
+    use_rollout_engine,
 )
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic, served_ppo_roles, server_url
 from nemo_aligner.utils.config import CONF_DIR
@@ -111,6 +112,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
             log.info(f"critic initialised from {critic_path}; initial policy = "
                      f"{'the actor with LoRA adapters off' if actor.use_lora else 'a frozen copy of the actor'}")
 
+    use_rollout_engine(actor, cfg.trainer.ppo.get("vllm"), "trainer.ppo.vllm", log)
     trainer = PPOTrainer(
         actor=actor, critic=critic, initial_policy=initial, reward_fn=reward_fn,
         setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),

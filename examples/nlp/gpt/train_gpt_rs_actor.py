@@ -35,6 +35,7 @@ from nemo_aligner.recipes.common import (
     run_context,
     run_or_exit,
     setup_fabric,
+    use_rollout_engine,
 )
 from nemo_aligner.recipes.online import build_reward_fn, server_url
 from nemo_aligner.utils.config import CONF_DIR
@@ -104,6 +105,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
         need_reference=False,
         precision=normalize_precision(cfg.trainer.precision),
     )
+    use_rollout_engine(policy, cfg.trainer.rs.get("vllm"), "trainer.rs.vllm", log)
     trainer = RSTrainer(
         policy=policy, reward_fn=reward_fn,
         setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),

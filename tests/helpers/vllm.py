@@ -1,0 +1,18 @@
+"""The vLLM engine settings every vLLM test uses, so that one engine (``VLLMEngine.shared``) serves the session."""
+
+from __future__ import annotations
+
+#: Eager mode (no torch.compile at start) and a batch limit the tests never exceed.
+VLLM_TEST_KNOBS = {"enable": True, "enforce_eager": True, "max_num_seqs": 64}
+
+
+def vllm_overrides(algo: str) -> list[str]:
+    """Hydra overrides turning on vLLM for ``trainer.<algo>.vllm`` with :data:`VLLM_TEST_KNOBS`."""
+    return [f"trainer.{algo}.vllm.{k}={str(v).lower()}" for k, v in VLLM_TEST_KNOBS.items()]
+
+
+def vllm_test_config():
+    """:class:`~nemo_aligner.generation.VLLMConfig` of :data:`VLLM_TEST_KNOBS`."""
+    from nemo_aligner.generation import VLLMConfig
+
+    return VLLMConfig(**VLLM_TEST_KNOBS)

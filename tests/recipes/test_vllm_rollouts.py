@@ -1,0 +1,111 @@
+"""The recipes that generate (PPO, rejection sampling, generate.py) with ``trainer.<algo>.vllm.enable=true``, on the
+session's one tiny head_dim-64 Llama engine: the runs train, log the refit time and the engine/trainer log-prob
+mismatch, and after training the engine answers exactly like the trained policy's native greedy decoding (the
+refit happened)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nemo_aligner.generation import LengthParams, SamplingParams
+from tests.helpers import compose_config, load_example_script, ppo_cfg, vllm_overrides, write_prompts
+
+pytestmark = pytest.mark.vllm
+GREEDY = SamplingParams(use_greedy=True)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fraction_reward(targets):
+    targets = set(targets)
+    return lambda prompt_ids, response_ids: [sum(t in targets for t in r) / len(r) for r in response_ids]
+
+
+def _engine_and_native_greedy(policy, prompts, length):
+    with policy.inference():
+        engine_out = policy.generate(prompts, GREEDY, length)
+    engine, policy._engine = policy._engine, None
+    try:
+        with policy.inference():
+            native_out = policy.generate(prompts, GREEDY, length)
+    finally:
+        policy._engine = engine
+    return engine_out, native_out
+
+
+def test_ppo_with_vllm_refits_after_each_step(tmp_path, vllm_model_dir):
+    """Two PPO steps (one actor optimizer step each) with vLLM rollouts; then vLLM's greedy output equals the
+    trained actor's native greedy output, and differs from the untrained model's."""
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *vllm_overrides("ppo"), "trainer.ppo.max_steps=2",
+                  "trainer.ppo.val_check_interval=0", "model.optim.lr=5e-2", "model.optim.sched.min_lr=5e-2",
+                  "model.ppo.mask_truncated=false")
+    out = load_example_script("train_gpt_ppo_actor").run(cfg, reward_fn=fraction_reward(range(3, 80)))
+    history = out["history"]
+    assert len(history) == 2
+    for metrics in history:
+        assert metrics["time_refit"] > 0  # step 1: the initial weights, step 2: after step 1's update
+        assert 0 <= metrics["rollout_logprob_mismatch"] < 1e-3, metrics  # float32 engine and trainer
+    actor = out["trainer"].actor
+    assert actor.rollout_engine is not None and actor.weights_version == 2
+    tok = actor.tokenizer
+    prompts = [tok(f"Human: Tell me about owls {i}. Assistant:")["input_ids"] for i in range(4)]
+    engine_out, native_out = _engine_and_native_greedy(actor, prompts, LengthParams(max_length=12))
+    assert engine_out.response_ids == native_out.response_ids
+    from transformers import AutoModelForCausalLM
+
+    from nemo_aligner.generation import generate
+
+    untrained = AutoModelForCausalLM.from_pretrained(vllm_model_dir).eval()
+    before = generate(untrained, prompts, GREEDY, LengthParams(max_length=12), actor.eos_token_ids(), actor.pad_token_id)
+    assert before.response_ids != engine_out.response_ids  # the two steps changed the policy
+
+
+def test_rs_with_vllm_trains_and_refits(tmp_path, vllm_model_dir):
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = compose_config("gpt_rs_actor", [
+        f"pretrained_checkpoint.restore_from_path={vllm_model_dir}", "reward_model.restore_from_path=null",
+        f"model.data.data_prefix.train=[{prompts_file}]", f"model.data.data_prefix.validation=[{prompts_file}]",
+        f"exp_manager.explicit_log_dir={tmp_path / 'rs'}", "trainer.accelerator=cpu", "model.encoder_seq_length=64",
+        "model.rs.length_params.max_length=6", "model.rs.num_rollout_samples=8", "model.rs.num_rollouts_per_prompt=4",
+        "model.rs.rollout_micro_batch_size=32", "model.rs.num_val_samples=8", "model.global_batch_size=8",
+        "model.micro_batch_size=8", "trainer.rs.max_steps=2", "trainer.rs.val_check_interval=2",
+        "model.optim.lr=3e-2", "model.optim.sched.min_lr=3e-2", *vllm_overrides("rs"),
+    ])
+    out = load_example_script("train_gpt_rs_actor").run(cfg, reward_fn=fraction_reward(range(3, 80)))
+    assert len(out["history"]) == 2 and all(m["time_refit"] > 0 for m in out["history"])
+    policy = out["trainer"].policy
+    tok = policy.tokenizer
+    prompts = [tok(f"Human: Tell me about jazz {i}. Assistant:")["input_ids"] for i in range(4)]
+    engine_out, native_out = _engine_and_native_greedy(policy, prompts, LengthParams(max_length=10))
+    assert engine_out.response_ids == native_out.response_ids
+    assert "global_rewards" in out["val"]
+
+
+def test_generate_script_with_vllm_matches_native_greedy(tmp_path, vllm_model_dir):
+    path = tmp_path / "prompts.jsonl"
+    with open(path, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"chosen": f"\n\nHuman: question {i}?\n\nAssistant: answer {i}", "rejected": "x"}) + "\n")
+    script = load_example_script("generate")
+    outputs = {}
+    for name, extra in (("native", []), ("vllm", vllm_overrides("generation"))):
+        output = tmp_path / f"{name}.jsonl"
+        cfg = compose_config("generation", [
+            f"pretrained_checkpoint.restore_from_path={vllm_model_dir}", f"data.prompt_file={path}",
+            f"generation.output_file={output}", "trainer.accelerator=cpu", "model.micro_batch_size=4",
+            "generation.length_params.max_length=8", "generation.sampling_params.use_greedy=true", *extra,
+        ])
+        assert script.run(cfg)["generated"] == 5
+        outputs[name] = [json.loads(line) for line in open(output)]
+    assert [r["responses"] for r in outputs["vllm"]] == [r["responses"] for r in outputs["native"]]
+    assert any(r["responses"][0] for r in outputs["native"])
