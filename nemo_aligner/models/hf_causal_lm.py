@@ -10,6 +10,7 @@ the attention mask) lives in :mod:`nemo_aligner.models.hf_backend`; its public n
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Iterator
 
 import torch
@@ -29,6 +30,9 @@ from nemo_aligner.models.hf_backend import (  # noqa: F401 (HFModel .. prepare_a
     run_backbone,
 )
 from nemo_aligner.models.pretrained import resolve_pretrained
+
+#: Tells apart the policies that share one vLLM engine (:meth:`HFCausalLM._sync_engine`).
+_POLICY_IDS = itertools.count()
 
 __all__ = [
     "HFCausalLM", "HFModel", "ResponseLogprobs", "apply_peft", "build_adamw", "disable_dropout", "entropy_from_logits",
@@ -163,6 +167,7 @@ class HFCausalLM(HFModel):
         self._reference = self.setup_frozen(reference) if reference is not None else None
         self._has_reference = need_reference
         self._engine: VLLMEngine | None = None
+        self._engine_owner = next(_POLICY_IDS)  # never reused (id() is, once a policy is freed)
         self._generation_metrics: dict[str, float] = {}
 
     def get_logprobs(self, batch, reference: bool = False, return_entropy: bool = False):
@@ -258,7 +263,7 @@ class HFCausalLM(HFModel):
 
     def _sync_engine(self) -> None:
         """Refit the engine when it does not hold this policy's current weights."""
-        holder = (id(self), self.weights_version)
+        holder = (self._engine_owner, self.weights_version)
         if getattr(self._engine, "holder", None) == holder:
             return
         seconds = self._engine.refit(self.rollout_weights())

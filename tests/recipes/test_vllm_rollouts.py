@@ -109,3 +109,41 @@ def test_generate_script_with_vllm_matches_native_greedy(tmp_path, vllm_model_di
         outputs[name] = [json.loads(line) for line in open(output)]
     assert [r["responses"] for r in outputs["vllm"]] == [r["responses"] for r in outputs["native"]]
     assert any(r["responses"][0] for r in outputs["native"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_ppo_with_vllm_kill_and_resume_matches_uninterrupted_run(tmp_path, vllm_model_dir, monkeypatch):
+    """3 PPO steps with vLLM rollouts in one go vs. 2 steps, a crash after the step-2 checkpoint, and a resume: the
+    same sampled rollouts and metrics. The resumed actor refits the shared engine with the checkpoint's weights
+    (the engine last held the killed run's weights)."""
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+
+    script = load_example_script("train_gpt_ppo_actor")
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl")
+    overrides = [*vllm_overrides("ppo"), "trainer.ppo.max_steps=3", "trainer.ppo.save_interval=2",
+                 "trainer.ppo.val_check_interval=0", "model.optim.lr=1e-2", "model.optim.sched.min_lr=1e-3",
+                 "model.ppo.mask_truncated=false", "exp_manager.export_hf=false"]
+    reward = fraction_reward(range(3, 80))
+    straight = script.run(ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *overrides, run="straight"), reward_fn=reward)
+    original_save, before_kill = PPOTrainer._save, []
+
+    def save_then_die(self):
+        original_save(self)
+        if self.step == 2:
+            before_kill.extend(self.history)
+            raise _Killed
+
+    monkeypatch.setattr(PPOTrainer, "_save", save_then_die)
+    cfg = ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *overrides, run="resumed")
+    with pytest.raises(_Killed):
+        script.run(cfg, reward_fn=reward)
+    monkeypatch.setattr(PPOTrainer, "_save", original_save)
+    resumed = script.run(cfg, reward_fn=reward)
+    history = before_kill + resumed["history"]
+    assert len(history) == len(straight["history"]) == 3
+    for step, (a, b) in enumerate(zip(straight["history"], history), start=1):
+        for key in ("rewards_mean", "response_lengths_mean", "init_policy_kl", "policy_loss", "value_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key)
