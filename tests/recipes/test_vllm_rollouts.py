@@ -123,7 +123,7 @@ def test_ppo_with_vllm_kill_and_resume_matches_uninterrupted_run(tmp_path, vllm_
 
     script = load_example_script("train_gpt_ppo_actor")
     prompts_file = write_prompts(tmp_path / "prompts.jsonl")
-    overrides = [*vllm_overrides("ppo"), "trainer.ppo.max_steps=3", "trainer.ppo.save_interval=2",
+    overrides = [*vllm_overrides("ppo"), "trainer.ppo.max_epochs=10", "trainer.ppo.max_steps=3", "trainer.ppo.save_interval=2",
                  "trainer.ppo.val_check_interval=0", "model.optim.lr=1e-2", "model.optim.sched.min_lr=1e-3",
                  "model.ppo.mask_truncated=false", "exp_manager.export_hf=false"]
     reward = fraction_reward(range(3, 80))
