@@ -9,8 +9,9 @@ the attention mask) lives in :mod:`nemo_aligner.models.hf_backend`; its public n
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -162,6 +163,8 @@ class HFCausalLM(HFModel):
         )
         self._reference = self.setup_frozen(reference) if reference is not None else None
         self._has_reference = need_reference
+        # LoRA after reset_reference_to_policy(): the reference's adapter weights (None: adapters off)
+        self._reference_adapters: list[torch.Tensor] | None = None
 
     def get_logprobs(self, batch, reference: bool = False, return_entropy: bool = False):
         inputs = self._inputs(batch)
@@ -173,14 +176,77 @@ class HFCausalLM(HFModel):
             if self._reference is not None:
                 with self.fabric.autocast():
                     return self._reference(*inputs, return_entropy=return_entropy)
-            # adapters off, in eval mode like the frozen copy (and like PPO's old log-probs)
+            # adapters off (or the reference's adapters), in eval mode like the frozen copy (and PPO's old log-probs)
             was_training = self._unwrapped.training
             self._unwrapped.eval()
             try:
-                with self._lm.disable_adapter():
+                with self.reference_weights():
                     return self.module(*inputs, return_entropy=return_entropy)
             finally:
                 self._unwrapped.train(was_training)
+
+    # ---- iterative algorithms: the reference policy follows the policy -------------------------------------------
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._unwrapped.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _swapped(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Exchange the storage of each ``(parameter, tensor)`` pair, and exchange it back on exit (no copy)."""
+        for param, other in pairs:
+            param.data, other.data = other.data, param.data
+        try:
+            yield
+        finally:
+            for param, other in pairs:
+                param.data, other.data = other.data, param.data
+
+    @contextlib.contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """The policy runs with the reference weights inside (``generate`` and ``get_logprobs``; no gradients):
+        full fine-tuning swaps the parameter storage with the frozen copy's (no copy is made); LoRA swaps in the
+        adapters kept by :meth:`reset_reference_to_policy`, or disables the adapters before the first reset (the
+        reference is then the base model).
+
+        Raises:
+            RuntimeError: the model was built with ``need_reference=False``.
+        """
+        if not self._has_reference:
+            raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+        if self._reference is not None:
+            with torch.no_grad(), self._swapped(list(zip(self._unwrapped.parameters(), self._reference.parameters()))):
+                yield
+        elif self._reference_adapters is None:
+            with torch.no_grad(), self._lm.disable_adapter():
+                yield
+        else:
+            with torch.no_grad(), self._swapped(list(zip(self._trainable_parameters(), self._reference_adapters))):
+                yield
+
+    def reset_reference_to_policy(self) -> None:
+        """The reference policy becomes a frozen copy of the current policy (see
+        :meth:`~nemo_aligner.models.alignable.AlignableModel.reset_reference_to_policy`): full fine-tuning copies
+        the weights (and buffers) into the existing frozen copy; LoRA keeps a copy of the current adapter weights
+        (the adapters-off base is shared, never copied).
+
+        Raises:
+            RuntimeError: the model was built with ``need_reference=False``.
+        """
+        if not self._has_reference:
+            raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+        with torch.no_grad():
+            if self._reference is not None:
+                for ref, param in zip(self._reference.parameters(), self._unwrapped.parameters()):
+                    ref.data.copy_(param.data)
+                for ref, buf in zip(self._reference.buffers(), self._unwrapped.buffers()):
+                    ref.data.copy_(buf.data)
+            else:
+                self._reference_adapters = [p.detach().clone() for p in self._trainable_parameters()]
+
+    def reset_optimizer(self) -> None:
+        """Clear the optimizer's per-parameter state (AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step``), as after
+        construction; the learning-rate schedule keeps its position."""
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        optimizer.state.clear()
 
     def eos_token_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""
