@@ -9,6 +9,8 @@ test module, nor from ``conftest.py``, which only turns some of them into fixtur
 ``fakes``       :class:`FakePolicy`, :class:`EnginePolicy` and :func:`step_responses_by_global_index`
 ``dpo``         :func:`write_pairs` and :func:`dpo_cfg` (the DPO recipe on a tiny model)
 ``sft``         :func:`encode_sft_record` (an SFT record as the SFT reader tokenises it)
+``self_rewarding`` :func:`write_prompts_with_answers`, :func:`sr_cfg`, :func:`response_score` and
+                :class:`ScriptedJudge` (the self-rewarding recipe on a tiny model)
 ``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
                 :func:`checkpoint_model_state` (the PPO recipe on tiny models)
 """
@@ -20,6 +22,7 @@ from tests.helpers.models import build_tiny_model
 from tests.helpers.paths import REPO, SHARED_DATA
 from tests.helpers.ppo import LEARNING_OVERRIDES, Killed, checkpoint_model_state, ppo_cfg, write_prompts
 from tests.helpers.scripts import load_example_script
+from tests.helpers.self_rewarding import ScriptedJudge, response_score, sr_cfg, write_prompts_with_answers
 from tests.helpers.sft import encode_sft_record
 from tests.helpers.tokenizers import CHAT_TEMPLATE, CHATML_TEMPLATE, CORPUS, build_chatml_tokenizer, build_tokenizer
 
@@ -27,5 +30,6 @@ __all__ = [
     "CHATML_TEMPLATE", "CHAT_TEMPLATE", "CORPUS", "LEARNING_OVERRIDES", "REPO", "SHARED_DATA", "EnginePolicy",
     "FakePolicy", "Killed", "build_chatml_tokenizer", "build_tiny_model", "build_tokenizer", "checkpoint_model_state",
     "compose_config", "dpo_cfg", "encode_sft_record", "load_example_script", "ppo_cfg",
-    "step_responses_by_global_index", "write_pairs", "write_prompts",
+    "step_responses_by_global_index", "write_pairs", "write_prompts", "ScriptedJudge", "response_score", "sr_cfg",
+    "write_prompts_with_answers",
 ]
