@@ -191,6 +191,8 @@ class SelfRewardingConfig:
                     hasattr(value, "__len__") and not isinstance(value, str) else float(value))
         if out.sft_average_log_probs is None:
             out.sft_average_log_probs = out.preference_average_log_probs
+        out.llm_judge_prompt = out.llm_judge_prompt or DEFAULT_JUDGE_PROMPT
+        out.llm_meta_judge_prompt = out.llm_meta_judge_prompt or DEFAULT_META_JUDGE_PROMPT
         out.check()
         return out
 
