@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command: install, then self-rewarding training of SmolLM2-135M-Instruct on Anthropic HH-RLHF prompts, on CPU:
 # the model answers, judges its own answers with the paper's 5-point rubric (constrained judge) and trains with DPO on
-# the pairs its judgements pick. 2 iterations of 2 steps (2 prompts x 3 responses x 2 judgements per step), first
-# without, then with the meta-judge. Each run writes a checkpoint and an HF export under results/.
+# the pairs its judgements pick: 2 prompts x 2 responses x 2 judgements per step, 2 iterations of 2 steps without the
+# meta-judge, then 2 iterations of 1 step with it. Each run writes a checkpoint and an HF export under results/.
 # Extra arguments are Hydra overrides for both runs, e.g.  bash scripts/quickstart_self_rewarding.sh model.spin.num_responses_to_gen=4
 # SKIP_INSTALL=1 skips the install step (an environment that already has the package).
 set -euo pipefail
@@ -17,11 +17,11 @@ COMMON=(
   "model.data.train_ds.file_path=[$DATA/train.jsonl.gz]"
   "model.data.validation_ds.file_path=[$DATA/validation.jsonl.gz]"
   model.data.max_prompts=16 model.data.max_val_prompts=2
-  trainer.self_rewarding.max_iterations=2 trainer.self_rewarding.limit_train_batches=2
+  trainer.self_rewarding.max_iterations=2
   trainer.self_rewarding.val_check_interval=0 trainer.self_rewarding.save_interval=0
-  model.global_batch_size=2 model.micro_batch_size=2 model.encoder_seq_length=512
-  model.spin.num_responses_to_gen=3 model.spin.num_evals_to_average=2
-  model.spin.rollout_micro_batch_size=6
+  model.global_batch_size=2 model.micro_batch_size=2 model.encoder_seq_length=448
+  model.spin.num_responses_to_gen=2 model.spin.num_evals_to_average=2
+  model.spin.rollout_micro_batch_size=8
   model.spin.length_params.max_length=48 model.spin.judge_max_length=32
   'model.spin.sampling_params.end_strings=["\n\n"]'
   model.optim.lr=1e-6 model.optim.sched.min_lr=1e-7
@@ -44,12 +44,12 @@ PY
 }
 
 echo "== self-rewarding (no meta-judge)"
-python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" \
+python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=2 \
   exp_manager.explicit_log_dir=results/self_rewarding_quickstart "$@"
 summary results/self_rewarding_quickstart
 
 echo "== meta-rewarding (meta-judge on)"
-python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" \
+python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=1 \
   model.spin.use_meta_judge=true model.spin.meta_judge_pcnt=0.5 \
   exp_manager.explicit_log_dir=results/meta_rewarding_quickstart "$@"
 summary results/meta_rewarding_quickstart

@@ -673,8 +673,9 @@ class SelfRewardingTrainer(OnlineTrainer):
             return self.constrained_judgements(requests, seeds, prefix, choices)
         texts = []
         size = self.cfg.rollout_micro_batch_size
+        sampling = dataclasses.replace(self.sampling_params, end_strings=[])  # the score comes last: no early stop
         for start in range(0, len(requests), size):
-            out = self.policy.generate(requests[start:start + size], self.sampling_params, self.judge_length,
+            out = self.policy.generate(requests[start:start + size], sampling, self.judge_length,
                                        seeds=seeds[start:start + size])
             texts += [self._text(ids) for ids in out.response_ids]
         return texts
@@ -683,7 +684,8 @@ class SelfRewardingTrainer(OnlineTrainer):
                                ) -> list[str]:
         """Judgements that always parse, with the native engine and only the alignable interface:
 
-        1. a bounded justification: at most ``judge_max_length`` tokens, stopped at ``prefix`` (an end string);
+        1. a bounded justification: at most ``judge_max_length`` tokens, stopped at ``prefix`` (its only end string;
+           the responses' end strings do not apply to judgements);
         2. the text is cut before ``prefix`` (if generated) and ``prefix`` is appended (e.g. ``"Score: "``);
         3. the verdict is one of ``choices`` (the score strings ``judge_score_low..judge_score_high``, or ``A``/``B``
            for the meta-judge), picked by the policy's log-probabilities of each candidate continuation
@@ -692,8 +694,7 @@ class SelfRewardingTrainer(OnlineTrainer):
 
         Returns the judgement texts ``justification + prefix + choice``.
         """
-        sampling = dataclasses.replace(self.sampling_params,
-                                       end_strings=list(self.sampling_params.end_strings) + [prefix.strip()])
+        sampling = dataclasses.replace(self.sampling_params, end_strings=[prefix.strip()])
         size = self.cfg.rollout_micro_batch_size
         justifications: list[str] = []
         for start in range(0, len(requests), size):
@@ -839,7 +840,9 @@ class SelfRewardingTrainer(OnlineTrainer):
                         c, r = picked
                         pairs.append({"prompt_ids": prompts[p], "chosen_ids": responses[p * n + c],
                                       "rejected_ids": responses[p * n + r], "chosen_score": candidates[c].score,
-                                      "rejected_score": candidates[r].score})
+                                      "rejected_score": candidates[r].score,
+                                      # the judge's scores are the ground-truth rewards of the RPO losses
+                                      "chosen_reward": candidates[c].score, "rejected_reward": candidates[r].score})
                     if cfg.use_meta_judge:
                         variances = [s[1] if s[1] is not None else -1.0 for s in stats]
                         j = max(range(n), key=lambda j: (variances[j], -j))

@@ -284,3 +284,23 @@ def test_reference_and_optimizer_reset_at_the_iteration_boundary(fabric, tiny_mo
     assert not torch.equal(policy.get_logprobs(batch).detach(), trained)
     assert torch.equal(policy.get_logprobs(batch, reference=True), trained)
     assert all(float(s["step"]) == 1.0 for s in policy.optimizer.optimizer.state.values())
+
+
+def test_constrained_scores_one_forward_equals_one_sequence_per_candidate(fabric, tiny_model_dir, tokenizer):
+    """The constrained judge's single-token fast path (every candidate asked at the context's last position) gives
+    the log-probabilities of scoring each ``context + candidate`` as its own sequence."""
+    from types import SimpleNamespace
+
+    from nemo_aligner.algorithms.self_rewarding import SelfRewardingTrainer
+
+    policy = _policy(fabric, tiny_model_dir, lora=False)
+    owner = SimpleNamespace(cfg=SimpleNamespace(rollout_micro_batch_size=3), policy=policy)
+    contexts = [tokenizer("Score: ", add_special_tokens=False)["input_ids"],
+                tokenizer("the quick brown fox. Score: ", add_special_tokens=False)["input_ids"]]
+    singles = [[t] for t in tokenizer("0 1 2 3", add_special_tokens=False)["input_ids"][:4]]
+    with policy.inference():
+        fast = SelfRewardingTrainer.candidate_logprobs(owner, contexts, singles)
+        slow = SelfRewardingTrainer.candidate_logprobs(owner, contexts, singles + [[singles[0][0], singles[1][0]]])
+    assert fast.shape == (2, 4) and torch.allclose(fast, slow[:, :4], atol=1e-5)
+    # a two-token candidate is the sum of its tokens' log-probabilities: below either of its prefixes' alone
+    assert bool((slow[:, 4] < slow[:, 0]).all())
