@@ -304,3 +304,22 @@ def test_constrained_scores_one_forward_equals_one_sequence_per_candidate(fabric
     assert fast.shape == (2, 4) and torch.allclose(fast, slow[:, :4], atol=1e-5)
     # a two-token candidate is the sum of its tokens' log-probabilities: below either of its prefixes' alone
     assert bool((slow[:, 4] < slow[:, 0]).all())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.spin.length_control=[0.0,2.0,0.1]", "model.spin.length_control=2.0: expected a number >= 0 and <= 1"),
+    ("model.spin.ref_policy_kl_penalty=0", "model.spin.ref_policy_kl_penalty=0: expected a number > 0"),
+    ("model.spin.preference_loss=foo", "model.spin.preference_loss='foo': expected one of dpo, ipo"),
+    ("+model.spin.judge_scor_low=1", "unknown config key 'model.spin.judge_scor_low' in gpt_self_rewarding config "
+                                     "(did you mean 'model.spin.judge_score_low'?)"),
+    ("model.spin.judge_score_high=0", "model.spin.judge_score_low=0 must be < judge_score_high=0"),
+    ("model.spin.judge_reward_regex=Score", "model.spin.judge_reward_regex='Score' has no '{{ reward }}'"),
+])
+def test_bad_config_names_the_key(override, message):
+    from nemo_aligner.recipes.common import check_config
+
+    cfg = compose_config("gpt_self_rewarding", [override])
+    with pytest.raises((ConfigValueError, KeyError)) as err:
+        check_config(cfg, "gpt_self_rewarding")
+        SelfRewardingConfig.from_cfg(cfg)
+    assert message in str(err.value)
