@@ -170,3 +170,20 @@ def test_vllm_backend_is_refused_until_wired(tmp_path, tiny_model_dir, script):
     cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.vllm.enable=true")
     with pytest.raises(UnsupportedError, match="trainer.self_rewarding.vllm.enable=true"):
         script.run(cfg)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_each_iteration_starts_with_the_reference_equal_to_the_policy(tmp_path, tiny_model_dir, script, peft):
+    """In the loop: the first step of every iteration has policy == reference (DPO loss exactly log 2, implicit
+    rewards 0), later steps do not; with LoRA too (the reference is the iteration's starting adapters)."""
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.max_iterations=3",
+                 "trainer.self_rewarding.max_epochs=2", f"model.peft.peft_scheme={peft}",
+                 "model.peft.lora_tuning.adapter_dim=4", "trainer.self_rewarding.save_interval=0")
+    history = script.run(cfg, policy_wrapper=ScriptedJudge)["history"]
+    assert len(history) == 12 and [h["iteration"] for h in history] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
+    for start in (0, 4, 8):
+        assert history[start]["preference_loss"] == pytest.approx(math.log(2), abs=1e-6), start
+        assert history[start]["rewards_chosen_mean"] == pytest.approx(0.0, abs=1e-6)
+        later = [h for h in history[start + 1:start + 4] if h["pairs_trained"] > 0]
+        assert later and all(abs(h["rewards_chosen_mean"] - h["rewards_rejected_mean"]) > 1e-6 for h in later)
