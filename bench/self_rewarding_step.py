@@ -46,7 +46,7 @@ def run_once(args: argparse.Namespace, constrained: bool, log_dir: Path) -> list
         f"model.micro_batch_size={args.prompts}", f"model.encoder_seq_length={args.seq_length}",
         f"model.spin.num_responses_to_gen={args.responses}", f"model.spin.num_evals_to_average={args.evals}",
         f"model.spin.rollout_micro_batch_size={args.responses * args.evals * args.prompts}",
-        f"model.spin.length_params.max_length={args.max_length}", f"model.spin.judge_max_length={args.judge_length}",
+        f"model.spin.length_params.max_length={args.max_length}", f"model.spin.judge_max_length={args.judge_length if constrained else args.free_judge_length}",
         f"model.spin.constrain_judge_output={str(constrained).lower()}",
         f"model.spin.use_meta_judge={str(args.meta).lower()}", 'model.spin.sampling_params.end_strings=["\\n\\n"]',
         f"trainer.self_rewarding.vllm.enable={str(args.backend == 'vllm').lower()}",
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--judge-length", type=int, default=32)
+    parser.add_argument("--free-judge-length", type=int, default=96,
+                        help="new tokens of an unconstrained judgement (room for a justification and the score)")
     parser.add_argument("--seq-length", type=int, default=448)
     parser.add_argument("--meta", action="store_true", help="meta-judge on")
     parser.add_argument("--compare-constraint", action="store_true",
