@@ -3,7 +3,7 @@
 # the model answers, judges its own answers with the paper's 5-point rubric (constrained judge) and trains with DPO on
 # the pairs its judgements pick: 2 prompts x 2 responses x 2 judgements per step, 2 iterations of 2 steps without the
 # meta-judge, then 2 iterations of 1 step with it. Each run writes a checkpoint and an HF export under results/.
-# Last, one step with the judge unconstrained, for its judge_parse_rate.
+# First, one step with the judge unconstrained, for its judge_parse_rate.
 # Extra arguments are Hydra overrides for both runs, e.g.  bash scripts/quickstart_self_rewarding.sh model.spin.num_responses_to_gen=4
 # SKIP_INSTALL=1 skips the install step (an environment that already has the package).
 set -euo pipefail
@@ -44,6 +44,12 @@ for row in rows:
 PY
 }
 
+echo "== first, the judge without the constraint (1 step; 96-token free judgements): judge_parse_rate"
+python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=1 \
+  trainer.self_rewarding.max_iterations=1 model.spin.constrain_judge_output=false model.spin.judge_max_length=96 \
+  exp_manager.explicit_log_dir=results/self_rewarding_unconstrained_quickstart exp_manager.export_hf=false "$@"
+summary results/self_rewarding_unconstrained_quickstart
+
 echo "== self-rewarding (no meta-judge)"
 python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=2 \
   exp_manager.explicit_log_dir=results/self_rewarding_quickstart "$@"
@@ -54,12 +60,6 @@ python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self
   model.spin.use_meta_judge=true model.spin.meta_judge_pcnt=0.5 \
   exp_manager.explicit_log_dir=results/meta_rewarding_quickstart "$@"
 summary results/meta_rewarding_quickstart
-
-echo "== the same judge without the constraint (1 step; 96-token free judgements): judge_parse_rate"
-python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=1 \
-  trainer.self_rewarding.max_iterations=1 model.spin.constrain_judge_output=false model.spin.judge_max_length=96 \
-  exp_manager.explicit_log_dir=results/self_rewarding_unconstrained_quickstart exp_manager.export_hf=false "$@"
-summary results/self_rewarding_unconstrained_quickstart
 
 ls -d results/self_rewarding_quickstart/checkpoints/step=* results/self_rewarding_quickstart/hf_export \
   results/meta_rewarding_quickstart/checkpoints/step=* results/meta_rewarding_quickstart/hf_export
