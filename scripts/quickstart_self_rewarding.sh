@@ -47,6 +47,7 @@ PY
 echo "== first, the judge without the constraint (1 step; 96-token free judgements): judge_parse_rate"
 python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=1 \
   trainer.self_rewarding.max_iterations=1 model.spin.constrain_judge_output=false model.spin.judge_max_length=96 \
+  model.encoder_seq_length=576 \
   exp_manager.explicit_log_dir=results/self_rewarding_unconstrained_quickstart exp_manager.export_hf=false "$@"
 summary results/self_rewarding_unconstrained_quickstart
 
