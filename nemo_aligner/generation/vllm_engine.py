@@ -65,6 +65,7 @@ def require_vllm(key: str = "trainer.<algo>.vllm.enable") -> None:
 @config_schema("gpt_ppo_actor", main="trainer.ppo.vllm")
 @config_schema("gpt_rs_actor", main="trainer.rs.vllm")
 @config_schema("generation", main="trainer.generation.vllm")
+@config_schema("gpt_self_rewarding", main="trainer.self_rewarding.vllm")
 @dataclass
 class VLLMConfig:
     """The ``trainer.<algo>.vllm`` block (NeMo-Aligner's ``trt_llm`` block, for vLLM), for ``ppo``, ``rs``,

@@ -106,6 +106,36 @@ class AlignableModel(ABC):
         policy's weights into a vLLM engine), then cleared; empty for an engine that measures nothing."""
         return {}
 
+    # ---- iterative algorithms (self-rewarding) -------------------------------------------------------------------
+    def reference_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which the policy's ``generate`` and ``get_logprobs`` use the reference policy's weights (the
+        policy of the previous iteration in iterative DPO / self-rewarding training); the trained weights are
+        back, bit for bit, on exit. No gradient may be taken inside.
+
+        Raises:
+            NotImplementedError: the model has no reference policy (or does not support this).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run with its reference weights")
+
+    def reset_reference_to_policy(self) -> None:
+        """Make the reference policy a frozen copy of the current policy (full fine-tuning: its weights are
+        copied; LoRA: the current adapters are kept as the reference's, the base stays shared), so that
+        ``get_logprobs(batch, reference=True)`` equals ``get_logprobs(batch)`` until the next optimizer step.
+
+        Raises:
+            NotImplementedError: the model has no reference policy (or does not support this).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot reset its reference policy")
+
+    def reset_optimizer(self) -> None:
+        """Drop the optimizer's state (Adam's first and second moments and its per-parameter step count), as at
+        the start of training; the learning-rate schedule is not changed.
+
+        Raises:
+            NotImplementedError: the model does not support this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot reset its optimizer")
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate a scalar ``loss`` (already divided by the number of micro-batches)."""

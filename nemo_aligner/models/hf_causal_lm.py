@@ -9,6 +9,7 @@ the attention mask) lives in :mod:`nemo_aligner.models.hf_backend`; its public n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from typing import Any, Iterator
@@ -169,6 +170,12 @@ class HFCausalLM(HFModel):
         self._engine: VLLMEngine | None = None
         self._engine_owner = next(_POLICY_IDS)  # never reused (id() is, once a policy is freed)
         self._generation_metrics: dict[str, float] = {}
+        # LoRA after reset_reference_to_policy(): the reference's adapter weights (None: adapters off)
+        self._reference_adapters: list[torch.Tensor] | None = None
+        # which weights the module holds for a rollout engine: ("policy", weights_version) or, inside
+        # reference_weights(), ("reference", the number of reference resets so far)
+        self._reference_active = False
+        self._reference_version = 0
 
     def get_logprobs(self, batch, reference: bool = False, return_entropy: bool = False):
         inputs = self._inputs(batch)
@@ -180,14 +187,82 @@ class HFCausalLM(HFModel):
             if self._reference is not None:
                 with self.fabric.autocast():
                     return self._reference(*inputs, return_entropy=return_entropy)
-            # adapters off, in eval mode like the frozen copy (and like PPO's old log-probs)
+            # adapters off (or the reference's adapters), in eval mode like the frozen copy (and PPO's old log-probs)
             was_training = self._unwrapped.training
             self._unwrapped.eval()
             try:
-                with self._lm.disable_adapter():
+                with self.reference_weights():
                     return self.module(*inputs, return_entropy=return_entropy)
             finally:
                 self._unwrapped.train(was_training)
+
+    # ---- iterative algorithms: the reference policy follows the policy -------------------------------------------
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._unwrapped.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _swapped(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Exchange the storage of each ``(parameter, tensor)`` pair, and exchange it back on exit (no copy)."""
+        for param, other in pairs:
+            param.data, other.data = other.data, param.data
+        try:
+            yield
+        finally:
+            for param, other in pairs:
+                param.data, other.data = other.data, param.data
+
+    @contextlib.contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """The policy runs with the reference weights inside (``generate`` and ``get_logprobs``; no gradients):
+        full fine-tuning swaps the parameter storage with the frozen copy's (no copy is made); LoRA swaps in the
+        adapters kept by :meth:`reset_reference_to_policy`, or disables the adapters before the first reset (the
+        reference is then the base model).
+
+        Raises:
+            RuntimeError: the model was built with ``need_reference=False``.
+        """
+        if not self._has_reference:
+            raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+        was_active, self._reference_active = self._reference_active, True
+        try:
+            if self._reference is not None:
+                with torch.no_grad(), self._swapped(list(zip(self._unwrapped.parameters(), self._reference.parameters()))):
+                    yield
+            elif self._reference_adapters is None:
+                with torch.no_grad(), self._lm.disable_adapter():
+                    yield
+            else:
+                with torch.no_grad(), self._swapped(list(zip(self._trainable_parameters(), self._reference_adapters))):
+                    yield
+        finally:
+            self._reference_active = was_active
+
+    def reset_reference_to_policy(self) -> None:
+        """The reference policy becomes a frozen copy of the current policy (see
+        :meth:`~nemo_aligner.models.alignable.AlignableModel.reset_reference_to_policy`): full fine-tuning copies
+        the weights (and buffers) into the existing frozen copy; LoRA keeps a copy of the current adapter weights
+        (the adapters-off base is shared, never copied).
+
+        Raises:
+            RuntimeError: the model was built with ``need_reference=False``.
+        """
+        if not self._has_reference:
+            raise RuntimeError("this model was built without a reference policy (need_reference=False)")
+        self._reference_version += 1
+        with torch.no_grad():
+            if self._reference is not None:
+                for ref, param in zip(self._reference.parameters(), self._unwrapped.parameters()):
+                    ref.data.copy_(param.data)
+                for ref, buf in zip(self._reference.buffers(), self._unwrapped.buffers()):
+                    ref.data.copy_(buf.data)
+            else:
+                self._reference_adapters = [p.detach().clone() for p in self._trainable_parameters()]
+
+    def reset_optimizer(self) -> None:
+        """Clear the optimizer's per-parameter state (AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step``), as after
+        construction; the learning-rate schedule keeps its position."""
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        optimizer.state.clear()
 
     def eos_token_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's ``generation_config`` (an int or a list), de-duplicated."""
@@ -253,6 +328,9 @@ class HFCausalLM(HFModel):
             for name, module in base.named_modules():
                 if isinstance(module, LoraLayer):
                     weight = module.get_base_layer().weight
+                    if module.disable_adapters:  # inside disable_adapter(): the base weights
+                        merged[f"{name}.weight"] = weight.detach()
+                        continue
                     delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
                     merged[f"{name}.weight"] = (weight + delta).to(weight.dtype)
         for name, tensor in base.state_dict().items():
@@ -262,8 +340,10 @@ class HFCausalLM(HFModel):
             yield clean, merged.pop(clean) if clean in merged else tensor.detach()
 
     def _sync_engine(self) -> None:
-        """Refit the engine when it does not hold this policy's current weights."""
-        holder = (self._engine_owner, self.weights_version)
+        """Refit the engine when it does not hold the weights this policy generates with now: its current weights,
+        or inside :meth:`reference_weights` the reference policy's (each change of either is a new version)."""
+        holder = ((self._engine_owner, "reference", self._reference_version) if self._reference_active
+                  else (self._engine_owner, "policy", self.weights_version))
         if getattr(self._engine, "holder", None) == holder:
             return
         seconds = self._engine.refit(self.rollout_weights())

@@ -411,6 +411,17 @@ RECIPE_RULES: dict[str, list[tuple[str, Rule]]] = {
         ("model.dpo.preference_loss_weight", number(float, 0)),
         ("model.dpo.sft_loss_weight", number(float, 0)),
     ],
+    "gpt_self_rewarding": [
+        ("model.data.train_ds.file_path", files),
+        ("model.data.validation_ds.file_path", lambda v, k: v if v is None else files(v, k)),
+        ("model.spin.length_control", lambda v, k: _number_or_list(v, k, 0.0, 1.0, False)),
+        ("model.spin.ref_policy_kl_penalty", lambda v, k: _number_or_list(v, k, 0.0, None, True)),
+        ("model.spin.preference_loss", choice("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")),
+        ("model.spin.sft_average_log_probs", lambda v, k: None if v is None else to_bool(v, k)),
+        ("model.spin.llm_judge_prompt", text(nullable=True)),
+        ("model.spin.llm_meta_judge_prompt", text(nullable=True)),
+        ("model.data.max_prompts", number(int, 0, nullable=True)),
+    ],
     "gpt_sft": [
         ("model.data.train_ds.file_path", files),
         ("model.data.*.max_seq_length", number(int, 2)),
@@ -424,9 +435,20 @@ RECIPE_RULES: dict[str, list[tuple[str, Rule]]] = {
     ],
 }
 
+def _number_or_list(value: Any, key: str, low: float, high: float | None, low_open: bool) -> Any:
+    """A number in range, or a non-empty list of them (a per-iteration schedule)."""
+    rule = number(float, low, high, low_open=low_open)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _fail(key, value, "a number or a non-empty list of numbers")
+        return [rule(v, key) for v in value]
+    return rule(value, key)
+
+
 #: Where each recipe keeps its batch sizes (global, micro): SFT's are per dataset, as in NeMo-Aligner's gpt_sft.yaml.
 BATCH_KEYS: dict[str, tuple[str, str]] = {
     "gpt_dpo": ("model.global_batch_size", "model.micro_batch_size"),
+    "gpt_self_rewarding": ("model.global_batch_size", "model.micro_batch_size"),
     "training_rm": ("model.global_batch_size", "model.micro_batch_size"),
     "gpt_sft": ("model.data.train_ds.global_batch_size", "model.data.train_ds.micro_batch_size"),
 }

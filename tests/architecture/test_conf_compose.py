@@ -18,6 +18,7 @@ from nemo_aligner.algorithms.base import TrainerConfig
 from nemo_aligner.algorithms.dpo import DPOLossConfig
 from nemo_aligner.algorithms.ppo import PPOConfig
 from nemo_aligner.algorithms.rs import RSConfig
+from nemo_aligner.algorithms.self_rewarding import SelfRewardingConfig
 from nemo_aligner.generation.params import LengthParams, SamplingParams
 from nemo_aligner.utils.config import (
     SCHEMAS,
@@ -42,14 +43,16 @@ BUILDERS = {
                                 LengthParams.from_cfg(c.model.ppo.length_params)],
     "gpt_rs_actor": lambda c: [RSConfig.from_cfg(c), SamplingParams.from_cfg(c.model.rs.sampling_params),
                                LengthParams.from_cfg(c.model.rs.length_params)],
+    "gpt_self_rewarding": lambda c: [SelfRewardingConfig.from_cfg(c), SamplingParams.from_cfg(c.model.spin.sampling_params),
+                                     LengthParams.from_cfg(c.model.spin.length_params)],
     "generation": lambda c: [SamplingParams.from_cfg(c.generation.sampling_params),
                              LengthParams.from_cfg(c.generation.length_params)],
 }
 
 
 def test_every_conf_file_is_covered():
-    assert ALL_CONFS == sorted(["generation", "gpt_dpo", "gpt_ppo_actor", "gpt_ppo_critic", "gpt_rs_actor", "gpt_sft",
-                                "inference_initial_policy", "inference_rm", "training_rm"])
+    assert ALL_CONFS == sorted(["generation", "gpt_dpo", "gpt_ppo_actor", "gpt_ppo_critic", "gpt_rs_actor", "gpt_self_rewarding",
+                                "gpt_sft", "inference_initial_policy", "inference_rm", "training_rm"])
     assert set(BUILDERS) == set(SCHEMAS), "every recipe with config dataclasses has a builder here"
 
 

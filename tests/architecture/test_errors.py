@@ -28,7 +28,8 @@ from nemo_aligner.utils.config import ConfigKeyError, ConfigValueError
 #: Every Hydra entry script and the function its ``main`` wraps with ``run_or_exit``.
 HYDRA_SCRIPTS = [
     ("train_gpt_sft", "run"), ("train_gpt_dpo", "run"), ("train_reward_model", "run"),
-    ("train_gpt_ppo_actor", "run"), ("train_gpt_rs_actor", "run"), ("generate", "run"),
+    ("train_gpt_ppo_actor", "run"), ("train_gpt_rs_actor", "run"), ("train_gpt_self_rewarding", "run"),
+    ("generate", "run"),
     ("serve_reward_model", "serve"), ("serve_ppo_critic", "serve"), ("serve_initial_policy", "serve"),
 ]
 

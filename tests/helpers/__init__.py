@@ -10,6 +10,8 @@ test module, nor from ``conftest.py``, which only turns some of them into fixtur
 ``dpo``         :func:`write_pairs` and :func:`dpo_cfg` (the DPO recipe on a tiny model)
 ``sft``         :func:`encode_sft_record` (an SFT record as the SFT reader tokenises it)
 ``vllm``        :data:`VLLM_TEST_KNOBS`, :func:`vllm_overrides`, :func:`vllm_test_config` (one engine per session)
+``self_rewarding`` :func:`write_prompts_with_answers`, :func:`sr_cfg`, :func:`response_score` and
+                :class:`ScriptedJudge` (the self-rewarding recipe on a tiny model)
 ``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
                 :func:`checkpoint_model_state` (the PPO recipe on tiny models)
 """
@@ -21,6 +23,7 @@ from tests.helpers.models import build_tiny_model
 from tests.helpers.paths import REPO, SHARED_DATA
 from tests.helpers.ppo import LEARNING_OVERRIDES, Killed, checkpoint_model_state, ppo_cfg, write_prompts
 from tests.helpers.scripts import load_example_script
+from tests.helpers.self_rewarding import ScriptedJudge, response_score, sr_cfg, write_prompts_with_answers
 from tests.helpers.sft import encode_sft_record
 from tests.helpers.vllm import VLLM_TEST_KNOBS, vllm_overrides, vllm_test_config
 from tests.helpers.tokenizers import CHAT_TEMPLATE, CHATML_TEMPLATE, CORPUS, build_chatml_tokenizer, build_tokenizer
@@ -30,5 +33,5 @@ __all__ = [
     "FakePolicy", "Killed", "build_chatml_tokenizer", "build_tiny_model", "build_tokenizer", "checkpoint_model_state",
     "compose_config", "dpo_cfg", "encode_sft_record", "load_example_script", "ppo_cfg",
     "step_responses_by_global_index", "write_pairs", "write_prompts", "VLLM_TEST_KNOBS", "vllm_overrides",
-    "vllm_test_config",
+    "vllm_test_config", "ScriptedJudge", "response_score", "sr_cfg", "write_prompts_with_answers",
 ]
