@@ -55,14 +55,15 @@ def test_the_ci_environment_has_vllm():
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------------
-def _policy(model_dir, peft="none", lr=3e-2):
+def _policy(model_dir, peft="none", lr=3e-2, need_reference=False):
     from nemo_aligner.models.hf_causal_lm import HFCausalLM
 
     cfg = OmegaConf.create({
         "optim": {"name": "adamw", "lr": lr, "weight_decay": 0.0, "betas": [0.9, 0.98], "sched": {}},
         "peft": {"peft_scheme": peft, "lora_tuning": {"target_modules": ["all"], "adapter_dim": 4, "alpha": 8}},
     })
-    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(model_dir), max_steps=10, need_reference=False)
+    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(model_dir), max_steps=10,
+                      need_reference=need_reference)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,39 @@ def test_refit_after_optimizer_steps_reaches_the_engine(vllm_model_dir, prompts,
         out = policy.generate(prompts, GREEDY, length)
     assert out.response_ids == expected.response_ids
     assert policy.pop_generation_metrics()["time_refit"] > 0
+
+
+def _train_towards_one_token(policy, prompt, response, tokenizer, steps=2):
+    target = torch.tensor([tokenizer.convert_tokens_to_ids("Ġfox") if "Ġfox" in tokenizer.get_vocab() else 7])
+    for _ in range(steps):
+        policy.prepare_for_training_step()
+        logits = policy._lm(input_ids=torch.tensor([prompt + response])).logits[0].float()
+        policy.backward(-logits.log_softmax(-1)[:, target].mean())
+        policy.finish_training_step()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_engine_follows_the_reference_weights(vllm_model_dir, prompts, tokenizer, peft):
+    """Self-rewarding generates inside ``reference_weights()``: the engine then answers like the reference policy,
+    outside like the trained policy, and after ``reset_reference_to_policy`` like the new reference."""
+    policy = _policy(vllm_model_dir, peft=peft, lr=5e-2, need_reference=True)
+    policy.use_vllm(vllm_test_config())
+    length = LengthParams(max_length=12)
+    start = _native(policy, prompts, GREEDY, length)
+    _train_towards_one_token(policy, prompts[0], start.response_ids[0], tokenizer)
+    trained = _native(policy, prompts, GREEDY, length)
+    with policy.reference_weights():
+        reference = _native(policy, prompts, GREEDY, length)
+        with policy.inference():
+            engine_reference = policy.generate(prompts, GREEDY, length)
+    assert reference.response_ids == start.response_ids != trained.response_ids
+    assert engine_reference.response_ids == reference.response_ids
+    with policy.inference():
+        assert policy.generate(prompts, GREEDY, length).response_ids == trained.response_ids
+    policy.reset_reference_to_policy()
+    with policy.reference_weights(), policy.inference():
+        assert policy.generate(prompts, GREEDY, length).response_ids == trained.response_ids
 
 
 @pytest.mark.vllm
