@@ -1,0 +1,72 @@
+"""Offline trainers on Ray Train (``trainer.ray.enable=true``): the same losses as a Fabric DDP run of as many ranks,
+checkpoints and exports where the recipe writes them, user errors raised in the driver."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, dpo_cfg, load_example_script, write_pairs
+
+pytestmark = pytest.mark.ray
+
+DPO_COMMON = ["trainer.dpo.max_epochs=3", "trainer.dpo.max_steps=3", "model.global_batch_size=4",
+              "model.micro_batch_size=1", "model.optim.lr=1e-3", "exp_manager.export_hf=false"]
+
+
+def _csv_losses(run_dir):
+    rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_two_worker_ray_train_dpo_matches_two_rank_fabric_ddp(tmp_path, tiny_model_dir, ray_cluster):
+    """2 Ray Train workers (gloo group formed by Ray, Fabric attached to it) give the 2-rank torchrun-style Fabric
+    DDP run's loss sequence, and the checkpoints land in the recipe's own checkpoint dir."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    ddp = subprocess.run(
+        [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_dpo.py"),
+         f"pretrained_checkpoint.restore_from_path={tiny_model_dir}", f"model.data.data_prefix.train=[{data}]",
+         f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
+         "trainer.accelerator=cpu", "model.encoder_seq_length=64", *DPO_COMMON,
+         f"exp_manager.explicit_log_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+
+    out = load_example_script("train_gpt_dpo").run(dpo_cfg(
+        tmp_path / "ray", tiny_model_dir, data, data, *DPO_COMMON,
+        "trainer.ray.enable=true", "trainer.ray.num_training_workers=2"))
+    ray_losses, ddp_losses = _csv_losses(tmp_path / "ray" / "run"), _csv_losses(tmp_path / "ddp")
+    assert len(ddp_losses) == len(ray_losses) == 3
+    assert ray_losses == pytest.approx(ddp_losses, abs=1e-5)
+    assert [h["loss"] for h in out["history"]] == pytest.approx(ddp_losses, abs=1e-5)  # rank 0's result came back
+    assert (tmp_path / "ray" / "run" / "checkpoints" / "step=0000003" / "meta.json").is_file()
+
+
+def test_ray_train_user_error_in_a_worker_is_raised_in_the_driver(tmp_path, tiny_model_dir, ray_cluster):
+    """A user's mistake found inside the workers (no data file) reaches the driver as the same UserError, one line."""
+    from nemo_aligner.errors import UserError
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = dpo_cfg(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl", data, *DPO_COMMON,
+                  "trainer.ray.enable=true", "trainer.ray.num_training_workers=2")
+    with pytest.raises(UserError) as err:
+        load_example_script("train_gpt_dpo").run(cfg)
+    assert "missing.jsonl" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.ray.num_training_workers=3", r"model.global_batch_size=4 must be a multiple of .* data-parallel size 3"),
+    ("trainer.devices=2", r"trainer.devices=2 .*set trainer.ray.num_training_workers instead"),
+    ("trainer.ray.resources_per_worker={CPU: -1}", r"trainer.ray.resources_per_worker.CPU=-1: expected a number >= 0"),
+    ("trainer.ray.num_training_workers=0", r"trainer.ray.num_training_workers=0: expected an integer >= 1"),
+])
+def test_ray_train_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir, override, message):
+    from nemo_aligner.utils.config import ConfigValueError
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = dpo_cfg(tmp_path, tiny_model_dir, data, data, *DPO_COMMON, "trainer.ray.enable=true", override)
+    with pytest.raises(ConfigValueError, match=message):
+        load_example_script("train_gpt_dpo").run(cfg)
