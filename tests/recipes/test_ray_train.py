@@ -70,3 +70,59 @@ def test_ray_train_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir
     cfg = dpo_cfg(tmp_path, tiny_model_dir, data, data, *DPO_COMMON, "trainer.ray.enable=true", override)
     with pytest.raises(ConfigValueError, match=message):
         load_example_script("train_gpt_dpo").run(cfg)
+
+
+def test_killed_ray_train_worker_stops_the_driver_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir, ray_cluster):
+    """2-worker Ray Train DPO, one worker SIGKILLed once the step-3 checkpoint is on disk (12 steps): the driver stops with a
+    one-line RayWorkerDiedError; the rerun resumes from the last checkpoint and its losses are the uninterrupted
+    run's (both on Ray Train)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from nemo_aligner.errors import UserError
+    from nemo_aligner.recipes.ray_train import RayWorkerDiedError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=24)
+    common = ["trainer.dpo.max_epochs=2", "trainer.dpo.max_steps=12", "trainer.dpo.val_check_interval=0",
+              "trainer.dpo.save_interval=1", "model.global_batch_size=4", "model.micro_batch_size=2",
+              "model.optim.lr=1e-3", "model.optim.sched.warmup_steps=2", "exp_manager.export_hf=false",
+              "exp_manager.checkpoint_callback_params.save_top_k=2", "trainer.ray.enable=true",
+              "trainer.ray.num_training_workers=2"]
+    script = load_example_script("train_gpt_dpo")
+    reference = script.run(dpo_cfg(tmp_path / "a", tiny_model_dir, data, data, *common))["history"]
+    assert len(reference) == 12
+
+    run_dir = tmp_path / "b" / "run"
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "checkpoints" / "step=0000003" / "meta.json").exists():
+            time.sleep(0.05)
+        # this session's Ray processes descend from this process (ray.init started them); workers are "ray::RayTrainWorker"
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    with pytest.raises(RayWorkerDiedError) as err:
+        script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))
+    killer.join()
+    assert killed
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value) and "rerun" in str(err.value)
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert "step=0000003" in done and "step=0000012" not in done, done
+
+    resumed = script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))["history"]
+    start = 12 - len(resumed)
+    assert 3 <= start < 12
+    for offset, metrics in enumerate(resumed):
+        expected = reference[start + offset]
+        assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), (start + offset, metrics, expected)
+        assert metrics["lr"] == pytest.approx(expected["lr"], rel=1e-6)
