@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_aligner.algorithms.ppo import LocalInitialPolicy, PPOConfig
 from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.errors import UnsupportedError, UserError
+from nemo_aligner.models.hf_causal_lm import HFCausalLM
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic
 from nemo_aligner.recipes.ray_train import RayWorkerDiedError, default_resources, init_ray, parse_resources
 from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections
@@ -164,8 +165,6 @@ def build_role(role: str, cfg: DictConfig, max_steps: int | None, log_dir: str) 
     if role == "critic":
         return colocated_critic(cfg, fabric, ppo_cfg, int(max_steps), precision, Path(log_dir))[0]
     if role == "initial_policy":
-        from nemo_aligner.models.hf_causal_lm import HFCausalLM
-
         model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
         model_cfg.peft.peft_scheme = "none"  # LoRA's reference is the base model: load just that
         policy = HFCausalLM(fabric, model_cfg, str(cfg.pretrained_checkpoint.restore_from_path), max_steps=1,
