@@ -7,8 +7,9 @@ Both runs use the same config, seed and prompts (the first ``--rollouts x --step
 ``--max-prompt-tokens`` tokens), one after the other in this process: first colocated (every role in this process),
 then with ``trainer.ppo.ray.enable=true`` on a local Ray cluster started here (loopback, no dashboard, ``--ray-cpus``
 logical CPUs; each role gets a bundle of ``{CPU: 1}``, or with ``--colocate`` the three share one bundle). Model
-loading, the Ray cluster's start-up and the role actors' start-up are outside the step times; every step is timed,
-the first one included. The reward model: ``--reward`` (default ``results/rm_quickstart/hf_export``, the export of
+loading, the Ray cluster's start-up and the role actors' start-up are outside the step times; the means leave out
+each mode's first step (one-off warm-up: allocations, lazy initialisation; ``--keep-first`` keeps it), and every
+step's time is printed. The reward model: ``--reward`` (default ``results/rm_quickstart/hf_export``, the export of
 ``scripts/quickstart_rm.sh``); the critic starts from it.
 
 Per step it prints each mode's mean ``step_time`` and the parts the trainer measures: ``time_generation`` (the
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--colocate", action="store_true", help="critic, RM and initial policy share one bundle")
+    parser.add_argument("--keep-first", action="store_true", help="include each mode's first (warm-up) step in the means")
     args = parser.parse_args()
     if not (Path(args.reward) / "config.json").is_file():
         sys.exit(f"no reward-model export at {args.reward}: run scripts/quickstart_rm.sh or pass --reward")
@@ -113,11 +115,12 @@ def main() -> None:
     ray.shutdown()
 
     def mean(history, key):
-        return statistics.fmean(float(h.get(key, 0.0)) for h in history)
+        timed = history if args.keep_first or len(history) < 2 else history[1:]
+        return statistics.fmean(float(h.get(key, 0.0)) for h in timed)
 
     print(f"PPO step time, {args.steps} steps of {args.rollouts} rollouts x <= {args.max_new_tokens} new tokens, "
           f"{Path(source).name}, CPU fp32; Ray: {'one shared bundle' if args.colocate else 'a bundle per role'}")
-    print(f"{'seconds per step':32s} {'colocated':>10s} {'Ray':>10s} {'Ray - colocated':>16s}")
+    print(f"{'seconds per step' + ('' if args.keep_first else ' (steps 2..)'):32s} {'colocated':>10s} {'Ray':>10s} {'Ray - colocated':>16s}")
     for key in ["step_time"] + PARTS:
         a, b = mean(colocated, key), mean(on_ray, key)
         print(f"{key:32s} {a:10.3f} {b:10.3f} {b - a:+16.3f}")

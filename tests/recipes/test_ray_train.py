@@ -126,3 +126,45 @@ def test_killed_ray_train_worker_stops_the_driver_and_the_rerun_resumes_exactly(
         expected = reference[start + offset]
         assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), (start + offset, metrics, expected)
         assert metrics["lr"] == pytest.approx(expected["lr"], rel=1e-6)
+
+
+def _sft_and_rm_cfg(recipe, tmp_path, model_dir, data, *overrides):
+    from tests.helpers import compose_config
+
+    if recipe == "gpt_sft":
+        return compose_config("gpt_sft", [
+            f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.train_ds.file_path={data}",
+            f"model.data.validation_ds.file_path={data}", f"model.data.cache_dir={tmp_path / 'cache'}",
+            f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
+            "model.data.train_ds.max_seq_length=64", "model.data.train_ds.global_batch_size=4",
+            "model.data.train_ds.micro_batch_size=2", "model.optim.lr=1e-2", "trainer.sft.max_epochs=4",
+            "trainer.sft.max_steps=3", "trainer.sft.val_check_interval=0", *overrides])
+    return compose_config("training_rm", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{data}]",
+        f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "model.encoder_seq_length=64",
+        "model.global_batch_size=4", "model.micro_batch_size=2", "model.optim.lr=1e-3", "trainer.rm.max_epochs=4",
+        "trainer.rm.max_steps=3", "trainer.rm.val_check_interval=0", *overrides])
+
+
+@pytest.mark.parametrize("recipe, script", [("gpt_sft", "train_gpt_sft"), ("training_rm", "train_reward_model")])
+def test_sft_and_rm_on_one_ray_train_worker_match_the_plain_run(tmp_path, tiny_model_dir, ray_cluster, recipe, script):
+    """SFT and RM go through the same launcher: one Ray Train worker gives the in-process run's losses, and the
+    checkpoints and the HF export are in the recipe's log dir."""
+    import json
+
+    if recipe == "gpt_sft":
+        data = tmp_path / "chats.jsonl"
+        data.write_text("".join(json.dumps({"input": f"Tell me about {t}.", "output": f"Sure, {t} is lovely."}) + "\n"
+                                for t in ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt"]))
+    else:
+        data = write_pairs(tmp_path / "pairs.jsonl")
+    module = load_example_script(script)
+    plain = module.run(_sft_and_rm_cfg(recipe, tmp_path / "plain", tiny_model_dir, data))["history"]
+    on_ray = module.run(_sft_and_rm_cfg(recipe, tmp_path / "ray", tiny_model_dir, data, "trainer.ray.enable=true",
+                                        "trainer.ray.num_training_workers=1"))["history"]
+    assert len(plain) == len(on_ray) == 3
+    assert [h["loss"] for h in on_ray] == pytest.approx([h["loss"] for h in plain], abs=1e-5)
+    run_dir = tmp_path / "ray" / "run"
+    assert (run_dir / "checkpoints" / "step=0000003" / "meta.json").is_file()
+    assert (run_dir / "hf_export" / "config.json").is_file()
