@@ -113,7 +113,8 @@ class RayTrainConfig:
         num_training_workers: Ray Train workers = data-parallel ranks (replaces ``trainer.devices`` x
             ``trainer.num_nodes``, which must stay 1).
         resources_per_worker: Ray resources each worker holds (null: ``{GPU: 1}`` on GPUs, else ``{CPU: 1}``).
-        address: the Ray cluster (``auto``: the one ``ray start`` runs on this machine; ``ray://host:10001``; null:
+        address: the Ray cluster (``auto``: the one ``ray start`` runs on this machine; ``local``: always a new one;
+            ``ray://host:10001``; null:
             ``$RAY_ADDRESS``, else a running local cluster, else a new one just for this run).
 
     Raises:
