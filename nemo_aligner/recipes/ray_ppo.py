@@ -299,8 +299,16 @@ class RayRoles:
         self.resources = ray_cfg.resources_per_worker or default_resources(cfg.trainer.get("accelerator"))
         self.groups = ray_cfg.groups(roles)
         self.bundle_of = {role: i for i, group in enumerate(self.groups) for role in group}
-        self.placement_group = placement_group([dict(self.resources) for _ in self.groups], strategy="PACK")
         self.handles: dict[str, RoleHandle] = {}
+        self.placement_group = None
+        total = ray.cluster_resources()
+        short = {k: v * len(self.groups) for k, v in self.resources.items() if v * len(self.groups) > total.get(k, 0.0)}
+        if short:  # fail now, not after the placement timeout
+            raise ConfigValueError(
+                f"trainer.ppo.ray: {len(self.groups)} bundle(s) of {self.resources} (groups {self.groups}) need {short}, "
+                f"more than the whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }); lower "
+                "trainer.ppo.ray.resources_per_worker or colocate roles (trainer.ppo.ray.colocate)")
+        self.placement_group = placement_group([dict(self.resources) for _ in self.groups], strategy="PACK")
         ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             self.shutdown()

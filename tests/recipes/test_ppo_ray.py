@@ -165,6 +165,19 @@ def test_a_missing_reward_model_export_is_the_same_user_error_on_ray(tmp_path, t
     assert not [e for e in ray.util.placement_group_table().values() if e["state"] == "CREATED"]
 
 
+def test_bundles_larger_than_the_cluster_fail_at_once_naming_the_keys(tmp_path, tiny_model_dir, ray_cluster):
+    """3 bundles of {CPU: 2} on the 4-CPU test cluster: an error naming the keys to change, before any actor starts
+    (not after the placement group's timeout)."""
+    from nemo_aligner.utils.config import ConfigValueError
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = ppo_cfg(tmp_path, tiny_model_dir, prompts, *FIRST_STEP, "trainer.ppo.ray.enable=true",
+                  "trainer.ppo.ray.resources_per_worker={CPU: 2}")
+    with pytest.raises(ConfigValueError, match=r"need \{'CPU': 6.0\}, more than the whole Ray cluster has "
+                                               r"\(\{'CPU': 4.0\}\).*trainer.ppo.ray.colocate"):
+        load_example_script("train_gpt_ppo_actor").run(cfg)
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.ppo.ray.colocate=[[critic,actor]]", "the actor .* runs in the driver"),
     ("trainer.ppo.ray.colocate=[[critic],[critic,reward_model]]", "role 'critic' is in two groups"),
