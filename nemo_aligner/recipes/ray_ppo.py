@@ -235,7 +235,7 @@ class RoleHandle:
         try:
             return ray.get(ref)
         except rex.RayTaskError as err:
-            cause = getattr(err, "cause", None)
+            cause = err.cause  # the exception the role raised (RayTaskError keeps it)
             if isinstance(cause, UserError):
                 raise cause from None
             raise
