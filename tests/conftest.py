@@ -95,3 +95,20 @@ def smollm2_rm_export(tmp_path_factory) -> Path:
     export = log_dir / "hf_export"
     assert (export / "config.json").is_file()
     return export
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's one local Ray cluster (tests marked ``ray``): 4 logical CPUs, no dashboard, on loopback only,
+    its session files in a fresh short temp dir (Ray's socket paths are length-limited); shut down at the end.
+    Workers inherit this process's environment (``PYTHONPATH``: the checkout's ``nemo_aligner``)."""
+    import shutil
+    import tempfile
+
+    ray = pytest.importorskip("ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+             log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -25,13 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from nemo_aligner.algorithms.base import RunContext, TrainerConfig, compute_max_steps
 from nemo_aligner.errors import OutputExistsError, UserError
 from nemo_aligner.generation import VLLMConfig, require_vllm
 from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigValueError, check_batch_sizes, check_keys, check_values, load_schema
 from nemo_aligner.utils.logging import build_loggers, get_logger
@@ -93,10 +94,19 @@ def setup_fabric(cfg: DictConfig, log_dir: Path, schema: str | None = None):
     ``cfg.model.seed``. With ``schema`` (the recipe's config name), the batch sizes are checked against the real
     data-parallel size (:func:`~nemo_aligner.utils.config.check_batch_sizes`) before anything loads.
 
+    In a Ray Train worker (``trainer.ray.enable``, :mod:`nemo_aligner.recipes.ray_train`) Fabric joins the process
+    group Ray Train formed: ``trainer.devices`` / ``num_nodes`` become the workers per node and the number of nodes.
+
     Raises:
         ConfigValueError: the global batch size is not a multiple of micro-batch size x data-parallel size.
     """
-    fabric = build_fabric(cfg.trainer, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed))
+    trainer_cfg, env = cfg.trainer, ray_train.worker_cluster_environment()
+    if env is not None:
+        trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+        trainer_cfg.devices = env.local_world_size()
+        trainer_cfg.num_nodes = max(env.world_size() // env.local_world_size(), 1)
+    fabric = build_fabric(trainer_cfg, loggers=build_loggers(log_dir, cfg.exp_manager), seed=int(cfg.model.seed),
+                          cluster_environment=env)
     if schema is not None:
         check_batch_sizes(cfg, schema, fabric.world_size)
     return fabric

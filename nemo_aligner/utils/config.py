@@ -13,8 +13,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_aligner.errors import MissingFileError, UserError
 
-#: Sections whose contents are passed through to another library and are therefore not checked.
-OPEN_SECTIONS = ("hydra", "exp_manager.wandb_logger_kwargs")
+#: Sections whose contents are passed through to another library and are therefore not checked (Ray's resource
+#: names are the cluster's own, e.g. custom resources; nemo_aligner.recipes.ray_train checks their amounts).
+OPEN_SECTIONS = ("hydra", "exp_manager.wandb_logger_kwargs", "trainer.ray.resources_per_worker",
+                 "trainer.ppo.ray.resources_per_worker")
 
 
 

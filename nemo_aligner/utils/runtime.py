@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
 from nemo_aligner.utils.config import ConfigValueError, normalize_precision  # noqa: F401 (normalize_precision: re-exported)
@@ -28,13 +28,18 @@ def transformer_block_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_n
     return name.endswith("DecoderLayer") or name in {"GPT2Block", "Block"}
 
 
-def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234) -> Fabric:
+def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234, cluster_environment: Any = None) -> Fabric:
     """Create, launch and seed a Fabric from ``trainer.{accelerator,devices,num_nodes,precision,strategy}``.
 
     ``accelerator=auto`` picks a GPU when one is visible and the CPU otherwise, so one config runs on a laptop and
     on a cluster (multi-node through torchrun or SLURM, which Fabric detects). ``strategy=fsdp`` shards every
     transformer block (:func:`transformer_block_wrap_policy`). On CPU, ``16-mixed`` is replaced by ``bf16-mixed``
     (CPU autocast has no float16).
+
+    ``cluster_environment`` (a lightning ``ClusterEnvironment`` whose processes were started and joined into a
+    ``torch.distributed`` group by someone else, e.g. Ray Train's workers): the DDP (``auto``/``ddp``) or FSDP
+    strategy uses it, so Fabric attaches to that process group instead of creating one; ``trainer_cfg.devices`` and
+    ``num_nodes`` must then describe that group (processes per node, nodes).
 
     Raises:
         ConfigValueError: unknown precision or strategy.
@@ -47,7 +52,12 @@ def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234
         precision = "bf16-mixed"
     strategy: Any = str(trainer_cfg.get("strategy", "auto"))
     if strategy == "fsdp":
-        strategy = FSDPStrategy(auto_wrap_policy=transformer_block_wrap_policy, state_dict_type="sharded")
+        strategy = FSDPStrategy(auto_wrap_policy=transformer_block_wrap_policy, state_dict_type="sharded",
+                                cluster_environment=cluster_environment)
+    elif cluster_environment is not None and strategy in ("auto", "ddp"):
+        strategy = DDPStrategy(cluster_environment=cluster_environment)
+    elif cluster_environment is not None:
+        raise ConfigValueError(f"trainer.strategy={strategy!r} cannot join an existing process group: use auto, ddp or fsdp")
     elif strategy not in ("auto", "ddp", "ddp_spawn", "dp", "single_device", "ddp_find_unused_parameters_true"):
         raise ConfigValueError(f"trainer.strategy={strategy!r}: use auto, ddp or fsdp")
     fabric = Fabric(

@@ -27,6 +27,7 @@ from nemo_aligner.algorithms.dpo import (
 from nemo_aligner.data.preference_batch import collate_preference_pairs
 from nemo_aligner.data.preference import load_preference_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
@@ -53,6 +54,8 @@ def run(cfg: DictConfig) -> dict:
     """
     # Config
     check_config(cfg, "gpt_dpo")
+    if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers
+        return ray_train.launch(cfg, "gpt_dpo", __file__)
     log = get_logger()
     loss_cfg = DPOLossConfig.from_cfg(cfg.model.dpo)
     exp = cfg.exp_manager

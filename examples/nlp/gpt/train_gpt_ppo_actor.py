@@ -13,11 +13,17 @@ Served (start serve_reward_model.py, serve_ppo_critic.py and serve_initial_polic
         remote_critic_rm.reward_model.port=5555 remote_critic_rm.critic.port=5557 \
         remote_critic_rm.initial_policy.port=5556
 
+On Ray (critic, reward model and initial policy as Ray actors in one placement group; docs/user-guide/ray.md)::
+
+    python examples/nlp/gpt/train_gpt_ppo_actor.py trainer.ppo.ray.enable=true \
+        "trainer.ppo.ray.colocate=[[critic,reward_model,initial_policy]]"
+
 Configuration: conf/gpt_ppo_actor.yaml (NeMo-Aligner key names). See docs/user-guide/ppo.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import hydra
@@ -38,6 +44,7 @@ from nemo_aligner.recipes.common import (
     setup_fabric,
     use_rollout_engine,
 )
+from nemo_aligner.recipes.ray_ppo import RayCritic, RayInitialPolicy, RayRoles
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic, served_ppo_roles, server_url
 from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
@@ -60,7 +67,8 @@ def reward_source(cfg: DictConfig, fabric, reward_fn=None):
 
 def run(cfg: DictConfig, reward_fn=None) -> dict:
     """Build everything from ``cfg`` and train. ``reward_fn(prompt_ids, response_ids) -> list[float]`` replaces
-    the reward model when given (programmatic rewards). Returns ``{"history", "val", "log_dir", "trainer"}``.
+    the reward model when given (programmatic rewards). Returns ``{"history", "val", "log_dir", "trainer", "ray_roles"}`` (``ray_roles``: the
+    :class:`~nemo_aligner.recipes.ray_ppo.RayRoles` of a Ray run, already shut down; else None).
 
     Prompts keep their last ``min(model.encoder_seq_length, the reward model's max_seq_length) -
     length_params.max_length`` tokens, so every rollout fits the actor and the reward model.
@@ -68,22 +76,39 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     Raises:
         UserError: (:mod:`nemo_aligner.errors`) a user's mistake, e.g. ConfigKeyError: an unknown key;
         MissingFileError: a missing file; DataFormatError: a bad prompt line; ServerUnavailableError: a server is
-        not reachable (served mode); ConfigValueError: an out-of-range value; OutputExistsError: checkpoints exist
+        not reachable (served mode); RayWorkerDiedError: a role's Ray actor died (Ray mode); ConfigValueError: an out-of-range value; OutputExistsError: checkpoints exist
         and ``exp_manager.resume_if_exists=false``.
     """
     check_config(cfg, "gpt_ppo_actor")
-    log = get_logger()
     ppo_cfg = PPOConfig.from_cfg(cfg)
+    log_dir, checkpoints = checkpoint_manager(cfg.exp_manager)
+    on_ray = bool(cfg.trainer.ppo.ray.enable)
+    with contextlib.ExitStack() as stack:  # on Ray: the role actors and their placement group go away at the end
+        roles = stack.enter_context(RayRoles.start(cfg, reward_fn is None, log_dir)) if on_ray else None
+        return _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles)
+
+
+def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None) -> dict:
+    """The body of :func:`run`; ``roles`` holds the Ray actors of the critic, reward model and initial policy
+    (``trainer.ppo.ray.enable``), else None."""
+    log = get_logger()
+    exp = cfg.exp_manager
     sampling = SamplingParams.from_cfg(cfg.model.ppo.sampling_params)
     length = LengthParams.from_cfg(cfg.model.ppo.length_params)
-    exp = cfg.exp_manager
-    log_dir, checkpoints = checkpoint_manager(exp)
     served = bool(cfg.remote_critic_rm.enable)
+    mode = "served" if served else "Ray" if roles is not None else "colocated"
+    if roles is not None:  # the roles load in their Ray actors while this process loads the actor
+        roles.spawn("initial_policy")
+        if reward_fn is None:
+            roles.spawn("reward_model")
     fabric = setup_fabric(cfg, log_dir)
 
     source = resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path))
     tokenizer = load_tokenizer(source)
-    reward_fn, rm_max_len, reward_desc = reward_source(cfg, fabric, reward_fn)
+    if roles is not None and reward_fn is None:
+        reward_fn, rm_max_len, reward_desc = roles.reward_source()
+    else:
+        reward_fn, rm_max_len, reward_desc = reward_source(cfg, fabric, reward_fn)
     end_of_turn = end_of_turn_rule(tokenizer)  # an ended chat turn is scored with its suffix (ChatML: "\n")
     max_prompt_tokens = prompt_token_budget(cfg.model.encoder_seq_length, length.max_length, rm_max_len,
                                             len(end_of_turn.suffix_ids) if end_of_turn else 0)
@@ -92,7 +117,7 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     if fabric.is_global_zero:
         log.info(f"{len(train_prompts)} training prompts ({cut} cut to {max_prompt_tokens} tokens), "
                  f"{len(val_prompts)} validation prompts; {max_steps} PPO steps of {ppo_cfg.num_rollout_samples} "
-                 f"rollouts ({'served' if served else 'colocated'} mode, {fabric.world_size} rank(s)); reward from {reward_desc}; "
+                 f"rollouts ({mode} mode, {fabric.world_size} rank(s)); reward from {reward_desc}; "
                  f"logs and checkpoints in {log_dir}")
 
     precision = normalize_precision(cfg.trainer.precision)
@@ -100,11 +125,16 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
         fabric, cfg.model, source,
         max_steps=max_steps * ppo_cfg.optimizer_steps_per_ppo_step(),
         gradient_clip_val=ppo_cfg.gradient_clip_val,
-        need_reference=not served,
+        need_reference=not served and roles is None,
         precision=precision,
     )
     if served:
         critic, initial = served_ppo_roles(cfg.remote_critic_rm)
+    elif roles is not None:
+        roles.spawn("critic", max_steps)
+        critic, initial = RayCritic(roles.handle("critic")), RayInitialPolicy(roles.handle("initial_policy"))
+        if fabric.is_global_zero:
+            log.info(f"Ray roles {roles.groups} (one placement-group bundle of {roles.resources} per group)")
     else:
         critic, critic_path = colocated_critic(cfg, fabric, ppo_cfg, max_steps, precision, log_dir)
         initial = LocalInitialPolicy(actor, ppo_cfg.forward_micro_batch_size)
@@ -120,7 +150,8 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     )
     history = trainer.fit()
     finish(fabric, checkpoints)
-    return {"history": history, "val": trainer.last_val_metrics, "log_dir": str(log_dir), "trainer": trainer}
+    return {"history": history, "val": trainer.last_val_metrics, "log_dir": str(log_dir), "trainer": trainer,
+            "ray_roles": roles}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="gpt_ppo_actor", version_base="1.3")

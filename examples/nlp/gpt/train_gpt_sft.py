@@ -21,6 +21,7 @@ from nemo_aligner.algorithms.supervised import SFTTrainer
 from nemo_aligner.data.sequences import collate_sequences
 from nemo_aligner.data.sft import load_sft_datasets
 from nemo_aligner.models.hf_causal_lm import HFCausalLM
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> dict:
     """
     # Config
     check_config(cfg, "gpt_sft")
+    if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers
+        return ray_train.launch(cfg, "gpt_sft", __file__)
     exp = cfg.exp_manager
     log_dir, checkpoints = checkpoint_manager(exp)
     data_cfg = cfg.model.data

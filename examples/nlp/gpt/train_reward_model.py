@@ -22,6 +22,7 @@ from nemo_aligner.algorithms.reward_model import RewardModelTrainer, compute_rew
 from nemo_aligner.data.reward import load_reward_datasets
 from nemo_aligner.data.reward_batch import collate_reward_examples
 from nemo_aligner.models.reward_model import HFRewardModel
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
@@ -53,6 +54,8 @@ def run(cfg: DictConfig) -> dict:
     """
     # Config
     check_config(cfg, "training_rm")
+    if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers
+        return ray_train.launch(cfg, "training_rm", __file__)
     log = get_logger()
     exp = cfg.exp_manager
     log_dir, checkpoints = checkpoint_manager(exp)

@@ -1,0 +1,170 @@
+"""Offline trainers on Ray Train (``trainer.ray.enable=true``): the same losses as a Fabric DDP run of as many ranks,
+checkpoints and exports where the recipe writes them, user errors raised in the driver."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, dpo_cfg, load_example_script, write_pairs
+
+pytestmark = pytest.mark.ray
+
+DPO_COMMON = ["trainer.dpo.max_epochs=3", "trainer.dpo.max_steps=3", "model.global_batch_size=4",
+              "model.micro_batch_size=1", "model.optim.lr=1e-3", "exp_manager.export_hf=false"]
+
+
+def _csv_losses(run_dir):
+    rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_two_worker_ray_train_dpo_matches_two_rank_fabric_ddp(tmp_path, tiny_model_dir, ray_cluster):
+    """2 Ray Train workers (gloo group formed by Ray, Fabric attached to it) give the 2-rank torchrun-style Fabric
+    DDP run's loss sequence, and the checkpoints land in the recipe's own checkpoint dir."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    ddp = subprocess.run(
+        [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_dpo.py"),
+         f"pretrained_checkpoint.restore_from_path={tiny_model_dir}", f"model.data.data_prefix.train=[{data}]",
+         f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
+         "trainer.accelerator=cpu", "model.encoder_seq_length=64", *DPO_COMMON,
+         f"exp_manager.explicit_log_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+
+    out = load_example_script("train_gpt_dpo").run(dpo_cfg(
+        tmp_path / "ray", tiny_model_dir, data, data, *DPO_COMMON,
+        "trainer.ray.enable=true", "trainer.ray.num_training_workers=2"))
+    ray_losses, ddp_losses = _csv_losses(tmp_path / "ray" / "run"), _csv_losses(tmp_path / "ddp")
+    assert len(ddp_losses) == len(ray_losses) == 3
+    assert ray_losses == pytest.approx(ddp_losses, abs=1e-5)
+    assert [h["loss"] for h in out["history"]] == pytest.approx(ddp_losses, abs=1e-5)  # rank 0's result came back
+    assert (tmp_path / "ray" / "run" / "checkpoints" / "step=0000003" / "meta.json").is_file()
+
+
+def test_ray_train_user_error_in_a_worker_is_raised_in_the_driver(tmp_path, tiny_model_dir, ray_cluster):
+    """A user's mistake found inside the workers (no data file) reaches the driver as the same UserError, one line."""
+    from nemo_aligner.errors import UserError
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = dpo_cfg(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl", data, *DPO_COMMON,
+                  "trainer.ray.enable=true", "trainer.ray.num_training_workers=2")
+    with pytest.raises(UserError) as err:
+        load_example_script("train_gpt_dpo").run(cfg)
+    assert "missing.jsonl" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.ray.num_training_workers=3", r"model.global_batch_size=4 must be a multiple of .* data-parallel size 3"),
+    ("trainer.devices=2", r"trainer.devices=2 .*set trainer.ray.num_training_workers instead"),
+    ("trainer.ray.resources_per_worker={CPU: -1}", r"trainer.ray.resources_per_worker.CPU=-1: expected a number >= 0"),
+    ("trainer.ray.num_training_workers=0", r"trainer.ray.num_training_workers=0: expected an integer >= 1"),
+])
+def test_ray_train_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir, override, message):
+    from nemo_aligner.utils.config import ConfigValueError
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = dpo_cfg(tmp_path, tiny_model_dir, data, data, *DPO_COMMON, "trainer.ray.enable=true", override)
+    with pytest.raises(ConfigValueError, match=message):
+        load_example_script("train_gpt_dpo").run(cfg)
+
+
+def test_killed_ray_train_worker_stops_the_driver_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir, ray_cluster):
+    """2-worker Ray Train DPO, one worker SIGKILLed once the step-3 checkpoint is on disk (12 steps): the driver stops with a
+    one-line RayWorkerDiedError; the rerun resumes from the last checkpoint and its losses are the uninterrupted
+    run's (both on Ray Train)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from nemo_aligner.errors import UserError
+    from nemo_aligner.recipes.ray_train import RayWorkerDiedError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=24)
+    common = ["trainer.dpo.max_epochs=2", "trainer.dpo.max_steps=12", "trainer.dpo.val_check_interval=0",
+              "trainer.dpo.save_interval=1", "model.global_batch_size=4", "model.micro_batch_size=2",
+              "model.optim.lr=1e-3", "model.optim.sched.warmup_steps=2", "exp_manager.export_hf=false",
+              "exp_manager.checkpoint_callback_params.save_top_k=2", "trainer.ray.enable=true",
+              "trainer.ray.num_training_workers=2"]
+    script = load_example_script("train_gpt_dpo")
+    reference = script.run(dpo_cfg(tmp_path / "a", tiny_model_dir, data, data, *common))["history"]
+    assert len(reference) == 12
+
+    run_dir = tmp_path / "b" / "run"
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "checkpoints" / "step=0000003" / "meta.json").exists():
+            time.sleep(0.05)
+        # this session's Ray processes descend from this process (ray.init started them); workers are "ray::RayTrainWorker"
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    with pytest.raises(RayWorkerDiedError) as err:
+        script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))
+    killer.join()
+    assert killed
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value) and "rerun" in str(err.value)
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert "step=0000003" in done and "step=0000012" not in done, done
+
+    resumed = script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))["history"]
+    start = 12 - len(resumed)
+    assert 3 <= start < 12
+    for offset, metrics in enumerate(resumed):
+        expected = reference[start + offset]
+        assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), (start + offset, metrics, expected)
+        assert metrics["lr"] == pytest.approx(expected["lr"], rel=1e-6)
+
+
+def _sft_and_rm_cfg(recipe, tmp_path, model_dir, data, *overrides):
+    from tests.helpers import compose_config
+
+    if recipe == "gpt_sft":
+        return compose_config("gpt_sft", [
+            f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.train_ds.file_path={data}",
+            f"model.data.validation_ds.file_path={data}", f"model.data.cache_dir={tmp_path / 'cache'}",
+            f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
+            "model.data.train_ds.max_seq_length=64", "model.data.train_ds.global_batch_size=4",
+            "model.data.train_ds.micro_batch_size=2", "model.optim.lr=1e-2", "trainer.sft.max_epochs=4",
+            "trainer.sft.max_steps=3", "trainer.sft.val_check_interval=0", *overrides])
+    return compose_config("training_rm", [
+        f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{data}]",
+        f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "model.encoder_seq_length=64",
+        "model.global_batch_size=4", "model.micro_batch_size=2", "model.optim.lr=1e-3", "trainer.rm.max_epochs=4",
+        "trainer.rm.max_steps=3", "trainer.rm.val_check_interval=0", *overrides])
+
+
+@pytest.mark.parametrize("recipe, script", [("gpt_sft", "train_gpt_sft"), ("training_rm", "train_reward_model")])
+def test_sft_and_rm_on_one_ray_train_worker_match_the_plain_run(tmp_path, tiny_model_dir, ray_cluster, recipe, script):
+    """SFT and RM go through the same launcher: one Ray Train worker gives the in-process run's losses, and the
+    checkpoints and the HF export are in the recipe's log dir."""
+    import json
+
+    if recipe == "gpt_sft":
+        data = tmp_path / "chats.jsonl"
+        data.write_text("".join(json.dumps({"input": f"Tell me about {t}.", "output": f"Sure, {t} is lovely."}) + "\n"
+                                for t in ["bread", "tea", "rain", "maps", "owls", "jazz", "kites", "salt"]))
+    else:
+        data = write_pairs(tmp_path / "pairs.jsonl")
+    module = load_example_script(script)
+    plain = module.run(_sft_and_rm_cfg(recipe, tmp_path / "plain", tiny_model_dir, data))["history"]
+    on_ray = module.run(_sft_and_rm_cfg(recipe, tmp_path / "ray", tiny_model_dir, data, "trainer.ray.enable=true",
+                                        "trainer.ray.num_training_workers=1"))["history"]
+    assert len(plain) == len(on_ray) == 3
+    assert [h["loss"] for h in on_ray] == pytest.approx([h["loss"] for h in plain], abs=1e-5)
+    run_dir = tmp_path / "ray" / "run"
+    assert (run_dir / "checkpoints" / "step=0000003" / "meta.json").is_file()
+    assert (run_dir / "hf_export" / "config.json").is_file()
