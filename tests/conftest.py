@@ -97,10 +97,12 @@ def smollm2_rm_export(tmp_path_factory) -> Path:
     return export
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """The session's one local Ray cluster (tests marked ``ray``): 4 logical CPUs, no dashboard, on loopback only,
-    its session files in a fresh short temp dir (Ray's socket paths are length-limited); shut down at the end.
+    """A local Ray cluster per test module (tests marked ``ray``): 4 logical CPUs, no dashboard, on loopback only,
+    its session files in a fresh short temp dir (Ray's socket paths are length-limited); shut down at the end of
+    the module. Not per session: ``ray.shutdown()`` at the end of a session that has also run vLLM engines hung
+    in ``disconnect`` (seen in a full .ci/run), while a shutdown before any vLLM engine starts returns at once.
     Workers inherit this process's environment (``PYTHONPATH``: the checkout's ``nemo_aligner``)."""
     import shutil
     import tempfile
