@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--colocate", action="store_true", help="critic, RM and initial policy share one bundle")
+    parser.add_argument("--ray-override", action="append", default=[],
+                        help="a Hydra override for the Ray run only (repeatable), e.g. "
+                             "'trainer.ppo.ray.runtime_env={env_vars: {OMP_NUM_THREADS: \"2\"}}'")
     parser.add_argument("--keep-first", action="store_true", help="include each mode's first (warm-up) step in the means")
     args = parser.parse_args()
     if not (Path(args.reward) / "config.json").is_file():
@@ -103,6 +106,7 @@ def main() -> None:
     ray_overrides = ["trainer.ppo.ray.enable=true"]
     if args.colocate:
         ray_overrides.append("trainer.ppo.ray.colocate=[[critic,reward_model,initial_policy]]")
+    ray_overrides += args.ray_override
 
     def run(name, extra):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

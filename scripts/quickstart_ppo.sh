@@ -4,7 +4,7 @@
 #
 #   bash scripts/quickstart_ppo.sh              # colocated mode, then served mode on loopback
 #   bash scripts/quickstart_ppo.sh colocated    # only one mode: colocated | served | ray
-#   bash scripts/quickstart_ppo.sh ray          # critic, RM and initial policy as Ray actors (needs `pip install -e .[ray]`)
+#   bash scripts/quickstart_ppo.sh ray          # actor workers, critic, RM and initial policy on Ray (needs `pip install -e .[ray]`)
 #   bash scripts/quickstart_ppo.sh served trainer.ppo.max_steps=4   # extra args: Hydra overrides for the actor
 #
 # The reward model: results/rm_quickstart/hf_export (the export of scripts/quickstart_rm.sh). When it is missing, a
@@ -12,9 +12,11 @@
 # Served mode starts serve_reward_model.py (5555), serve_initial_policy.py (5556) and serve_ppo_critic.py (5557) in
 # the background on 127.0.0.1, waits for their /health, runs the actor with remote_critic_rm.enable=true, and stops
 # the servers on exit (trap). Ports: RM_PORT, POLICY_PORT, CRITIC_PORT. Logs: results/ppo_quickstart_*/.
-# Ray mode (not part of "both") runs the actor with trainer.ppo.ray.enable=true: the driver starts a local Ray cluster
-# (or joins $RAY_ADDRESS / a `ray start` cluster on this machine) and puts the critic, reward model and initial policy in Ray actors,
-# colocated in one placement-group bundle of RAY_CPUS CPUs (docs/user-guide/ray.md).
+# Ray mode (not part of "both") runs with trainer.ppo.ray.enable=true: the driver starts a local Ray cluster (or joins
+# $RAY_ADDRESS / a `ray start` cluster on this machine), puts the critic, reward model and initial policy in Ray actors
+# colocated in one placement-group bundle, and trains the actor on ACTOR_WORKERS data-parallel Ray Train workers
+# (trainer.ppo.ray.num_actor_workers; 1: the actor trains in the driver); each bundle and worker holds RAY_CPUS
+# logical CPUs (docs/user-guide/ray.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-both}
@@ -60,15 +62,17 @@ COMMON=(
 )
 
 if [ "$MODE" = ray ]; then
-  echo "== PPO on Ray (actor in the driver; critic, reward model and initial policy as Ray actors in one bundle)"
+  ACTOR_WORKERS=${ACTOR_WORKERS:-2}   # data-parallel actor workers (Ray Train); 1: the actor trains in the driver
+  echo "== PPO on Ray ($ACTOR_WORKERS actor worker(s); critic, reward model and initial policy as Ray actors in one bundle)"
   rm -rf results/ppo_quickstart_ray
   start=$(date +%s)
-  RAY_CPUS=${RAY_CPUS:-1}   # logical CPUs of the one bundle the three roles share (a third each)
+  RAY_CPUS=${RAY_CPUS:-0.5}   # logical CPUs of each actor worker and of the one bundle the three roles share
   # without $RAY_ADDRESS, ray.init() in the driver starts a local cluster for this run (dashboard on 127.0.0.1 only)
   python3 examples/nlp/gpt/train_gpt_ppo_actor.py "${COMMON[@]}" \
     reward_model.restore_from_path="$RM" reward_model.micro_batch_size="$ROLLOUTS" \
     critic.optim.lr=1e-6 critic.optim.sched.min_lr=1e-7 trainer.ppo.ray.enable=true \
     "trainer.ppo.ray.colocate=[[critic,reward_model,initial_policy]]" "trainer.ppo.ray.resources_per_worker={CPU: $RAY_CPUS}" \
+    trainer.ppo.ray.num_actor_workers="$ACTOR_WORKERS" model.ppo.rollout_micro_batch_size=$((ROLLOUTS / ACTOR_WORKERS)) \
     exp_manager.explicit_log_dir=results/ppo_quickstart_ray "$@"
   echo "== PPO on Ray took $(( $(date +%s) - start )) s (Ray start-up included); logs in results/ppo_quickstart_ray"
   exit 0

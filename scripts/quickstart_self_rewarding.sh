@@ -32,7 +32,8 @@ summary() {  # the per-step metrics of a run's CSV log
   python3 - "$1" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")))
-keys = ["iteration", "loss", "acc", "judge_parse_rate", "chosen_generated_rewards", "rejected_generated_rewards",
+keys = ["iteration", "loss", "preference_loss", "sft_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean",
+        "chosen_lengths", "reject_lengths", "judge_parse_rate", "chosen_generated_rewards", "rejected_generated_rewards",
         "bad_samples_per_GBS", "bad_ends_per_GBS", "meta_pairs_per_GBS", "meta_judge_parse_rate", "time_generation",
         "time_judging", "time_train"]
 for row in rows:
@@ -58,7 +59,7 @@ summary results/self_rewarding_quickstart
 
 echo "== meta-rewarding (meta-judge on)"
 python3 examples/nlp/gpt/train_gpt_self_rewarding.py "${COMMON[@]}" trainer.self_rewarding.limit_train_batches=1 \
-  model.spin.use_meta_judge=true model.spin.meta_judge_pcnt=0.5 \
+  model.spin.use_meta_judge=true model.spin.meta_judge_pcnt=0.5 model.encoder_seq_length=704 \
   exp_manager.explicit_log_dir=results/meta_rewarding_quickstart "$@"
 summary results/meta_rewarding_quickstart
 

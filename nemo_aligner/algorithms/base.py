@@ -33,6 +33,10 @@ def _discard_metrics(metrics: dict, step: int) -> None:
     """The default metrics sink: logs nothing."""
 
 
+def _discard_table(key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    """The default table sink: logs nothing."""
+
+
 @dataclass
 class RunContext:
     """Where a training run writes and how it reports: what every trainer's loop receives besides its model, data
@@ -44,6 +48,8 @@ class RunContext:
         checkpoints: the checkpoint naming and top-k bookkeeping of ``<log_dir>/checkpoints``.
         log_metrics: ``(dict, step) -> None`` sink for TensorBoard/CSV (the recipes pass ``fabric.log_dict``);
             default: nothing is logged.
+        log_table: ``(key, columns, rows, step) -> None`` sink for sample tables (the recipes pass
+            :func:`nemo_aligner.utils.logging.table_sink`, which writes W&B tables when W&B is on); default: nothing.
         resume: restore the newest valid checkpoint in ``checkpoints`` when there is one.
         export_hf: write ``<log_dir>/hf_export`` at the end.
         is_global_zero: whether this process prints, shows progress and writes files meant once per run.
@@ -52,6 +58,7 @@ class RunContext:
     log_dir: Path
     checkpoints: CheckpointManager
     log_metrics: Callable[[dict, int], None] = _discard_metrics
+    log_table: Callable[[str, list[str], list[list[Any]], int], None] = _discard_table
     resume: bool = True
     export_hf: bool = True
     is_global_zero: bool = True

@@ -236,7 +236,8 @@ class OnlineTrainer(TrainingLoop):
 
     def write_samples(self, rollouts: Rollouts) -> Path:
         """Write ``<log_dir>/val_samples/step=<N>.md``, a table of the scored rollouts' prompts (last 300
-        characters), responses and rewards, and log the first two responses; returns the file."""
+        characters), responses and rewards (also to ``context.log_table`` as ``val/samples``: a W&B table when W&B
+        is on), and log the first two responses; returns the file."""
         cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
         prompts, responses, rewards = rollouts.prompts(), rollouts.responses(), rollouts.rewards.tolist()
         lines = [f"# {self.sample_table_title}, step {self.step}", "",
@@ -247,6 +248,9 @@ class OnlineTrainer(TrainingLoop):
         out = self.context.log_dir / "val_samples" / f"step={self.step:07d}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
+        self.context.log_table("val/samples", ["prompt", "response", "reward"],
+                               [[self._decode(p)[-300:], self._decode(r), float(w)]
+                                for p, r, w in zip(prompts, responses, rewards)], self.step)
         for response, reward in list(zip(responses, rewards))[:2]:
             self.log.info(f"val sample (reward {reward:.3g}): {self._decode(response)[:200]!r}")
         return out
@@ -259,6 +263,14 @@ class OnlineTrainer(TrainingLoop):
     def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         """What the progress bar shows after a step."""
         return {}
+
+    def _logged_counters(self) -> dict[str, float]:
+        """The loop counters logged with each step's metrics (by default :meth:`_counters`, the checkpointed ones)."""
+        return self._counters()
+
+    def _after_step(self) -> None:
+        """Called after each step is counted and logged, before its validation and checkpoint (e.g. to end an
+        iteration); nothing by default."""
 
     def fit(self) -> list[dict[str, float]]:
         """Run to ``max_steps`` steps; returns this call's per-step metrics (also logged under ``train/``).
@@ -281,7 +293,7 @@ class OnlineTrainer(TrainingLoop):
                 metrics, _ = self.train_step()
             self.step += 1
             metrics["consumed_samples"] = self.step * self.samples_per_step
-            metrics.update(self._counters())
+            metrics.update(self._logged_counters())
             self.history.append(metrics)
             self.context.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
             progress.update(1)
@@ -290,6 +302,7 @@ class OnlineTrainer(TrainingLoop):
                 times = ", ".join(f"{label} {metrics[key]:.1f}s" for label, key in self.timing_keys.items())
                 self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
                               f"({times})")
+            self._after_step()
             self._validate_and_save(val_every, save_every)
         progress.close()
         self._export()

@@ -204,6 +204,29 @@ def compute_ppo_max_steps(num_prompts: int, cfg: PPOConfig) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # roles
 # ---------------------------------------------------------------------------------------------------------------
+def check_ppo_batch_sizes(cfg: PPOConfig, world: int, critic_shared: bool) -> None:
+    """Check that ``world`` data-parallel actor ranks can split the PPO batch sizes: ``num_rollout_samples`` a
+    multiple of ``rollout_micro_batch_size`` x ``world``, ``model.global_batch_size`` (and, for a per-rank critic,
+    ``critic.global_batch_size``; a shared one trains on the gathered batch, in one process) a multiple of
+    ``world``.
+
+    Raises:
+        ConfigValueError: naming the key that does not split.
+    """
+    if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
+        raise ConfigValueError(
+            f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
+            f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
+        )
+    batches = [("model.global_batch_size", cfg.global_batch_size)]
+    if not critic_shared:
+        batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
+    for key, size in batches:
+        if size % world:
+            raise ConfigValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
+                                   f"trains on {key} / {world} of its rollouts per optimizer step)")
+
+
 class CriticHandle(Protocol):
     """What the PPO trainer needs from a critic (local or remote).
 
@@ -551,19 +574,7 @@ class PPOTrainer(OnlineTrainer):
 
     def __init__(self, actor: AlignableModel, critic: CriticHandle, initial_policy: InitialPolicyHandle,
                  reward_fn: RewardFn, setup: RolloutSetup, cfg: PPOConfig, context: RunContext):
-        world = actor.data_parallel_size
-        if cfg.num_rollout_samples % (cfg.rollout_micro_batch_size * world):
-            raise ConfigValueError(
-                f"model.ppo.num_rollout_samples={cfg.num_rollout_samples} must be a multiple of "
-                f"rollout_micro_batch_size x data-parallel size ({cfg.rollout_micro_batch_size} x {world})"
-            )
-        batches = [("model.global_batch_size", cfg.global_batch_size)]
-        if not critic.shared:  # a served critic trains on the gathered batch, in one process
-            batches.append(("critic.global_batch_size", cfg.critic_global_batch_size))
-        for key, size in batches:
-            if size % world:
-                raise ConfigValueError(f"{key}={size} must be a multiple of the data-parallel size {world} (each rank "
-                                       f"trains on {key} / {world} of its rollouts per optimizer step)")
+        check_ppo_batch_sizes(cfg, actor.data_parallel_size, critic.shared)
         super().__init__(actor, reward_fn, setup, cfg, context, rollout_micro_batch_size=cfg.rollout_micro_batch_size)
         self.actor = actor
         self.critic = critic

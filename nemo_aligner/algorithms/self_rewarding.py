@@ -67,7 +67,6 @@ from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import DamagedCheckpointError
 from nemo_aligner.utils.config import ConfigValueError, as_list, config_schema, dataclass_from_sections, key
-from nemo_aligner.utils.logging import format_metrics
 
 # ---------------------------------------------------------------------------------------------------------------
 # the papers' prompts
@@ -171,6 +170,10 @@ class SelfRewardingConfig:
     judge_score_prefix: str = key("spin", "Score: ")
     meta_judge_score_prefix: str = key("spin", "Winner: Judgement ")
     num_val_samples_to_show: int = key("spin", 4)
+    judge_endpoint: str = key("spin", None, nullable=True)
+    judge_model: str = key("spin", None, nullable=True)
+    judge_api_key_env: str = key("spin", "OPENAI_API_KEY", nullable=True)
+    judge_max_concurrency: int = key("spin", 16)
     global_batch_size: int = key("model", 8)
     micro_batch_size: int = key("model", 1)
     seed: int = key("model", 1234)
@@ -193,6 +196,8 @@ class SelfRewardingConfig:
             out.sft_average_log_probs = out.preference_average_log_probs
         out.llm_judge_prompt = out.llm_judge_prompt or DEFAULT_JUDGE_PROMPT
         out.llm_meta_judge_prompt = out.llm_meta_judge_prompt or DEFAULT_META_JUDGE_PROMPT
+        for name in ("judge_endpoint", "judge_model", "judge_api_key_env"):  # null: "" (no separate judge / no key)
+            setattr(out, name, str(getattr(out, name) or ""))
         out.check()
         return out
 
@@ -229,6 +234,11 @@ class SelfRewardingConfig:
         if "{{ reward }}" not in self.meta_judge_reward_regex.replace("{{reward}}", "{{ reward }}"):
             raise ConfigValueError(f"model.spin.meta_judge_reward_regex={self.meta_judge_reward_regex!r} has no "
                                    "'{{ reward }}'")
+        if self.judge_endpoint and not self.judge_model:
+            raise ConfigValueError(f"model.spin.judge_endpoint={self.judge_endpoint!r} needs model.spin.judge_model "
+                                   "(the served model's name)")
+        if self.judge_max_concurrency < 1:
+            raise ConfigValueError(f"model.spin.judge_max_concurrency must be >= 1, got {self.judge_max_concurrency}")
         if self.judge_max_length < 1:
             raise ConfigValueError(f"model.spin.judge_max_length must be >= 1, got {self.judge_max_length}")
         if (self.global_batch_size < 1 or self.micro_batch_size < 1
@@ -460,6 +470,26 @@ def strip_score(text: str, regex: re.Pattern) -> str:
     return regex.sub("", text).strip()
 
 
+def _regex_literal(text: str) -> str:
+    """``text`` as a regex literal, escaping only the metacharacters (``re.escape`` also escapes spaces, which not
+    every structured-output engine reads)."""
+    return "".join("\\" + ch if ch in ".^$*+?{}[]\\|()" else ch for ch in text)
+
+
+def constrained_judgement_regex(prefix: str, choices: Sequence[str], max_chars: int) -> str:
+    """The structured-output regex of a constrained judgement from a separate judge (``judge_endpoint``): at most
+    ``max_chars`` characters of justification (any text), then ``prefix`` and exactly one of ``choices``; e.g.
+    ``[\\s\\S]{0,512}Score: (0|1|2|3|4|5)``. A token holds at least one character, so an answer of
+    :func:`constrained_judgement_max_tokens` new tokens always reaches the score."""
+    return (rf"[\s\S]{{0,{int(max_chars)}}}" + _regex_literal(prefix)
+            + "(" + "|".join(_regex_literal(c) for c in choices) + ")")
+
+
+def constrained_judgement_max_tokens(prefix: str, choices: Sequence[str], max_chars: int) -> int:
+    """New tokens that always fit :func:`constrained_judgement_regex`: one per character at most."""
+    return int(max_chars) + len(prefix) + max(len(c) for c in choices)
+
+
 @dataclass
 class Candidate:
     """One response of a prompt as pair selection sees it: ``score`` (mean valid judgement, None: none valid),
@@ -589,6 +619,11 @@ class SelfRewardingTrainer(OnlineTrainer):
         context: the run; checkpoints monitor ``val_loss`` (mode ``min``).
         max_seq_length: ``model.encoder_seq_length``: judge prompts are cut (:func:`fit_judge_prompt`) to
             ``max_seq_length - judge_max_length - 8`` tokens.
+        judge: a separate judge for every judgement and meta-judgement instead of the policy (``judge_endpoint``:
+            :class:`nemo_aligner.servers.openai_judge.OpenAIJudge`, or anything with its ``judge(texts, seeds,
+            temperature, top_p, max_tokens, regex)``); it reads the rendered request texts, and with
+            ``constrain_judge_output`` receives :func:`constrained_judgement_regex` (at most ``4 *
+            judge_max_length`` characters of justification). None: the policy judges itself (the papers' setting).
 
     Checkpoints: the step (data position), the iteration, the pending meta pairs and the loop counters go in each
     checkpoint's extra state; the reference policy of iteration ``i > 0`` is the checkpoint
@@ -608,7 +643,7 @@ class SelfRewardingTrainer(OnlineTrainer):
 
     def __init__(self, policy: AlignableModel, train_prompts: Sequence[PromptWithAnswer],
                  val_prompts: Sequence[PromptWithAnswer] | None, sampling_params: Any, length_params: Any,
-                 cfg: SelfRewardingConfig, context: RunContext, max_seq_length: int = 4096):
+                 cfg: SelfRewardingConfig, context: RunContext, max_seq_length: int = 4096, judge: Any = None):
         cfg.check(policy.data_parallel_size)
         if policy.tokenizer is None:
             raise ConfigValueError("self-rewarding needs a policy with a tokenizer (the judge reads text)")
@@ -631,6 +666,7 @@ class SelfRewardingTrainer(OnlineTrainer):
         self.judge_length = dataclasses.replace(length_params, max_length=cfg.judge_max_length,
                                                 min_length=min(length_params.min_length, cfg.judge_max_length))
         self.score_strings = [str(s) for s in range(int(cfg.judge_score_low), int(cfg.judge_score_high) + 1)]
+        self.external_judge = judge
         self.iteration = 0
         self.meta_buffer: list[dict] = []
         self.last_pairs: list[dict] = []
@@ -654,6 +690,10 @@ class SelfRewardingTrainer(OnlineTrainer):
 
     def judge_prompt_ids(self, template: str, fields: dict[str, str]) -> list[int]:
         """The token ids of a judge (or meta-judge) request, cut to fit (:func:`fit_judge_prompt`)."""
+        return self._chat_ids(self.judge_prompt_text(template, fields))
+
+    def judge_prompt_text(self, template: str, fields: dict[str, str]) -> str:
+        """The text of a judge (or meta-judge) request (the user turn), cut to fit (:func:`fit_judge_prompt`)."""
         overhead = len(self._chat_ids("")) if has_chat_template(self.tokenizer) else 0
 
         def cut(text: str, n: int, keep_end: bool) -> str:
@@ -662,13 +702,17 @@ class SelfRewardingTrainer(OnlineTrainer):
 
         text, _ = fit_judge_prompt(template, fields, lambda t: len(self._encode(t)),
                                    self.judge_prompt_budget - overhead, cut)
-        return self._chat_ids(text)
+        return text
 
     # ---- the judge ---------------------------------------------------------------------------------------------
-    def _sampled_judgements(self, requests: list[list[int]], seeds: list[int], prefix: str, choices: list[str],
+    def _sampled_judgements(self, texts: list[str], seeds: list[int], prefix: str, choices: list[str],
                             ) -> list[str]:
-        """One judgement text per request. Unconstrained: free generation of ``judge_max_length`` tokens.
-        Constrained (``constrain_judge_output``): :meth:`constrained_judgements`."""
+        """One judgement text per request text. A separate judge (``judge``): its answers. Unconstrained: free
+        generation of ``judge_max_length`` tokens. Constrained (``constrain_judge_output``):
+        :meth:`constrained_judgements`."""
+        if self.external_judge is not None:
+            return self.external_judgements(texts, seeds, prefix, choices)
+        requests = [self._chat_ids(t) for t in texts]
         if self.cfg.constrain_judge_output:
             return self.constrained_judgements(requests, seeds, prefix, choices)
         texts = []
@@ -682,15 +726,18 @@ class SelfRewardingTrainer(OnlineTrainer):
 
     def constrained_judgements(self, requests: list[list[int]], seeds: list[int], prefix: str, choices: list[str],
                                ) -> list[str]:
-        """Judgements that always parse, with the native engine and only the alignable interface:
+        """Judgements that always parse, through the alignable interface only:
 
         1. a bounded justification: at most ``judge_max_length`` tokens, stopped at ``prefix`` (its only end string;
            the responses' end strings do not apply to judgements);
         2. the text is cut before ``prefix`` (if generated) and ``prefix`` is appended (e.g. ``"Score: "``);
         3. the verdict is one of ``choices`` (the score strings ``judge_score_low..judge_score_high``, or ``A``/``B``
-           for the meta-judge), picked by the policy's log-probabilities of each candidate continuation
-           (``get_logprobs`` on ``request + justification + prefix + candidate``): sampled from their softmax
-           (divided by the temperature) with a generator seeded by the row's seed, or the arg-max when greedy.
+           for the meta-judge) after ``request + justification + prefix``: with a vLLM engine, decoded under vLLM's
+           structured outputs (``generate_choices``: a grammar that admits only those strings, the row's seed, the
+           prefix cache reusing the request); with the native engine, picked by the policy's log-probabilities of
+           each candidate continuation (``get_logprobs`` on ``request + justification + prefix + candidate``):
+           sampled from their softmax (divided by the temperature) with a generator seeded by the row's seed, or
+           the arg-max when greedy.
 
         Returns the judgement texts ``justification + prefix + choice``.
         """
@@ -704,18 +751,38 @@ class SelfRewardingTrainer(OnlineTrainer):
                 text = self._text(ids)
                 cut = text.find(prefix.strip())
                 justifications.append((text[:cut] if cut >= 0 else text).rstrip() + ("\n" if text.strip() else ""))
-        choice_ids = [self._encode(c) for c in choices]
         contexts = [list(req) + self._encode(just + prefix) for req, just in zip(requests, justifications)]
-        scores = self.candidate_logprobs(contexts, choice_ids)
-        texts = []
-        for r, seed in enumerate(seeds):
-            if self.sampling_params.is_greedy:
-                pick = int(scores[r].argmax())
-            else:
-                probs = torch.softmax(scores[r] / self.sampling_params.temperature, dim=0)
-                pick = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(int(seed) & (2**63 - 1))))
-            texts.append(justifications[r] + prefix + choices[pick])
-        return texts
+        picks = None
+        for start in range(0, len(contexts), size):  # the engine's structured outputs, when it has them
+            chunk = self.policy.generate_choices(contexts[start:start + size], list(choices), self.sampling_params,
+                                                 seeds[start:start + size])
+            if chunk is None:
+                break
+            picks = (picks or []) + chunk
+        if picks is None:  # the native engine: the choices' log-probabilities from the trainer
+            scores = self.candidate_logprobs(contexts, [self._encode(c) for c in choices])
+            picks = []
+            for r, seed in enumerate(seeds):
+                if self.sampling_params.is_greedy:
+                    picks.append(int(scores[r].argmax()))
+                else:
+                    probs = torch.softmax(scores[r] / self.sampling_params.temperature, dim=0)
+                    generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+                    picks.append(int(torch.multinomial(probs, 1, generator=generator)))
+        return [justifications[r] + prefix + choices[pick] for r, pick in enumerate(picks)]
+
+    def external_judgements(self, texts: list[str], seeds: list[int], prefix: str, choices: list[str]) -> list[str]:
+        """The separate judge's answers: free text of at most ``judge_max_length`` tokens, or constrained
+        (``constrain_judge_output``) to :func:`constrained_judgement_regex` with ``4 * judge_max_length``
+        characters of justification."""
+        sampling = self.sampling_params
+        temperature = 0.0 if sampling.is_greedy else float(sampling.temperature)
+        regex, max_tokens = None, self.cfg.judge_max_length
+        if self.cfg.constrain_judge_output:
+            chars = 4 * self.cfg.judge_max_length
+            regex = constrained_judgement_regex(prefix, choices, chars)
+            max_tokens = constrained_judgement_max_tokens(prefix, choices, chars)
+        return self.external_judge.judge(texts, seeds, temperature, float(sampling.top_p), max_tokens, regex)
 
     def candidate_logprobs(self, contexts: list[list[int]], choice_ids: list[list[int]]) -> torch.Tensor:
         """``[len(contexts), len(choice_ids)]`` float64: ``log pi(choice | context)`` summed over the choice's
@@ -752,10 +819,11 @@ class SelfRewardingTrainer(OnlineTrainer):
         """``k`` judgements of every response (``response_texts`` prompt-major, ``num_per_prompt`` per prompt):
         ``(texts, scores (None: dropped), request ids)``, each ``[responses][k]`` (requests: ``[responses]``)."""
         k = self.cfg.num_evals_to_average
-        requests = [self.judge_prompt_ids(self.judge_template, {"prompt": prompt_texts[i // num_per_prompt],
-                                                                "response": response})
-                    for i, response in enumerate(response_texts)]
-        flat_requests = [requests[i] for i in range(len(requests)) for _ in range(k)]
+        request_texts = [self.judge_prompt_text(self.judge_template, {"prompt": prompt_texts[i // num_per_prompt],
+                                                                      "response": response})
+                         for i, response in enumerate(response_texts)]
+        requests = [self._chat_ids(t) for t in request_texts]
+        flat_requests = [request_texts[i] for i in range(len(requests)) for _ in range(k)]
         flat_seeds = [response_seed(seed + 1, prompt_indices[i // num_per_prompt], (i % num_per_prompt) * k + e)
                       for i in range(len(requests)) for e in range(k)]
         texts = self._sampled_judgements(flat_requests, flat_seeds, self.cfg.judge_score_prefix, self.score_strings)
@@ -775,7 +843,7 @@ class SelfRewardingTrainer(OnlineTrainer):
         if not games:
             return None, 0, 0
         shown = [(a, b) for a, b in games] + [(b, a) for a, b in games]
-        requests = [self.judge_prompt_ids(self.meta_template, {
+        requests = [self.judge_prompt_text(self.meta_template, {
             "prompt": prompt_text, "response": response_text,
             "judgement_a": strip_score(judgements[a], self.judge_regex),
             "judgement_b": strip_score(judgements[b], self.judge_regex)}) for a, b in shown]
@@ -1001,21 +1069,25 @@ class SelfRewardingTrainer(OnlineTrainer):
 
     def write_pair_samples(self) -> Path | None:
         """Write ``<log_dir>/val_samples/step=<N>.md``: prompt, chosen, rejected and their scores for the first
-        ``num_val_samples_to_show`` pairs of the last step (meta pairs marked)."""
+        ``num_val_samples_to_show`` pairs of the last step (meta pairs marked); the same rows go to
+        ``context.log_table`` as ``val/pairs`` (a W&B table when W&B is on)."""
         if not self.last_pairs:
             return None
         cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
         lines = [f"# self-rewarding pairs, step {self.step} (iteration {self.iteration})", "",
                  "| # | kind | prompt | chosen | rejected | chosen score | rejected score |",
                  "|---|---|---|---|---|---|---|"]
-        for i, p in enumerate(self.last_pairs[: self.cfg.num_val_samples_to_show]):
-            lines.append(f"| {i} | {'meta' if p.get('meta') else 'policy'} | "
-                         f"{cell(self._text(p['prompt_ids'])[-300:])} | {cell(self._text(p['chosen_ids']))} | "
-                         f"{cell(self._text(p['rejected_ids']))} | {p['chosen_score']:.4g} | "
-                         f"{p['rejected_score']:.4g} |")
+        rows = [["meta" if p.get("meta") else "policy", self._text(p["prompt_ids"])[-300:], self._text(p["chosen_ids"]),
+                 self._text(p["rejected_ids"]), float(p["chosen_score"]), float(p["rejected_score"])]
+                for p in self.last_pairs[: self.cfg.num_val_samples_to_show]]
+        for i, (kind, prompt, chosen, rejected, chosen_score, rejected_score) in enumerate(rows):
+            lines.append(f"| {i} | {kind} | {cell(prompt)} | {cell(chosen)} | {cell(rejected)} | {chosen_score:.4g} | "
+                         f"{rejected_score:.4g} |")
         out = self.context.log_dir / "val_samples" / f"step={self.step:07d}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
+        self.context.log_table("val/pairs", ["kind", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"],
+                               rows, self.step)
         return out
 
     # ---- loop ----------------------------------------------------------------------------------------------------
@@ -1047,30 +1119,11 @@ class SelfRewardingTrainer(OnlineTrainer):
                 self.policy.reset_reference_to_policy()
         super()._maybe_resume()
 
-    def fit(self) -> list[dict[str, float]]:
-        """Run to ``max_steps``, ending an iteration after every ``steps_per_epoch * max_epochs`` steps
-        (:meth:`end_iteration`, before that step's validation and checkpoint); returns this call's per-step
-        metrics (also logged under ``train/``)."""
-        from tqdm.auto import tqdm
+    def _logged_counters(self) -> dict[str, float]:
+        return {}  # the iteration is in every step's metrics; the meta buffer is checkpointed, not logged
 
-        self._maybe_resume()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.name,
-                        disable=not self.context.is_global_zero, dynamic_ncols=True)
-        while self.step < self.max_steps:
-            with self._stop_on_non_finite():
-                metrics, _ = self.train_step()
-            self.step += 1
-            metrics["consumed_samples"] = self.step * self.samples_per_step
-            self.history.append(metrics)
-            self.context.log_metrics({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            progress.update(1)
-            if self.context.is_global_zero:
-                times = ", ".join(f"{label} {metrics.get(key, 0.0):.1f}s" for label, key in self.timing_keys.items())
-                self.log.info(f"step {self.step}/{self.max_steps}: {format_metrics(metrics, self.summary_keys)} "
-                              f"({times})")
-            if self.step % self.steps_per_iteration == 0 and self.iteration + 1 < self.cfg.max_iterations:
-                self.end_iteration()
-            self._validate_and_save(self.cfg.val_check_interval, self.cfg.save_interval)
-        progress.close()
-        self._export()
-        return self.history
+    def _after_step(self) -> None:
+        """End the iteration after every ``steps_per_epoch * max_epochs`` steps (:meth:`end_iteration`), before that
+        step's validation and checkpoint, except after the last iteration."""
+        if self.step % self.steps_per_iteration == 0 and self.iteration + 1 < self.cfg.max_iterations:
+            self.end_iteration()

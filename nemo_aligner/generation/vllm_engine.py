@@ -23,6 +23,7 @@ same prompt and seed give the same response, whatever the batch), not across eng
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import json
@@ -154,6 +155,22 @@ def _model_signature(model_path: str) -> str:
     return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()
 
 
+def draw_row_seeds(num: int, seeds: list[int] | None = None,
+                   generator: torch.Generator | None = None) -> list[int | None]:
+    """The per-row request seeds of :meth:`VLLMEngine.generate`: ``seeds`` (each masked to 63 bits), else ``num``
+    draws from ``generator``, else ``None`` per row (the engine's own RNG). An engine in another process gets these
+    numbers, not the generator (a ``torch.Generator`` does not pickle), and gives the same responses.
+
+    Raises:
+        ValueError: ``seeds`` does not have ``num`` entries.
+    """
+    if seeds is not None and len(seeds) != num:
+        raise ValueError(f"seeds has {len(seeds)} entries for {num} prompts")
+    if seeds is None and generator is not None:
+        seeds = torch.randint(0, 1 << 62, (num,), generator=generator, dtype=torch.long).tolist()
+    return [None] * num if seeds is None else [int(s) & ((1 << 63) - 1) for s in seeds]
+
+
 _ENGINES: dict[tuple, "VLLMEngine"] = {}
 
 
@@ -227,6 +244,10 @@ class VLLMEngine:
         engine = _ENGINES.get(key)
         if engine is None:
             engine = _ENGINES[key] = cls(model_path, cfg, dtype=dtype, max_model_len=max_model_len, seed=seed)
+            # stop the engines before multiprocessing's exit handler joins their processes (registered later, so
+            # run earlier): without it a script that leaves a shared engine running hangs at exit
+            atexit.unregister(shutdown_engines)
+            atexit.register(shutdown_engines)
         return engine
 
     def shutdown(self) -> None:
@@ -340,11 +361,7 @@ class VLLMEngine:
                 f"a prompt of {longest} tokens plus max_length={length_params.max_length} new tokens exceeds the vLLM "
                 f"engine's max_model_len={self.max_model_len}; shorten the prompts or lower length_params.max_length"
             )
-        if seeds is not None and len(seeds) != num:
-            raise ValueError(f"seeds has {len(seeds)} entries for {num} prompts")
-        if seeds is None and generator is not None:
-            seeds = torch.randint(0, 1 << 62, (num,), generator=generator, dtype=torch.long).tolist()
-        row_seeds = [None] * num if seeds is None else [int(s) & ((1 << 63) - 1) for s in seeds]
+        row_seeds = draw_row_seeds(num, seeds, generator)
         self.wake_up()
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_ids]
         params = [self.request_params(sampling_params, length_params, eos_token_ids, s) for s in row_seeds]
@@ -360,6 +377,49 @@ class VLLMEngine:
                 row.append(float(entry[token].logprob) if token in entry else float("nan"))
             logprobs.append(row if len(row) == len(tokens) else [float("nan")] * len(tokens))
         return GenerationOutput(responses, ended, logprobs=logprobs)
+
+    def generate_choices(self, prompt_ids: list[list[int]], choices: list[str], sampling_params: SamplingParams,
+                         seeds: list[int]) -> list[int]:
+        """Continue each prompt with exactly one of ``choices``: vLLM structured outputs
+        (``StructuredOutputsParams(choice=choices)``: the grammar masks every token that leaves the set), sampled at
+        ``sampling_params.temperature`` with the row's seed (greedy: temperature 0, the most likely choice);
+        top-k/top-p do not apply (the constraint already narrows the tokens).
+
+        Returns:
+            ``B`` indices into ``choices``.
+
+        Raises:
+            ValueError: no choices, ``seeds`` of the wrong length, no tokenizer in the model directory (the grammar
+                is built from the vocabulary), or an output outside ``choices`` (a vLLM bug).
+        """
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not choices:
+            raise ValueError("generate_choices needs at least one choice")
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompt_ids)} prompts")
+        if not self.has_tokenizer:
+            raise ValueError(f"structured outputs need a tokenizer in {self.model_path}")
+        if not prompt_ids:
+            return []
+        greedy = sampling_params.is_greedy
+        self.wake_up()
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_ids]
+        params = [VLLMSamplingParams(n=1, temperature=0.0 if greedy else sampling_params.temperature,
+                                     seed=None if greedy else int(seed) & ((1 << 63) - 1),
+                                     max_tokens=max(8, 2 * max(len(c) for c in choices)),
+                                     structured_outputs=StructuredOutputsParams(choice=list(choices)))
+                  for seed in seeds]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        picks = []
+        for out in outputs:
+            text = out.outputs[0].text
+            if text not in choices:
+                raise ValueError(f"vLLM structured output {text!r} is not one of {choices}")
+            picks.append(choices.index(text))
+        return picks
 
 
 def shutdown_engines() -> None:

@@ -101,6 +101,17 @@ class AlignableModel(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not generate")
 
+    def generate_choices(self, prompt_ids: list[list[int]], choices: list[str], sampling_params: Any,
+                         seeds: list[int]) -> list[int] | None:
+        """Structured outputs: continue each prompt with exactly one of ``choices`` (a rollout engine constrained to
+        those strings), sampled with ``sampling_params`` (greedy: the most likely) and row ``seeds[i]``.
+
+        Returns:
+            ``B`` indices into ``choices``, or None when the rollout engine has no structured outputs (the native
+            engine): the caller then scores the choices with :meth:`get_logprobs` itself.
+        """
+        return None
+
     def pop_generation_metrics(self) -> dict[str, float]:
         """What the rollout engine measured since the last call (e.g. ``time_refit``, seconds spent copying the
         policy's weights into a vLLM engine), then cleared; empty for an engine that measures nothing."""

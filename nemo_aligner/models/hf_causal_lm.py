@@ -278,12 +278,19 @@ class HFCausalLM(HFModel):
         """The vLLM engine that generates for this policy (:meth:`use_vllm`), or None (the native engine)."""
         return self._engine
 
-    def use_vllm(self, vllm_cfg: VLLMConfig, max_model_len: int | None = None) -> VLLMEngine:
+    def use_vllm(self, vllm_cfg: VLLMConfig, max_model_len: int | None = None, engine: Any = None) -> VLLMEngine:
         """Generate with vLLM from now on: start (or reuse, :meth:`VLLMEngine.shared`) an engine for this policy's
         architecture; the weights are copied into it before the next ``generate`` (and after every change).
 
         ``vllm_cfg.dtype=auto`` runs the engine in the policy's parameter dtype (float32 under ``precision=32``,
         bfloat16 under ``bf16-true``), so that greedy outputs match the native engine's.
+
+        ``engine``: use this engine instead of starting one (``vllm_cfg`` and ``max_model_len`` are then the
+        engine's business): any object with :class:`VLLMEngine`'s ``cfg``, ``refit(weights) -> seconds``,
+        ``generate(prompt_ids, sampling_params, length_params, eos_token_ids, seeds=, generator=)`` and ``sleep()``,
+        and a writable ``holder`` attribute (e.g. :class:`nemo_aligner.recipes.ray_ppo.RayRolloutEngine`, a vLLM
+        engine in a Ray actor). The policy keeps the same contract with it: a refit before ``generate`` whenever
+        the engine does not hold the weights the policy generates with (``weights_version``).
 
         Raises:
             MissingDependencyError: vLLM is not installed.
@@ -295,6 +302,9 @@ class HFCausalLM(HFModel):
                                    "would start an engine on the same cores); use trainer.devices=1 on a CPU")
         if self._fsdp and self.use_lora:
             raise UnsupportedError("vllm.enable=true with LoRA under FSDP is not supported; use trainer.strategy=ddp")
+        if engine is not None:
+            self._engine = engine
+            return engine
         dtype = vllm_cfg.dtype
         if dtype == "auto":
             dtype = str(next(self._lm.parameters()).dtype).replace("torch.", "")
@@ -359,6 +369,18 @@ class HFCausalLM(HFModel):
         if self._engine is not None and self._engine.cfg.unload_engine_train:
             self._engine.sleep()
         super().prepare_for_training_step()
+
+    def generate_choices(self, prompt_ids: list[list[int]], choices: list[str], sampling_params,
+                         seeds: list[int]) -> list[int] | None:
+        """With a vLLM engine (:meth:`use_vllm`): one of ``choices`` per prompt through vLLM's structured outputs
+        (:meth:`~nemo_aligner.generation.vllm_engine.VLLMEngine.generate_choices`), after a refit when the weights
+        changed. The native engine (and an engine without ``generate_choices``, e.g. PPO's Ray rollout actor proxy)
+        has no structured outputs: None (see
+        :meth:`~nemo_aligner.models.alignable.AlignableModel.generate_choices`)."""
+        if self._engine is None or not hasattr(self._engine, "generate_choices"):
+            return None  # the native engine (or an engine proxy without structured outputs)
+        self._sync_engine()
+        return self._engine.generate_choices(prompt_ids, choices, sampling_params, seeds)
 
     def generate(
         self,

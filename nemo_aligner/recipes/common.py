@@ -35,7 +35,7 @@ from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.recipes import ray_train
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.config import ConfigValueError, check_batch_sizes, check_keys, check_values, load_schema
-from nemo_aligner.utils.logging import build_loggers, get_logger
+from nemo_aligner.utils.logging import build_loggers, get_logger, table_sink
 from nemo_aligner.utils.runtime import build_fabric
 
 
@@ -191,13 +191,15 @@ def log_model_summary(
 def run_context(fabric, exp: DictConfig, log_dir: Path, checkpoints: CheckpointManager,
                 export_hf: bool | None = None) -> RunContext:
     """The :class:`~nemo_aligner.algorithms.base.RunContext` a trainer receives: the log directory and checkpoints
-    of :func:`checkpoint_manager`, Fabric's metrics sink (``fabric.log_dict``) and rank,
+    of :func:`checkpoint_manager`, Fabric's metrics sink (``fabric.log_dict``), the sample-table sink of its loggers
+    (:func:`~nemo_aligner.utils.logging.table_sink`: W&B tables when W&B is on) and rank,
     ``exp_manager.resume_if_exists`` and ``exp_manager.export_hf`` (default true; ``export_hf`` given here
     overrides it, e.g. ``False`` for a recipe that exports by itself after training)."""
     return RunContext(
         log_dir=log_dir,
         checkpoints=checkpoints,
         log_metrics=fabric.log_dict,
+        log_table=table_sink(fabric.loggers),
         resume=bool(exp.resume_if_exists),
         export_hf=bool(exp.get("export_hf", True)) if export_hf is None else bool(export_hf),
         is_global_zero=fabric.is_global_zero,
@@ -214,10 +216,11 @@ def finish(fabric, checkpoints: CheckpointManager) -> None:
         )
 
 
-def use_rollout_engine(policy, section: Any, key: str, log=None) -> VLLMConfig:
+def use_rollout_engine(policy, section: Any, key: str, log=None, engine: Any = None) -> VLLMConfig:
     """Give ``policy`` (an :class:`~nemo_aligner.models.hf_causal_lm.HFCausalLM`) a vLLM engine when the config
     block ``section`` (``trainer.<algo>.vllm``, named ``key`` in errors) has ``enable=true``; otherwise it keeps
-    the native engine. Returns the parsed block.
+    the native engine. Returns the parsed block. ``engine``: an engine started elsewhere (e.g. the rollout Ray
+    actor's :class:`~nemo_aligner.recipes.ray_ppo.RayRolloutEngine`) instead of one in this process.
 
     Raises:
         MissingDependencyError: ``enable=true`` but vLLM is not installed (the message says how to install it).
@@ -225,8 +228,9 @@ def use_rollout_engine(policy, section: Any, key: str, log=None) -> VLLMConfig:
     """
     vllm_cfg = VLLMConfig.from_cfg(section, key)
     if vllm_cfg.enable:
-        require_vllm(f"{key}.enable")
-        engine = policy.use_vllm(vllm_cfg)
+        if engine is None:
+            require_vllm(f"{key}.enable")
+        engine = policy.use_vllm(vllm_cfg, engine=engine)
         if log is not None and policy.data_parallel_rank == 0:
             log.info(f"rollouts: vLLM engine ({key}; start-up took {engine.start_seconds:.1f} s, max_model_len "
                      f"{engine.max_model_len}); the policy's weights are refit into it whenever they change")

@@ -1,4 +1,4 @@
-"""Offline trainers (SFT, reward model, DPO) on Ray Train: ``trainer.ray.enable=true``.
+"""SFT, reward model, DPO, rejection sampling and self-rewarding on Ray Train: ``trainer.ray.enable=true``.
 
 The entry script's ``run(cfg)`` checks the config, then, when ``trainer.ray.enable`` is set and this process is not
 already a Ray Train worker, hands the whole recipe to :func:`launch`::
@@ -30,6 +30,7 @@ Ray itself is the optional extra ``.[ray]`` (``ray[default]``), imported only wh
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 import uuid
@@ -53,6 +54,9 @@ INSTALL_HINT = "install it with `pip install -e .[ray]` (or `EXTRAS=dev,ray bash
 
 #: True in a process that runs the recipe as a Ray Train worker (set by :func:`_worker_loop`).
 _IN_WORKER = False
+
+#: What the driver handed the workers besides the config (:func:`run_train_workers`'s ``context``), in a worker.
+_WORKER_CONTEXT: dict = {}
 
 
 class RayWorkerDiedError(UserError, RuntimeError):
@@ -88,6 +92,29 @@ def parse_resources(value: Any, key: str, default: dict[str, float]) -> dict[str
     return out
 
 
+def parse_runtime_env(value: Any, key: str) -> dict | None:
+    """A ``runtime_env`` block as a plain dict for Ray (``ray.init(runtime_env=...)``, an actor's
+    ``.options(runtime_env=...)``): e.g. ``{env_vars: {HF_HOME: /shared/hf}}`` or ``{py_modules: [/path/to/nemo_aligner]}``
+    (Ray's runtime-environment fields, checked by Ray); ``None`` or an empty mapping -> ``None`` (nothing).
+
+    Raises:
+        ConfigValueError: not a mapping, or ``env_vars`` not a mapping (naming ``key``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, dict):
+        raise ConfigValueError(f"{key}={value!r}: expected a mapping of Ray runtime-environment fields, e.g. "
+                               "{env_vars: {NAME: value}} or {py_modules: [path]}")
+    out = {str(k): v for k, v in value.items() if v is not None}
+    if "env_vars" in out:
+        if not isinstance(out["env_vars"], dict):
+            raise ConfigValueError(f"{key}.env_vars={out['env_vars']!r}: expected a mapping NAME: value")
+        out["env_vars"] = {str(k): str(v) for k, v in out["env_vars"].items()}
+    return out or None
+
+
 def default_resources(accelerator: Any) -> dict[str, float]:
     """``{GPU: 1}`` per worker when the run is on GPUs (``trainer.accelerator`` gpu/cuda, or auto on a machine with
     CUDA), else ``{CPU: 1}``."""
@@ -104,6 +131,8 @@ def default_resources(accelerator: Any) -> dict[str, float]:
 @config_schema("gpt_dpo", main="trainer.ray")
 @config_schema("training_rm", main="trainer.ray")
 @config_schema("gpt_sft", main="trainer.ray")
+@config_schema("gpt_rs_actor", main="trainer.ray")
+@config_schema("gpt_self_rewarding", main="trainer.ray")
 @dataclass
 class RayTrainConfig:
     """The ``trainer.ray`` block of the offline recipes (llm-on-ray's key names).
@@ -116,15 +145,20 @@ class RayTrainConfig:
         address: the Ray cluster (``auto``: the one ``ray start`` runs on this machine; ``local``: always a new one;
             ``ray://host:10001``; null:
             ``$RAY_ADDRESS``, else a running local cluster, else a new one just for this run).
+        runtime_env: Ray's runtime environment of the run (:func:`parse_runtime_env`; null: none), given to
+            ``ray.init`` when this run connects and to every Ray Train worker (``RunConfig.worker_runtime_env``,
+            so it also holds when the process was connected already), e.g. ``{env_vars: {HF_HOME: /shared/hf}}``,
+            or ``{py_modules: [<checkout>/nemo_aligner]}`` to ship nemo_aligner to nodes that do not have it.
 
     Raises:
-        ConfigValueError: ``num_training_workers < 1`` or a bad resource amount.
+        ConfigValueError: ``num_training_workers < 1``, a bad resource amount or a bad ``runtime_env``.
     """
 
     enable: bool = False
     num_training_workers: int = 2
     resources_per_worker: dict | None = None
     address: str | None = None
+    runtime_env: dict | None = None
 
     @classmethod
     def from_cfg(cls, section: Any, key: str = "trainer.ray") -> "RayTrainConfig":
@@ -133,6 +167,7 @@ class RayTrainConfig:
             raise ConfigValueError(f"{key}.num_training_workers={out.num_training_workers}: expected an integer >= 1")
         if out.resources_per_worker is not None:
             out.resources_per_worker = parse_resources(out.resources_per_worker, f"{key}.resources_per_worker", {})
+        out.runtime_env = parse_runtime_env(out.runtime_env, f"{key}.runtime_env")
         return out
 
 
@@ -166,15 +201,22 @@ def in_worker() -> bool:
     return _IN_WORKER
 
 
+def worker_context() -> dict:
+    """In a Ray Train worker, the ``context`` the driver gave :func:`run_train_workers` (e.g. the PPO roles' Ray
+    actor handles); ``{}`` elsewhere."""
+    return dict(_WORKER_CONTEXT)
+
+
 def wants_launch(cfg: DictConfig) -> bool:
     """``trainer.ray.enable`` is set and this process is the driver (not yet a worker)."""
     section = OmegaConf.select(cfg, "trainer.ray")
     return bool(section is not None and section.get("enable", False)) and not _IN_WORKER
 
 
-def init_ray(address: str | None, key: str) -> None:
-    """Connect to the Ray cluster at ``address`` (see :attr:`RayTrainConfig.address`) unless this process already
-    is connected (e.g. a test's local cluster).
+def init_ray(address: str | None, key: str, runtime_env: dict | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (see :attr:`RayTrainConfig.address`) with the job's
+    ``runtime_env`` (:func:`parse_runtime_env`) unless this process already is connected (e.g. a test's local
+    cluster; the callers then give ``runtime_env`` to each actor they start).
 
     Raises:
         MissingDependencyError: Ray is not installed.
@@ -186,7 +228,7 @@ def init_ray(address: str | None, key: str) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address or None)
+        ray.init(address=address or None, runtime_env=runtime_env)
     except ConnectionError as err:
         raise ConfigValueError(f"{key}.address={address!r}: no Ray cluster answers there ({err})") from None
 
@@ -238,8 +280,9 @@ def _worker_loop(config: dict) -> None:
     import ray
     import ray.train
 
-    global _IN_WORKER
+    global _IN_WORKER, _WORKER_CONTEXT
     _IN_WORKER = True
+    _WORKER_CONTEXT = dict(config["context"])
     if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])  # relative paths of the config mean what they meant on the driver
     module = _load_script(config["script"])
@@ -259,7 +302,8 @@ def launch(cfg: DictConfig, schema: str, script: str | Path) -> dict:
 
     Args:
         cfg: the recipe's config, already checked (``check_config``).
-        schema: the recipe's config name (``gpt_dpo``, ``training_rm``, ``gpt_sft``): its batch sizes are checked
+        schema: the recipe's config name (``gpt_dpo``, ``training_rm``, ``gpt_sft``, ``gpt_rs_actor``,
+            ``gpt_self_rewarding``): its batch sizes are checked
             against the number of workers here, before anything starts.
         script: the entry script's file (``__file__``); each worker imports it.
 
@@ -277,7 +321,26 @@ def launch(cfg: DictConfig, schema: str, script: str | Path) -> dict:
                                "Ray Train places the ranks; set trainer.ray.num_training_workers instead")
     check_batch_sizes(cfg, schema, ray_cfg.num_training_workers)
     resources = ray_cfg.resources_per_worker or default_resources(cfg.trainer.get("accelerator"))
-    init_ray(ray_cfg.address, "trainer.ray")
+    init_ray(ray_cfg.address, "trainer.ray", ray_cfg.runtime_env)
+    return run_train_workers(cfg, script, ray_cfg.num_training_workers, resources, ray_cfg.runtime_env,
+                             run_name=schema, role=f"the {schema} run")
+
+
+def run_train_workers(cfg: DictConfig, script: str | Path, num_workers: int, resources: dict[str, float],
+                      runtime_env: dict | None, run_name: str, role: str, context: dict | None = None) -> dict:
+    """Run the entry script ``script``'s ``run(cfg)`` on ``num_workers`` Ray Train workers (a
+    :class:`ray.train.torch.TorchTrainer`; gloo on CPU, NCCL when ``resources`` has a GPU) of ``resources`` each and
+    return rank 0's result. Ray must be connected (:func:`init_ray`).
+
+    Args:
+        run_name: the prefix of Ray Train's run name (its bookkeeping in ``<explicit_log_dir>/ray_train``).
+        role: what the workers are, for the error of a dead one (e.g. ``"the gpt_dpo run"``).
+        context: picklable objects (e.g. Ray actor handles) the workers read with :func:`worker_context`.
+
+    Raises:
+        UserError: whatever the recipe raised in a worker (the same exception).
+        RayWorkerDiedError: a worker process died (naming ``role``); rerunning resumes from the last checkpoint.
+    """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -285,14 +348,19 @@ def launch(cfg: DictConfig, schema: str, script: str | Path) -> dict:
     use_gpu = resources.get("GPU", 0) > 0
     log_dir = Path(str(cfg.exp_manager.explicit_log_dir)).resolve()
     sink = ray.remote(num_cpus=0)(_ResultSink).remote()
+    # Ray Train v2 (Ray >= 2.50's default) starts its workers with RunConfig.worker_runtime_env; older Ray Train
+    # workers get the job's runtime_env of ray.init only
+    worker_env = ({"worker_runtime_env": runtime_env}
+                  if runtime_env and "worker_runtime_env" in inspect.signature(RunConfig).parameters
+                  else {})
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "script": str(Path(script).resolve()), "cwd": os.getcwd(), "sink": sink},
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_training_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={"cfg": cfg, "script": str(Path(script).resolve()), "cwd": os.getcwd(), "sink": sink,
+                           "context": dict(context or {})},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{schema}-{uuid.uuid4().hex[:8]}", storage_path=str(log_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=0)),
+        run_config=RunConfig(name=f"{run_name}-{uuid.uuid4().hex[:8]}", storage_path=str(log_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=0), **worker_env),
     )
     try:
         trainer.fit()
@@ -303,7 +371,7 @@ def launch(cfg: DictConfig, schema: str, script: str | Path) -> dict:
         died = ray_error_role(err)
         if died is not None or "died" in str(err).lower():
             raise RayWorkerDiedError(
-                f"a Ray Train worker of the {schema} run died ({died or type(err).__name__}); rerun the same command "
+                f"a Ray Train worker of {role} died ({died or type(err).__name__}); rerun the same command "
                 f"to resume from the last checkpoint in {log_dir / 'checkpoints'}") from None
         raise
     finally:

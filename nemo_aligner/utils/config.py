@@ -16,7 +16,7 @@ from nemo_aligner.errors import MissingFileError, UserError
 #: Sections whose contents are passed through to another library and are therefore not checked (Ray's resource
 #: names are the cluster's own, e.g. custom resources; nemo_aligner.recipes.ray_train checks their amounts).
 OPEN_SECTIONS = ("hydra", "exp_manager.wandb_logger_kwargs", "trainer.ray.resources_per_worker",
-                 "trainer.ppo.ray.resources_per_worker")
+                 "trainer.ppo.ray.resources_per_worker", "trainer.ray.runtime_env", "trainer.ppo.ray.runtime_env")
 
 
 
@@ -451,6 +451,7 @@ def _number_or_list(value: Any, key: str, low: float, high: float | None, low_op
 BATCH_KEYS: dict[str, tuple[str, str]] = {
     "gpt_dpo": ("model.global_batch_size", "model.micro_batch_size"),
     "gpt_self_rewarding": ("model.global_batch_size", "model.micro_batch_size"),
+    "gpt_rs_actor": ("model.global_batch_size", "model.micro_batch_size"),
     "training_rm": ("model.global_batch_size", "model.micro_batch_size"),
     "gpt_sft": ("model.data.train_ds.global_batch_size", "model.data.train_ds.micro_batch_size"),
 }

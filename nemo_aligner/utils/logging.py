@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
@@ -134,6 +134,23 @@ def build_loggers(log_dir: str | Path, exp_cfg: Any) -> list:
         kwargs = dict(exp_cfg.get("wandb_logger_kwargs", {}) or {})
         loggers.append(WandbLogger(save_dir=str(log_dir), **kwargs))
     return loggers
+
+
+def table_sink(loggers: Sequence[Any]):
+    """A ``(key, columns, rows, step) -> None`` sink that hands a sample table to every logger that takes tables
+    (a Lightning ``WandbLogger``'s ``log_table``: a ``wandb.Table`` under ``key``); loggers without tables (TensorBoard,
+    CSV) are skipped, so without W&B it does nothing.
+
+    Args:
+        loggers: Fabric's loggers (:func:`build_loggers`).
+    """
+    takers = [logger for logger in loggers if callable(getattr(logger, "log_table", None))]
+
+    def log_table(key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        for logger in takers:
+            logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=step)
+
+    return log_table
 
 
 def format_metrics(metrics: dict[str, float], keys: list[str] | None = None) -> str:

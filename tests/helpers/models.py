@@ -30,3 +30,17 @@ def build_tiny_model(kind: str, vocab_size: int, seed: int = 0):
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)
+
+
+def save_tiny_reward_model(path, model_dir, tokenizer, seed: int = 7):
+    """Save a tiny reward-model export at ``path``: the tiny model of ``model_dir`` as
+    ``AutoModelForSequenceClassification(num_labels=1)`` (its head drawn with ``seed``), with the tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

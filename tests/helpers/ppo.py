@@ -61,3 +61,42 @@ class Killed(Exception):
 def checkpoint_model_state(path: Path) -> dict:
     """The model weights of the checkpoint in ``path`` (``path/state.pt``)."""
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def ppo_command(tmp_path, model_dir, prompts, run, *overrides) -> list[str]:
+    """The PPO actor script as a subprocess command (2 Fabric ranks need their own processes): 8 rollouts of at
+    most 4 tokens per step, 2 steps, a checkpoint every step, logs in ``tmp_path / run``; ``overrides`` last."""
+    import sys
+
+    from tests.helpers.paths import REPO
+
+    return [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_ppo_actor.py"),
+            f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{prompts}]",
+            f"model.data.data_prefix.validation=[{prompts}]", f"exp_manager.explicit_log_dir={tmp_path / run}",
+            "trainer.accelerator=cpu", "model.encoder_seq_length=64", "model.ppo.length_params.max_length=4",
+            "model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=4", "trainer.ppo.max_steps=2",
+            "trainer.ppo.save_interval=1", "trainer.ppo.val_check_interval=0", "model.optim.lr=1e-3",
+            "critic.optim.lr=1e-3", "exp_manager.export_hf=false", *overrides]
+
+
+def run_ppo_ranks(cmd: list[str], ranks: int):
+    """Run ``cmd`` (:func:`ppo_command`) as ``ranks`` Fabric DDP ranks (``trainer.devices=ranks
+    trainer.strategy=ddp`` when > 1) and check that it succeeded on that many ranks; the finished process."""
+    import os
+    import subprocess
+
+    extra = [f"trainer.devices={ranks}", "trainer.strategy=ddp"] if ranks > 1 else []
+    proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if ranks > 1:
+        assert f"{ranks} rank(s)" in proc.stderr
+    return proc
+
+
+def csv_column(run_dir, key: str) -> list[float]:
+    """The logged values of ``key`` (e.g. ``train/value_loss``) in ``run_dir/csv/metrics.csv``, in step order."""
+    import csv
+
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]

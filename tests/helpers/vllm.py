@@ -1,4 +1,5 @@
-"""The vLLM engine settings every vLLM test uses, so that one engine (``VLLMEngine.shared``) serves the session."""
+"""The vLLM engine settings every vLLM test uses, so that one engine (``VLLMEngine.shared``) serves the session, and
+:func:`engine_and_native_greedy` (a policy's greedy responses from its engine and from its own model)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,20 @@ def vllm_test_config():
     from nemo_aligner.generation import VLLMConfig
 
     return VLLMConfig(**VLLM_TEST_KNOBS)
+
+
+def engine_and_native_greedy(policy, prompts, length):
+    """``policy``'s greedy responses (``GenerationOutput``) to ``prompts`` from its rollout engine, then from its own
+    transformers model (the engine detached for that call)."""
+    from nemo_aligner.generation import SamplingParams
+
+    greedy = SamplingParams(use_greedy=True)
+    with policy.inference():
+        engine_out = policy.generate(prompts, greedy, length)
+    engine, policy._engine = policy._engine, None
+    try:
+        with policy.inference():
+            native_out = policy.generate(prompts, greedy, length)
+    finally:
+        policy._engine = engine
+    return engine_out, native_out

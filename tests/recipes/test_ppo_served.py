@@ -8,7 +8,16 @@ import torch
 from nemo_aligner.servers.app import BackgroundServer
 from nemo_aligner.servers.client import HTTPClient, ServerRequestError
 
-from tests.helpers import compose_config, load_example_script, ppo_cfg, write_prompts
+from tests.helpers import (
+    compose_config,
+    csv_column,
+    load_example_script,
+    ppo_cfg,
+    ppo_command,
+    run_ppo_ranks,
+    save_tiny_reward_model,
+    write_prompts,
+)
 
 COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean", "value_loss", "explained_variance",
             "policy_loss", "clip_fraction", "approx_kl", "entropy", "response_lengths_mean"]
@@ -17,15 +26,7 @@ COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean",
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory, tiny_model_dir, tokenizer):
     """A tiny reward-model export: the tiny Llama as AutoModelForSequenceClassification(num_labels=1)."""
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("tiny_rm")
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm"), tiny_model_dir, tokenizer)
 
 
 def compose_cfg(name, *overrides):
@@ -359,53 +360,18 @@ def test_critic_values_are_standardised_like_the_rewards(tmp_path, rm_dir):
         server("model.reward_standardization.enable=true")
 
 
-def _ppo_command(tmp_path, model_dir, prompts, run, *overrides):
-    """The PPO actor script as a subprocess (2 ranks need their own processes): 8 rollouts per step, 2 steps."""
-    import sys
-
-    from tests.helpers import REPO
-
-    return [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_ppo_actor.py"),
-            f"pretrained_checkpoint.restore_from_path={model_dir}", f"model.data.data_prefix.train=[{prompts}]",
-            f"model.data.data_prefix.validation=[{prompts}]", f"exp_manager.explicit_log_dir={tmp_path / run}",
-            "trainer.accelerator=cpu", "model.encoder_seq_length=64", "model.ppo.length_params.max_length=4",
-            "model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=4", "trainer.ppo.max_steps=2",
-            "trainer.ppo.save_interval=1", "trainer.ppo.val_check_interval=0", "model.optim.lr=1e-3",
-            "critic.optim.lr=1e-3", "exp_manager.export_hf=false", *overrides]
-
-
-def _run_ranks(cmd, ranks):
-    import os
-    import subprocess
-
-    extra = [f"trainer.devices={ranks}", "trainer.strategy=ddp"] if ranks > 1 else []
-    proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if ranks > 1:
-        assert f"{ranks} rank(s)" in proc.stderr
-    return proc
-
-
-def _csv_column(run_dir, key):
-    import csv
-
-    rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
-    return [float(r[key]) for r in rows if r.get(key)]
-
-
 def test_two_rank_colocated_critic_steps_and_lr_match_one_rank(tmp_path, tiny_model_dir, rm_dir):
     """Data parallelism over 2 gloo processes, critic global batch 4 of 8 rollouts: each rank trains its replica on
     2 of its 4 rollouts per optimizer step, so after every PPO step the critic has made the one-process run's 2
     optimizer steps and sits at the same point of its LR schedule (not 1 step, half-way through its decay)."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
-    cmd = lambda run: _ppo_command(tmp_path, tiny_model_dir, prompts, run,  # noqa: E731
+    cmd = lambda run: ppo_command(tmp_path, tiny_model_dir, prompts, run,  # noqa: E731
                                    f"reward_model.restore_from_path={rm_dir}", f"critic.restore_from_path={rm_dir}",
                                    "model.global_batch_size=4", "model.micro_batch_size=2",
                                    "critic.optim.sched.min_lr=1e-4",
                                    "exp_manager.checkpoint_callback_params.save_top_k=-1")
-    _run_ranks(cmd("one"), 1)
-    _run_ranks(cmd("two"), 2)
+    run_ppo_ranks(cmd("one"), 1)
+    run_ppo_ranks(cmd("two"), 2)
     for step in (1, 2):
         states = [torch.load(tmp_path / run / "critic_checkpoints" / f"step={step:07d}" / "state.pt",
                              map_location="cpu", weights_only=False) for run in ("one", "two")]
@@ -414,8 +380,8 @@ def test_two_rank_colocated_critic_steps_and_lr_match_one_rank(tmp_path, tiny_mo
         assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
     assert lrs[0] == pytest.approx(1e-4)  # the schedule of 2 PPO steps x 2 optimizer steps ran to its end
     for run in ("one", "two"):
-        assert _csv_column(tmp_path / run, "train/critic_optimizer_steps") == [2.0, 2.0]
-        assert _csv_column(tmp_path / run, "train/actor_optimizer_steps") == [2.0, 2.0]
+        assert csv_column(tmp_path / run, "train/critic_optimizer_steps") == [2.0, 2.0]
+        assert csv_column(tmp_path / run, "train/actor_optimizer_steps") == [2.0, 2.0]
 
 
 def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_dir, rm_dir, monkeypatch):
@@ -439,14 +405,14 @@ def test_two_rank_served_critic_trains_once_per_ppo_step(tmp_path, tiny_model_di
     with BackgroundServer(critic_app) as critic_url, BackgroundServer(policy_app) as policy_url, \
             BackgroundServer(rm_app) as rm_url:
         port = lambda url: url.rsplit(":", 1)[1]  # noqa: E731
-        _run_ranks(_ppo_command(tmp_path, tiny_model_dir, prompts, "served", "model.global_batch_size=8",
+        run_ppo_ranks(ppo_command(tmp_path, tiny_model_dir, prompts, "served", "model.global_batch_size=8",
                                 "model.micro_batch_size=4", "remote_critic_rm.enable=true",
                                 f"remote_critic_rm.critic.port={port(critic_url)}",
                                 f"remote_critic_rm.initial_policy.port={port(policy_url)}",
                                 f"remote_critic_rm.reward_model.port={port(rm_url)}"), 2)
     assert trained == [8, 8]  # one /train per PPO step, with both ranks' rollouts
     assert critic.scheduler.last_epoch == 2  # one optimizer step per PPO step, as a one-rank actor gives
-    assert _csv_column(tmp_path / "served", "train/critic_optimizer_steps") == [1.0, 1.0]
+    assert csv_column(tmp_path / "served", "train/critic_optimizer_steps") == [1.0, 1.0]
     steps = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("."))  # noqa: E731
     assert "step=0000002" in steps(tmp_path / "critic" / "checkpoints")  # saved once, by rank 0
     assert steps(tmp_path / "critic" / "checkpoints") == steps(tmp_path / "served" / "checkpoints")

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, dpo_cfg, load_example_script, write_pairs
+from tests.helpers import (
+    REPO,
+    compose_config,
+    dpo_cfg,
+    load_example_script,
+    save_tiny_reward_model,
+    write_pairs,
+    write_prompts,
+    write_prompts_with_answers,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -168,3 +177,79 @@ def test_sft_and_rm_on_one_ray_train_worker_match_the_plain_run(tmp_path, tiny_m
     run_dir = tmp_path / "ray" / "run"
     assert (run_dir / "checkpoints" / "step=0000003" / "meta.json").is_file()
     assert (run_dir / "hf_export" / "config.json").is_file()
+
+
+def _online_overrides(recipe, tmp_path, model_dir, rm_dir):
+    """CLI overrides of a 2-step tiny run of rejection sampling or self-rewarding (both runs of the test below)."""
+    common = [f"pretrained_checkpoint.restore_from_path={model_dir}", "trainer.accelerator=cpu",
+              "model.encoder_seq_length=64", "model.optim.lr=1e-2", "model.optim.sched.min_lr=1e-2",
+              "exp_manager.export_hf=false"]
+    if recipe == "gpt_rs_actor":
+        prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+        return common + [
+            f"reward_model.restore_from_path={rm_dir}", f"model.data.data_prefix.train=[{prompts}]",
+            f"model.data.data_prefix.validation=[{prompts}]", "model.rs.length_params.max_length=6",
+            "model.rs.num_rollout_samples=4", "model.rs.num_rollouts_per_prompt=2", "model.rs.top_n_rollouts=1",
+            "model.rs.rollout_micro_batch_size=4", "model.rs.num_val_samples=4", "model.global_batch_size=2",
+            "model.micro_batch_size=1", "trainer.rs.max_steps=2", "trainer.rs.val_check_interval=0",
+            "trainer.rs.save_interval=0"]
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    return common + [
+        f"model.data.train_ds.file_path=[{prompts}]", f"model.data.validation_ds.file_path=[{prompts}]",
+        "model.global_batch_size=4", "model.micro_batch_size=1", "model.spin.num_responses_to_gen=2",
+        "model.spin.num_evals_to_average=1", "model.spin.rollout_micro_batch_size=8",
+        "model.spin.judge_max_length=4",
+        "model.spin.llm_judge_prompt='JUDGE {{ response }}'", "trainer.self_rewarding.max_iterations=2",
+        # the tiny random model seldom samples EOS: a response that writes an "e" has ended (a candidate)
+        "model.spin.sampling_params.end_strings=[e]", "model.spin.length_params.max_length=12",
+        "trainer.self_rewarding.limit_train_batches=1", "trainer.self_rewarding.val_check_interval=0",
+        "trainer.self_rewarding.save_interval=0"]
+
+
+@pytest.mark.parametrize("recipe, script", [("gpt_rs_actor", "train_gpt_rs_actor"),
+                                            ("gpt_self_rewarding", "train_gpt_self_rewarding")])
+def test_two_worker_ray_train_rs_and_self_rewarding_match_two_rank_fabric_ddp(tmp_path, tiny_model_dir, tokenizer,
+                                                                            ray_cluster, recipe, script):
+    """Rejection sampling and self-rewarding (the policy judges itself, constrained) on 2 Ray Train workers: each
+    worker generates, scores (RS: its own reward model; self-rewarding: its own judge) and trains on its share of
+    the prompts, and the run's metrics equal those of the 2-rank Fabric DDP run (2 steps; self-rewarding crosses
+    an iteration boundary)."""
+    rm_dir = save_tiny_reward_model(tmp_path / "rm", tiny_model_dir, tokenizer)
+    overrides = _online_overrides(recipe, tmp_path, tiny_model_dir, rm_dir)
+    ddp = subprocess.run(
+        [sys.executable, str(REPO / "examples/nlp/gpt" / f"{script}.py"), *overrides,
+         f"exp_manager.explicit_log_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    out = load_example_script(script).run(compose_config(recipe, [
+        *overrides, f"exp_manager.explicit_log_dir={tmp_path / 'ray'}", "trainer.ray.enable=true",
+        "trainer.ray.num_training_workers=2"]))
+
+    keys = (["loss", "rewards_all_mean", "rewards_kept_mean", "response_lengths_all_mean"] if recipe == "gpt_rs_actor"
+            else ["loss", "preference_loss", "acc", "judge_parse_rate", "bad_samples_per_GBS",
+                  "chosen_generated_rewards", "pairs_trained", "iteration"])
+
+    def metrics(run_dir):
+        rows = [r for r in csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv")) if r.get("train/loss")]
+        return [[float(r[f"train/{k}"]) for k in keys] for r in rows]
+
+    ray_rows, ddp_rows = metrics(tmp_path / "ray"), metrics(tmp_path / "ddp")
+    assert len(ddp_rows) == len(ray_rows) == 2
+    for ray_row, ddp_row in zip(ray_rows, ddp_rows):
+        assert ray_row == pytest.approx(ddp_row, abs=1e-5, nan_ok=True), keys
+    assert [h["loss"] for h in out["history"]] == pytest.approx([r[0] for r in ddp_rows], abs=1e-5)
+    assert any(row[0] != 0.0 for row in ddp_rows)  # something was trained on
+    if recipe == "gpt_self_rewarding":
+        assert [row[keys.index("iteration")] for row in ray_rows] == [0.0, 1.0]
+        assert all(row[keys.index("judge_parse_rate")] == 1.0 for row in ray_rows)
+
+
+def test_ray_train_rs_refuses_a_programmatic_reward(tmp_path, tiny_model_dir, tokenizer):
+    from nemo_aligner.errors import UnsupportedError
+
+    overrides = _online_overrides("gpt_rs_actor", tmp_path, tiny_model_dir, tmp_path / "no_rm")
+    with pytest.raises(UnsupportedError, match="trainer.ray.enable=true with a programmatic reward_fn"):
+        load_example_script("train_gpt_rs_actor").run(
+            compose_config("gpt_rs_actor", [*overrides, "trainer.ray.enable=true",
+                                            f"exp_manager.explicit_log_dir={tmp_path / 'x'}"]),
+            reward_fn=lambda p, r: [0.0] * len(p))

@@ -44,6 +44,8 @@ def test_trains_the_pairs_the_judge_picks_and_the_loss_falls(tmp_path, tiny_mode
     prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl")
     trained = _record_trained_pairs(monkeypatch)
     judges: list[ScriptedJudge] = []
+    tables = []
+    monkeypatch.setattr("nemo_aligner.recipes.common.table_sink", lambda loggers: lambda *t: tables.append(t))
     cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.max_iterations=2",
                  "trainer.self_rewarding.max_epochs=2", "model.spin.ref_policy_kl_penalty=[0.5,1.0]",
                  "trainer.self_rewarding.save_interval=0")
@@ -90,6 +92,12 @@ def test_trains_the_pairs_the_judge_picks_and_the_loss_falls(tmp_path, tiny_mode
     table = sorted((log_dir / "val_samples").glob("step=*.md"))[-1].read_text()
     assert "| # | kind | prompt | chosen | rejected | chosen score | rejected score |" in table
     assert out["val"]["loss"] > 0
+    # the pair table also went to the table sink (a W&B table when W&B is on), with the last step's pairs
+    key, columns, rows, step = tables[-1]
+    assert (key, step) == ("val/pairs", 16)
+    assert columns == ["kind", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+    last = [p for p in trained[-1] if p is not None]
+    assert [(r[4], r[5]) for r in rows] == [(p["chosen_score"], p["rejected_score"]) for p in last][: len(rows)]
 
 
 def test_meta_judge_pairs_prefer_the_judgement_the_meta_judge_picks(tmp_path, tiny_model_dir, script, monkeypatch):
@@ -181,6 +189,93 @@ def test_vllm_engine_runs_the_loop_with_the_reference_weights(tmp_path, vllm_mod
     assert any(h["pairs_trained"] > 0 for h in history)
     policy = out["trainer"].policy  # the ScriptedJudge forwards attributes to the HFCausalLM
     assert policy._engine.holder[1:] == ("reference", policy._reference_version) and policy._reference_version >= 1
+
+
+@pytest.mark.vllm
+def test_constrained_judge_with_vllm_decodes_the_score_under_structured_outputs(tmp_path, vllm_model_dir, script,
+                                                                               monkeypatch):
+    """``constrain_judge_output=true`` with vLLM: the scripted judge writes the justification, the engine's
+    structured outputs pick the score (every judgement parses), and the trainer's log-prob scoring is not used."""
+    from nemo_aligner.generation.vllm_engine import VLLMEngine
+    from tests.helpers import vllm_overrides
+
+    calls = []
+    original = VLLMEngine.generate_choices
+
+    def spy(self, prompt_ids, choices, sampling_params, seeds):
+        picks = original(self, prompt_ids, choices, sampling_params, seeds)
+        calls.append((list(choices), picks))
+        return picks
+
+    monkeypatch.setattr(VLLMEngine, "generate_choices", spy)
+    monkeypatch.setattr(SelfRewardingTrainer, "candidate_logprobs",
+                        lambda *a: pytest.fail("the native log-prob pick ran with a vLLM engine"))
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    cfg = sr_cfg(tmp_path, vllm_model_dir, prompts, *vllm_overrides("self_rewarding"),
+                 "trainer.self_rewarding.max_iterations=1", "trainer.self_rewarding.save_interval=0",
+                 "model.spin.constrain_judge_output=true", "model.spin.num_evals_to_average=2")
+    history = script.run(cfg, policy_wrapper=ScriptedJudge)["history"]
+    assert len(history) == 2 and all(h["judge_parse_rate"] == 1.0 for h in history)
+    assert all(choices == ["0", "1", "2", "3", "4", "5"] for choices, _ in calls)
+    # every judgement: 2 steps x 4 prompts x 4 responses x 2 judgements, in rollout micro-batches of 8
+    assert [len(picks) for _, picks in calls] == [8] * 8
+
+
+@pytest.mark.parametrize("constrain", [False, True])
+def test_a_separate_judge_behind_an_openai_endpoint_picks_the_pairs(tmp_path, tiny_model_dir, script, monkeypatch,
+                                                                    constrain):
+    """``model.spin.judge_endpoint``: every judgement comes from the endpoint (the policy only generates), its scores
+    pick the pairs exactly as the scripted judge's do, and with ``constrain_judge_output`` each request carries the
+    structured-output regex."""
+    from tests.helpers import FakeJudgeServer
+
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    trained = _record_trained_pairs(monkeypatch)
+
+    def answer(content, payload):
+        assert content.startswith("JUDGE ")  # the rendered judge template, as text
+        return f"Fine. Score: {response_score(content[len('JUDGE '):])}"
+
+    generated: list[int] = []
+    with FakeJudgeServer(answer) as server:
+        cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.max_iterations=1",
+                     "trainer.self_rewarding.save_interval=0", f"model.spin.judge_endpoint={server.base_url}",
+                     "model.spin.judge_model=big-judge", f"model.spin.constrain_judge_output={str(constrain).lower()}")
+
+        def count_generations(policy):
+            original = policy.generate
+
+            def generate(prompt_ids, *args, **kwargs):
+                generated.append(len(prompt_ids))
+                out = original(prompt_ids, *args, **kwargs)
+                return type(out)(out.response_ids, [True] * len(out.response_ids), logprobs=out.logprobs)
+
+            policy.generate = generate
+            return policy
+
+        out = script.run(cfg, policy_wrapper=count_generations)
+    history, tok = out["history"], out["trainer"].tokenizer
+    assert len(history) == 2 and all(h["judge_parse_rate"] == 1.0 for h in history)
+    assert sum(generated) == 2 * 4 * 4  # the policy generated the responses only: steps x prompts x responses
+    assert len(server.requests) == 2 * 4 * 4  # one judgement each (num_evals_to_average=1)
+    payload = server.requests[0][0]
+    assert payload["model"] == "big-judge" and payload["max_tokens"] == (4 * 12 + 7 + 1 if constrain else 12)
+    assert ("structured_outputs" in payload) == constrain
+    for pairs in trained:
+        for pair in pairs:
+            if pair is not None:
+                chosen = tok.decode([t for t in pair["chosen_ids"] if t != tok.eos_token_id], skip_special_tokens=True)
+                assert pair["chosen_score"] == response_score(chosen)
+                assert pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_a_judge_endpoint_without_a_model_name_is_refused(tmp_path, tiny_model_dir, script):
+    from nemo_aligner.utils.config import ConfigValueError
+
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "model.spin.judge_endpoint=http://127.0.0.1:8000/v1")
+    with pytest.raises(ConfigValueError, match="model.spin.judge_model"):
+        script.run(cfg)
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])

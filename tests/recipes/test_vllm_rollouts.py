@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from nemo_aligner.generation import LengthParams, SamplingParams
-from tests.helpers import compose_config, load_example_script, ppo_cfg, vllm_overrides, write_prompts
+from tests.helpers import (
+    compose_config,
+    engine_and_native_greedy,
+    load_example_script,
+    ppo_cfg,
+    vllm_overrides,
+    write_prompts,
+)
 
 pytestmark = pytest.mark.vllm
 GREEDY = SamplingParams(use_greedy=True)
@@ -29,17 +36,6 @@ def fraction_reward(targets):
     targets = set(targets)
     return lambda prompt_ids, response_ids: [sum(t in targets for t in r) / len(r) for r in response_ids]
 
-
-def _engine_and_native_greedy(policy, prompts, length):
-    with policy.inference():
-        engine_out = policy.generate(prompts, GREEDY, length)
-    engine, policy._engine = policy._engine, None
-    try:
-        with policy.inference():
-            native_out = policy.generate(prompts, GREEDY, length)
-    finally:
-        policy._engine = engine
-    return engine_out, native_out
 
 
 def test_ppo_with_vllm_refits_after_each_step(tmp_path, vllm_model_dir):
@@ -59,7 +55,7 @@ def test_ppo_with_vllm_refits_after_each_step(tmp_path, vllm_model_dir):
     assert actor.rollout_engine is not None and actor.weights_version == 2
     tok = actor.tokenizer
     prompts = [tok(f"Human: Tell me about owls {i}. Assistant:")["input_ids"] for i in range(4)]
-    engine_out, native_out = _engine_and_native_greedy(actor, prompts, LengthParams(max_length=12))
+    engine_out, native_out = engine_and_native_greedy(actor, prompts, LengthParams(max_length=12))
     assert engine_out.response_ids == native_out.response_ids
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +82,7 @@ def test_rs_with_vllm_trains_and_refits(tmp_path, vllm_model_dir):
     policy = out["trainer"].policy
     tok = policy.tokenizer
     prompts = [tok(f"Human: Tell me about jazz {i}. Assistant:")["input_ids"] for i in range(4)]
-    engine_out, native_out = _engine_and_native_greedy(policy, prompts, LengthParams(max_length=10))
+    engine_out, native_out = engine_and_native_greedy(policy, prompts, LengthParams(max_length=10))
     assert engine_out.response_ids == native_out.response_ids
     assert "global_rewards" in out["val"]
 

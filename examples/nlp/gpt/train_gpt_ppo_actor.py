@@ -13,10 +13,14 @@ Served (start serve_reward_model.py, serve_ppo_critic.py and serve_initial_polic
         remote_critic_rm.reward_model.port=5555 remote_critic_rm.critic.port=5557 \
         remote_critic_rm.initial_policy.port=5556
 
-On Ray (critic, reward model and initial policy as Ray actors in one placement group; docs/user-guide/ray.md)::
+On Ray (critic, reward model and initial policy -- and with ``trainer.ppo.vllm.enable=true`` the vLLM rollout
+engine -- as Ray actors in one placement group; docs/user-guide/ray.md)::
 
     python examples/nlp/gpt/train_gpt_ppo_actor.py trainer.ppo.ray.enable=true \
         "trainer.ppo.ray.colocate=[[critic,reward_model,initial_policy]]"
+
+    # the actor itself as 2 data-parallel Ray Train workers (one torch.distributed group), sharing those roles
+    python examples/nlp/gpt/train_gpt_ppo_actor.py trainer.ppo.ray.enable=true trainer.ppo.ray.num_actor_workers=2
 
 Configuration: conf/gpt_ppo_actor.yaml (NeMo-Aligner key names). See docs/user-guide/ppo.md.
 """
@@ -44,7 +48,7 @@ from nemo_aligner.recipes.common import (
     setup_fabric,
     use_rollout_engine,
 )
-from nemo_aligner.recipes.ray_ppo import RayCritic, RayInitialPolicy, RayRoles
+from nemo_aligner.recipes.ray_ppo import RayCritic, RayInitialPolicy, RayRoles, actor_worker_context
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic, served_ppo_roles, server_url
 from nemo_aligner.utils.config import CONF_DIR
 from nemo_aligner.utils.logging import get_logger
@@ -82,10 +86,46 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
     check_config(cfg, "gpt_ppo_actor")
     ppo_cfg = PPOConfig.from_cfg(cfg)
     log_dir, checkpoints = checkpoint_manager(cfg.exp_manager)
+    in_actor_worker = actor_worker_context()
+    if in_actor_worker is not None:  # one rank of trainer.ppo.ray.num_actor_workers: the driver's role actors
+        roles, reward_fn = in_actor_worker
+        return _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles)
     on_ray = bool(cfg.trainer.ppo.ray.enable)
     with contextlib.ExitStack() as stack:  # on Ray: the role actors and their placement group go away at the end
         roles = stack.enter_context(RayRoles.start(cfg, reward_fn is None, log_dir)) if on_ray else None
+        if roles is not None and roles.num_actor_workers > 1:
+            return _run_actor_workers(cfg, reward_fn, ppo_cfg, roles)
         return _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles)
+
+
+def _training_prompts(cfg: DictConfig, tokenizer, length: LengthParams, rm_max_len: int | None):
+    """``(train prompts, validation prompts, number cut, max prompt tokens)``: the prompt files tokenised, each
+    prompt keeping its last tokens so that it and its response fit the actor and the reward model."""
+    end_of_turn = end_of_turn_rule(tokenizer)  # an ended chat turn is scored with its suffix (ChatML: "\n")
+    max_prompt_tokens = prompt_token_budget(cfg.model.encoder_seq_length, length.max_length, rm_max_len,
+                                            len(end_of_turn.suffix_ids) if end_of_turn else 0)
+    train_prompts, val_prompts, cut = load_train_val_prompt_ids(cfg.model.data, tokenizer, max_prompt_tokens)
+    return train_prompts, val_prompts, cut, max_prompt_tokens
+
+
+def _run_actor_workers(cfg, reward_fn, ppo_cfg, roles: RayRoles) -> dict:
+    """The driver of ``trainer.ppo.ray.num_actor_workers`` > 1: start every role actor (the critic's LR schedule
+    needs the run's PPO steps, counted here from the prompts as each rank counts them), then run the actor's ranks
+    as Ray Train workers (:meth:`RayRoles.run_actor_workers`); rank 0's result, with this process's ``roles``."""
+    roles.spawn("initial_policy")
+    if reward_fn is None:
+        roles.spawn("reward_model")
+        _, rm_max_len, _ = roles.reward_source()
+    else:
+        rm_max_len = None
+    tokenizer = load_tokenizer(resolve_pretrained(str(cfg.pretrained_checkpoint.restore_from_path)))
+    train_prompts = _training_prompts(cfg, tokenizer, LengthParams.from_cfg(cfg.model.ppo.length_params),
+                                      rm_max_len)[0]
+    roles.spawn("critic", compute_ppo_max_steps(len(train_prompts), ppo_cfg))
+    for role in roles.roles:
+        roles.handle(role)  # built (a user's mistake in a role is raised here, before the workers start)
+    result = roles.run_actor_workers(cfg, __file__, reward_fn)
+    return {**result, "ray_roles": roles}
 
 
 def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None) -> dict:
@@ -98,6 +138,8 @@ def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None
     served = bool(cfg.remote_critic_rm.enable)
     mode = "served" if served else "Ray" if roles is not None else "colocated"
     if roles is not None:  # the roles load in their Ray actors while this process loads the actor
+        if "rollout" in roles.roles:
+            roles.spawn("rollout")  # the vLLM engine (trainer.ppo.vllm.enable=true); its start-up takes longest
         roles.spawn("initial_policy")
         if reward_fn is None:
             roles.spawn("reward_model")
@@ -109,10 +151,7 @@ def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None
         reward_fn, rm_max_len, reward_desc = roles.reward_source()
     else:
         reward_fn, rm_max_len, reward_desc = reward_source(cfg, fabric, reward_fn)
-    end_of_turn = end_of_turn_rule(tokenizer)  # an ended chat turn is scored with its suffix (ChatML: "\n")
-    max_prompt_tokens = prompt_token_budget(cfg.model.encoder_seq_length, length.max_length, rm_max_len,
-                                            len(end_of_turn.suffix_ids) if end_of_turn else 0)
-    train_prompts, val_prompts, cut = load_train_val_prompt_ids(cfg.model.data, tokenizer, max_prompt_tokens)
+    train_prompts, val_prompts, cut, max_prompt_tokens = _training_prompts(cfg, tokenizer, length, rm_max_len)
     max_steps = compute_ppo_max_steps(len(train_prompts), ppo_cfg)
     if fabric.is_global_zero:
         log.info(f"{len(train_prompts)} training prompts ({cut} cut to {max_prompt_tokens} tokens), "
@@ -142,7 +181,8 @@ def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None
             log.info(f"critic initialised from {critic_path}; initial policy = "
                      f"{'the actor with LoRA adapters off' if actor.use_lora else 'a frozen copy of the actor'}")
 
-    use_rollout_engine(actor, cfg.trainer.ppo.get("vllm"), "trainer.ppo.vllm", log)
+    use_rollout_engine(actor, cfg.trainer.ppo.get("vllm"), "trainer.ppo.vllm", log,
+                       engine=roles.rollout_engine() if roles is not None and "rollout" in roles.roles else None)
     trainer = PPOTrainer(
         actor=actor, critic=critic, initial_policy=initial, reward_fn=reward_fn,
         setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),

@@ -28,6 +28,8 @@ from nemo_aligner.data.prompts import end_of_turn_rule, load_train_val_prompt_id
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.errors import UnsupportedError
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
@@ -76,6 +78,11 @@ def run(cfg: DictConfig, reward_fn=None) -> dict:
         checkpoints exist and ``exp_manager.resume_if_exists=false``.
     """
     check_config(cfg, "gpt_rs_actor")
+    if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers (data-parallel ranks)
+        if reward_fn is not None:
+            raise UnsupportedError("trainer.ray.enable=true with a programmatic reward_fn: the Ray Train workers "
+                                   "score with reward_model.restore_from_path (or remote_rm); pass no reward_fn")
+        return ray_train.launch(cfg, "gpt_rs_actor", __file__)
     log = get_logger()
     rs_cfg = RSConfig.from_cfg(cfg)
     sampling = SamplingParams.from_cfg(cfg.model.rs.sampling_params)

@@ -28,6 +28,8 @@ from nemo_aligner.data.prompts import prompt_token_budget
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.models.hf_causal_lm import HFCausalLM, load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.errors import UnsupportedError
+from nemo_aligner.recipes import ray_train
 from nemo_aligner.recipes.common import (
     check_config,
     checkpoint_manager,
@@ -37,6 +39,7 @@ from nemo_aligner.recipes.common import (
     setup_fabric,
     use_rollout_engine,
 )
+from nemo_aligner.servers.openai_judge import OpenAIJudge
 from nemo_aligner.utils.config import CONF_DIR, as_list
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
@@ -52,6 +55,11 @@ def run(cfg: DictConfig, policy_wrapper=None) -> dict:
         OutputExistsError: checkpoints exist and ``exp_manager.resume_if_exists=false``.
     """
     check_config(cfg, "gpt_self_rewarding")
+    if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers (data-parallel ranks)
+        if policy_wrapper is not None:
+            raise UnsupportedError("trainer.ray.enable=true with a policy_wrapper: the Ray Train workers build their "
+                                   "own policy")
+        return ray_train.launch(cfg, "gpt_self_rewarding", __file__)
     log = get_logger()
     sr_cfg = SelfRewardingConfig.from_cfg(cfg)
     sampling = SamplingParams.from_cfg(cfg.model.spin.sampling_params)
@@ -91,11 +99,21 @@ def run(cfg: DictConfig, policy_wrapper=None) -> dict:
     use_rollout_engine(policy, cfg.trainer.self_rewarding.get("vllm"), "trainer.self_rewarding.vllm", log)
     if policy_wrapper is not None:
         policy = policy_wrapper(policy)
+    judge = None
+    if sr_cfg.judge_endpoint:  # a separate judge behind an OpenAI-compatible endpoint
+        judge = OpenAIJudge(sr_cfg.judge_endpoint, sr_cfg.judge_model, sr_cfg.judge_api_key_env,
+                            max_concurrency=sr_cfg.judge_max_concurrency)
+        if fabric.is_global_zero:
+            log.info(f"judge: {sr_cfg.judge_model} at {sr_cfg.judge_endpoint} (the policy does not judge)")
     trainer = SelfRewardingTrainer(
         policy, train, val, sampling, length, sr_cfg, run_context(fabric, exp, log_dir, checkpoints),
-        max_seq_length=int(cfg.model.encoder_seq_length),
+        max_seq_length=int(cfg.model.encoder_seq_length), judge=judge,
     )
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    finally:
+        if judge is not None:
+            judge.close()
     finish(fabric, checkpoints)
     return {"history": history, "val": trainer.last_val_metrics, "log_dir": str(log_dir), "trainer": trainer}
 

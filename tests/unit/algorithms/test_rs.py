@@ -162,14 +162,20 @@ def test_validation_is_greedy_and_writes_a_sample_table(tmp_path):
     cfg = RSConfig(num_rollout_samples=2, num_rollouts_per_prompt=2, num_val_samples=3, val_rollout_micro_batch_size=2,
                    num_val_samples_to_show=2, global_batch_size=2)
     setup = RolloutSetup([[1, 2]] * 4, [[1, 3], [1, 4], [1, 5], [1, 6]], SamplingParams(), LengthParams(max_length=4))
+    tables = []
     trainer = RSTrainer(policy, lambda p, r: [float(len(x)) for x in r], setup, cfg,
-                        RunContext(tmp_path, CheckpointManager(tmp_path / "c")))
+                        RunContext(tmp_path, CheckpointManager(tmp_path / "c"),
+                                   log_table=lambda *table: tables.append(table)))
     val = trainer.validate()
     assert [c for c in policy.calls if c[0] == "generate"] == [("generate", 2, True), ("generate", 1, True)]
     assert val["global_rewards"] == pytest.approx((1 + 2 + 1) / 3)  # lengths 1, 2 (call 1) and 1 (call 2)
     assert val["global_response_lengths_mean"] == pytest.approx(4 / 3)
     table = (tmp_path / "val_samples" / "step=0000000.md").read_text()
     assert table.count("\n| ") == 3  # header + 2 rows
+    # the same rows go to the table sink (W&B when enabled): the first 2 scored rollouts
+    [(key, columns, rows, step)] = tables
+    assert (key, columns, step) == ("val/samples", ["prompt", "response", "reward"], 0)
+    assert [row[2] for row in rows] == [1.0, 2.0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

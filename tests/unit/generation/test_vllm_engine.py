@@ -258,6 +258,40 @@ def test_sampling_with_row_seeds_is_reproducible_whatever_the_batch(vllm_model_d
 
 
 @pytest.mark.vllm
+def test_structured_choices_greedy_is_the_most_likely_and_sampling_follows_the_softmax(vllm_model_dir, prompts,
+                                                                                       tokenizer):
+    """``generate_choices`` (vLLM structured outputs): greedy picks the choice the trainer's logits rank first;
+    sampled picks are reproducible per seed and their frequencies follow the softmax over the choices; the native
+    engine has no structured outputs (None)."""
+    policy = _policy(vllm_model_dir)
+    choices = [str(d) for d in range(6)]
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    assert all(len(ids) == 1 for ids in choice_ids)
+    with policy.inference():
+        assert policy.generate_choices(prompts, choices, GREEDY, seeds=[0] * len(prompts)) is None  # native
+    policy.use_vllm(vllm_test_config())
+    lm = policy._lm.eval()
+    with torch.no_grad():
+        logits = [lm(input_ids=torch.tensor([p])).logits[0, -1, [ids[0] for ids in choice_ids]].double()
+                  for p in prompts]
+    with policy.inference():
+        greedy = policy.generate_choices(prompts, choices, GREEDY, seeds=[0] * len(prompts))
+        sampling = SamplingParams(temperature=1.0, top_k=2, top_p=0.3)  # top-k/top-p do not narrow the choices
+        sampled = policy.generate_choices([prompts[0]] * 400, choices, sampling, seeds=list(range(400)))
+        again = policy.generate_choices([prompts[0]] * 8, choices, sampling, seeds=list(range(8)))
+    for row, pick in zip(logits, greedy):
+        top2 = row.topk(2).values
+        if top2[0] - top2[1] > 1e-2:  # no near-tie between the engines' fp32 logits
+            assert pick == int(row.argmax())
+    assert again == sampled[:8]
+    expected = torch.softmax(logits[0], 0)
+    observed = torch.bincount(torch.tensor(sampled), minlength=len(choices)).double() / len(sampled)
+    assert float((observed - expected).abs().max()) < 0.08, (observed, expected)  # ~3.3 sigma at n=400
+    with pytest.raises(ValueError, match="seeds"):
+        policy.generate_choices(prompts, choices, GREEDY, seeds=[0])
+
+
+@pytest.mark.vllm
 def test_engine_refuses_a_prompt_longer_than_its_context(vllm_model_dir):
     policy = _policy(vllm_model_dir)
     policy.use_vllm(vllm_test_config())

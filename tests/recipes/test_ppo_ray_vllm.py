@@ -1,0 +1,107 @@
+"""PPO on Ray with the vLLM rollout engine in its own Ray actor (``trainer.ppo.ray.enable=true`` and
+``trainer.ppo.vllm.enable=true``) against colocated PPO with vLLM in the driver, on the session's tiny head_dim-64
+Llama: the same metrics step by step, the refit of step 2 reaches the actor's engine through Ray's object store,
+and afterwards that engine answers exactly like the trained policy's native greedy decoding.
+
+Fixture order matters: the colocated run starts the session's shared in-process engine (``VLLMEngine.shared``, reused
+by the later vLLM tests) *before* this module's Ray cluster starts, so vLLM forks its engine process while Ray is
+not initialised here (see the ``ray_cluster`` fixture on the hang that this avoids)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nemo_aligner.generation import LengthParams
+from tests.helpers import engine_and_native_greedy, load_example_script, ppo_cfg, vllm_overrides, write_prompts
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+COMPARED = ["rewards_mean", "init_policy_kl", "advantages_mean", "returns_mean", "value_loss", "explained_variance",
+            "policy_loss", "clip_fraction", "approx_kl", "entropy", "response_lengths_mean",
+            "rollout_logprob_mismatch"]
+OVERRIDES = [*vllm_overrides("ppo"), "trainer.ppo.max_steps=2", "trainer.ppo.ppo_epochs=2",
+             "trainer.ppo.val_check_interval=0", "model.optim.lr=5e-2", "model.optim.sched.min_lr=5e-2",
+             "critic.optim.lr=1e-3", "model.ppo.mask_truncated=false", "exp_manager.export_hf=false"]
+
+
+def fraction_reward(prompt_ids, response_ids):
+    """The share of response tokens with an id in [3, 80) (a programmatic reward: no reward-model actor)."""
+    return [sum(3 <= t < 80 for t in r) / len(r) for r in response_ids]
+
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("ppo_ray_vllm_prompts") / "prompts.jsonl")
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory, vllm_model_dir, prompts_file):
+    """Two colocated PPO steps with vLLM rollouts (the engine in this process). Requested before ``ray_cluster``."""
+    tmp_path = tmp_path_factory.mktemp("ppo_vllm_colocated")
+    cfg = ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *OVERRIDES, run="colocated")
+    return load_example_script("train_gpt_ppo_actor").run(cfg, reward_fn=fraction_reward)
+
+
+def test_ppo_with_the_vllm_engine_as_a_ray_actor_matches_colocated(colocated, ray_cluster, tmp_path, vllm_model_dir,
+                                                                   prompts_file, monkeypatch):
+    """The same two PPO steps on Ray, critic and initial policy sharing a bundle, the vLLM engine in a bundle of
+    its own: every compared metric of both steps equals colocated mode's (step 2's rollouts come from the weights
+    refit after step 1, so a missing or wrong refit would change them); both steps refit (``time_refit > 0``); the
+    engine lives in another process and loaded one refit per weights version (3: the initial weights, after step 1,
+    after step 2 for the final validation), none when the weights were current; after training its greedy output
+    equals the trained actor's native greedy output."""
+    from nemo_aligner.algorithms.ppo import PPOTrainer
+    from nemo_aligner.recipes.ray_ppo import RayRolloutEngine
+
+    seen = {}
+    original_fit = PPOTrainer.fit
+
+    def fit_then_look_at_the_engine(self):  # before run() shuts the Ray actors down
+        history = original_fit(self)
+        engine = self.actor.rollout_engine
+        seen["engine"] = engine
+        seen["refits"] = engine.refits
+        seen["roles"] = engine.handle.roles.groups
+        seen["engine_pid"] = engine.handle.call("pid")
+        seen["placement"] = engine.handle.call("placement")
+        tok = self.actor.tokenizer
+        prompts = [tok(f"Human: Tell me about owls {i}. Assistant:")["input_ids"] for i in range(4)]
+        seen["greedy"] = engine_and_native_greedy(self.actor, prompts, LengthParams(max_length=12))
+        seen["refits_after_greedy"] = engine.refits
+        return history
+
+    monkeypatch.setattr(PPOTrainer, "fit", fit_then_look_at_the_engine)
+    cfg = ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *OVERRIDES, "trainer.ppo.ray.enable=true",
+                  "trainer.ppo.ray.colocate=[[critic,initial_policy]]", run="ray")
+    on_ray = load_example_script("train_gpt_ppo_actor").run(cfg, reward_fn=fraction_reward)
+
+    assert seen["roles"] == [["critic", "initial_policy"], ["rollout"]]
+    assert isinstance(seen["engine"], RayRolloutEngine) and seen["engine_pid"] != os.getpid()
+    assert seen["placement"][1] == {"CPU": 1.0}
+    assert colocated["trainer"].actor.rollout_engine.__class__.__name__ == "VLLMEngine"
+    assert len(on_ray["history"]) == len(colocated["history"]) == 2
+    for step, (a, b) in enumerate(zip(colocated["history"], on_ray["history"]), start=1):
+        assert b["time_refit"] > 0, step
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (step, key)
+    assert colocated["history"][1]["clip_fraction"] > 0 or colocated["history"][1]["approx_kl"] > 0
+    # step 1's rollouts: the initial weights; step 2's: after step 1's update; the final validation: after step 2's
+    # update; the greedy check after training finds the engine up to date (no refit when the weights are current)
+    assert seen["refits"] == seen["refits_after_greedy"] == 3
+    engine_out, native_out = seen["greedy"]
+    assert engine_out.response_ids == native_out.response_ids
+    assert any(engine_out.response_ids)
+
+
+def test_rollout_in_colocate_is_a_known_role():
+    """``rollout`` is accepted in ``trainer.ppo.ray.colocate``; a typo is an error naming the key and the roles."""
+    from nemo_aligner.recipes.ray_ppo import PPORayConfig
+    from nemo_aligner.utils.config import ConfigValueError
+
+    ok = PPORayConfig.from_cfg({"enable": True, "colocate": [["critic", "rollout"]]})
+    assert ok.groups(["critic", "initial_policy", "rollout"]) == [["critic", "rollout"], ["initial_policy"]]
+    with pytest.raises(ConfigValueError, match=r"trainer.ppo.ray.colocate: unknown role 'rollot'.*'rollout'"):
+        PPORayConfig.from_cfg({"enable": True, "colocate": [["rollot"]]})
