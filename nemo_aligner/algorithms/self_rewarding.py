@@ -40,6 +40,7 @@ One step, per global batch of prompts (:meth:`SelfRewardingTrainer.train_step`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -171,6 +172,7 @@ class SelfRewardingConfig:
     meta_judge_score_prefix: str = key("spin", "Winner: Judgement ")
     num_val_samples_to_show: int = key("spin", 4)
     judge_endpoint: str = key("spin", None, nullable=True)
+    judge_model_path: str = key("spin", None, nullable=True)
     judge_model: str = key("spin", None, nullable=True)
     judge_api_key_env: str = key("spin", "OPENAI_API_KEY", nullable=True)
     judge_max_concurrency: int = key("spin", 16)
@@ -196,7 +198,7 @@ class SelfRewardingConfig:
             out.sft_average_log_probs = out.preference_average_log_probs
         out.llm_judge_prompt = out.llm_judge_prompt or DEFAULT_JUDGE_PROMPT
         out.llm_meta_judge_prompt = out.llm_meta_judge_prompt or DEFAULT_META_JUDGE_PROMPT
-        for name in ("judge_endpoint", "judge_model", "judge_api_key_env"):  # null: "" (no separate judge / no key)
+        for name in ("judge_endpoint", "judge_model", "judge_api_key_env", "judge_model_path"):  # null: "" (no separate judge / no key)
             setattr(out, name, str(getattr(out, name) or ""))
         out.check()
         return out
@@ -237,6 +239,9 @@ class SelfRewardingConfig:
         if self.judge_endpoint and not self.judge_model:
             raise ConfigValueError(f"model.spin.judge_endpoint={self.judge_endpoint!r} needs model.spin.judge_model "
                                    "(the served model's name)")
+        if self.judge_endpoint and self.judge_model_path:
+            raise ConfigValueError(f"model.spin.judge_endpoint={self.judge_endpoint!r} and model.spin.judge_model_path="
+                                   f"{self.judge_model_path!r} are exclusive: set one separate judge")
         if self.judge_max_concurrency < 1:
             raise ConfigValueError(f"model.spin.judge_max_concurrency must be >= 1, got {self.judge_max_concurrency}")
         if self.judge_max_length < 1:
@@ -624,6 +629,11 @@ class SelfRewardingTrainer(OnlineTrainer):
             temperature, top_p, max_tokens, regex)``); it reads the rendered request texts, and with
             ``constrain_judge_output`` receives :func:`constrained_judgement_regex` (at most ``4 *
             judge_max_length`` characters of justification). None: the policy judges itself (the papers' setting).
+        judge_model: a separate judge in this process (``judge_model_path``): a frozen
+            :class:`~nemo_aligner.models.alignable.AlignableModel` with its own tokenizer that writes every judgement
+            and meta-judgement through the same code as the policy would (``generate``, ``generate_choices``,
+            ``get_logprobs``: the constrained judge works unchanged); the requests are rendered and cut with its
+            tokenizer and chat template. Its weights never change, so checkpoints do not hold it. None: the policy.
 
     Checkpoints: the step (data position), the iteration, the pending meta pairs and the loop counters go in each
     checkpoint's extra state; the reference policy of iteration ``i > 0`` is the checkpoint
@@ -631,7 +641,8 @@ class SelfRewardingTrainer(OnlineTrainer):
     only the adapters, the base is the pretrained model), which resume loads before the newest checkpoint.
 
     Raises:
-        ConfigValueError: bad settings (:meth:`SelfRewardingConfig.check`), ``first_iteration_sft`` without answers.
+        ConfigValueError: bad settings (:meth:`SelfRewardingConfig.check`), ``first_iteration_sft`` without answers,
+            both ``judge`` and ``judge_model``, or a judge model without a tokenizer.
     """
 
     name = "self-rewarding"
@@ -643,10 +654,16 @@ class SelfRewardingTrainer(OnlineTrainer):
 
     def __init__(self, policy: AlignableModel, train_prompts: Sequence[PromptWithAnswer],
                  val_prompts: Sequence[PromptWithAnswer] | None, sampling_params: Any, length_params: Any,
-                 cfg: SelfRewardingConfig, context: RunContext, max_seq_length: int = 4096, judge: Any = None):
+                 cfg: SelfRewardingConfig, context: RunContext, max_seq_length: int = 4096, judge: Any = None,
+                 judge_model: AlignableModel | None = None):
         cfg.check(policy.data_parallel_size)
         if policy.tokenizer is None:
             raise ConfigValueError("self-rewarding needs a policy with a tokenizer (the judge reads text)")
+        if judge is not None and judge_model is not None:
+            raise ConfigValueError("model.spin.judge_endpoint and model.spin.judge_model_path are exclusive: set one "
+                                   "separate judge")
+        if judge_model is not None and judge_model.tokenizer is None:
+            raise ConfigValueError("model.spin.judge_model_path: the judge model has no tokenizer (it reads text)")
         self.train_data = list(train_prompts)
         self.val_data = list(val_prompts or [])
         setup = RolloutSetup([p.prompt_ids for p in self.train_data], [p.prompt_ids for p in self.val_data],
@@ -667,12 +684,20 @@ class SelfRewardingTrainer(OnlineTrainer):
                                                 min_length=min(length_params.min_length, cfg.judge_max_length))
         self.score_strings = [str(s) for s in range(int(cfg.judge_score_low), int(cfg.judge_score_high) + 1)]
         self.external_judge = judge
+        self.judge_policy = judge_model if judge_model is not None else policy  # who writes the judgements
+        self.judge_tokenizer = self.judge_policy.tokenizer
         self.iteration = 0
         self.meta_buffer: list[dict] = []
         self.last_pairs: list[dict] = []
-        self.stop_ids = set(policy.eos_token_ids())
-        if self.tokenizer.eos_token_id is not None:
-            self.stop_ids.add(int(self.tokenizer.eos_token_id))
+        self.stop_ids = self._stop_ids(policy)
+        self.judge_stop_ids = self._stop_ids(self.judge_policy)
+
+    @staticmethod
+    def _stop_ids(model: AlignableModel) -> set[int]:
+        ids = set(model.eos_token_ids())
+        if model.tokenizer.eos_token_id is not None:
+            ids.add(int(model.tokenizer.eos_token_id))
+        return ids
 
     # ---- text helpers ------------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -682,29 +707,47 @@ class SelfRewardingTrainer(OnlineTrainer):
         """The text of generated ids without the end-of-sequence tokens."""
         return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
-    def _chat_ids(self, text: str) -> list[int]:
-        """A judge request as the policy's prompt: a user turn through the chat template (plain text without one)."""
-        if has_chat_template(self.tokenizer):
-            return tokenize_prompt([{"role": "user", "content": text}], self.tokenizer)
-        return tokenize_prompt(text, self.tokenizer)
+    def _judge_encode(self, text: str) -> list[int]:
+        """``text`` in the judge's tokens (the policy's, unless a ``judge_model`` judges)."""
+        return encode(self.judge_tokenizer, text, add_special_tokens=False)
+
+    def _judge_text(self, ids: Sequence[int]) -> str:
+        """The text of the judge's generated ids without its end-of-sequence tokens."""
+        return self.judge_tokenizer.decode([i for i in ids if i not in self.judge_stop_ids], skip_special_tokens=True)
+
+    def _chat_ids(self, text: str, tokenizer: Any = None) -> list[int]:
+        """A judge request as a prompt of ``tokenizer`` (default: the policy's): a user turn through its chat
+        template (plain text without one)."""
+        tokenizer = tokenizer or self.tokenizer
+        if has_chat_template(tokenizer):
+            return tokenize_prompt([{"role": "user", "content": text}], tokenizer)
+        return tokenize_prompt(text, tokenizer)
 
     def judge_prompt_ids(self, template: str, fields: dict[str, str]) -> list[int]:
         """The token ids of a judge (or meta-judge) request, cut to fit (:func:`fit_judge_prompt`)."""
         return self._chat_ids(self.judge_prompt_text(template, fields))
 
     def judge_prompt_text(self, template: str, fields: dict[str, str]) -> str:
-        """The text of a judge (or meta-judge) request (the user turn), cut to fit (:func:`fit_judge_prompt`)."""
-        overhead = len(self._chat_ids("")) if has_chat_template(self.tokenizer) else 0
+        """The text of a judge (or meta-judge) request (the user turn), cut to fit (:func:`fit_judge_prompt`) in the
+        judge's tokens."""
+        tok = self.judge_tokenizer
+        overhead = len(self._chat_ids("", tok)) if has_chat_template(tok) else 0
 
         def cut(text: str, n: int, keep_end: bool) -> str:
-            ids = self._encode(text)
-            return self.tokenizer.decode(ids[n:] if keep_end else ids[: len(ids) - n])
+            ids = self._judge_encode(text)
+            return tok.decode(ids[n:] if keep_end else ids[: len(ids) - n])
 
-        text, _ = fit_judge_prompt(template, fields, lambda t: len(self._encode(t)),
+        text, _ = fit_judge_prompt(template, fields, lambda t: len(self._judge_encode(t)),
                                    self.judge_prompt_budget - overhead, cut)
         return text
 
     # ---- the judge ---------------------------------------------------------------------------------------------
+    def _judge_inference(self):
+        """A separate ``judge_model``'s inference mode (gradients off); nothing more when the policy judges."""
+        if self.judge_policy is self.policy:
+            return contextlib.nullcontext()
+        return self.judge_policy.inference()
+
     def _sampled_judgements(self, texts: list[str], seeds: list[int], prefix: str, choices: list[str],
                             ) -> list[str]:
         """One judgement text per request text. A separate judge (``judge``): its answers. Unconstrained: free
@@ -712,16 +755,16 @@ class SelfRewardingTrainer(OnlineTrainer):
         :meth:`constrained_judgements`."""
         if self.external_judge is not None:
             return self.external_judgements(texts, seeds, prefix, choices)
-        requests = [self._chat_ids(t) for t in texts]
+        requests = [self._chat_ids(t, self.judge_tokenizer) for t in texts]
         if self.cfg.constrain_judge_output:
             return self.constrained_judgements(requests, seeds, prefix, choices)
         texts = []
         size = self.cfg.rollout_micro_batch_size
         sampling = dataclasses.replace(self.sampling_params, end_strings=[])  # the score comes last: no early stop
         for start in range(0, len(requests), size):
-            out = self.policy.generate(requests[start:start + size], sampling, self.judge_length,
-                                       seeds=seeds[start:start + size])
-            texts += [self._text(ids) for ids in out.response_ids]
+            out = self.judge_policy.generate(requests[start:start + size], sampling, self.judge_length,
+                                             seeds=seeds[start:start + size])
+            texts += [self._judge_text(ids) for ids in out.response_ids]
         return texts
 
     def constrained_judgements(self, requests: list[list[int]], seeds: list[int], prefix: str, choices: list[str],
@@ -745,22 +788,22 @@ class SelfRewardingTrainer(OnlineTrainer):
         size = self.cfg.rollout_micro_batch_size
         justifications: list[str] = []
         for start in range(0, len(requests), size):
-            out = self.policy.generate(requests[start:start + size], sampling, self.judge_length,
-                                       seeds=seeds[start:start + size])
+            out = self.judge_policy.generate(requests[start:start + size], sampling, self.judge_length,
+                                             seeds=seeds[start:start + size])
             for ids in out.response_ids:
-                text = self._text(ids)
+                text = self._judge_text(ids)
                 cut = text.find(prefix.strip())
                 justifications.append((text[:cut] if cut >= 0 else text).rstrip() + ("\n" if text.strip() else ""))
-        contexts = [list(req) + self._encode(just + prefix) for req, just in zip(requests, justifications)]
+        contexts = [list(req) + self._judge_encode(just + prefix) for req, just in zip(requests, justifications)]
         picks = None
         for start in range(0, len(contexts), size):  # the engine's structured outputs, when it has them
-            chunk = self.policy.generate_choices(contexts[start:start + size], list(choices), self.sampling_params,
-                                                 seeds[start:start + size])
+            chunk = self.judge_policy.generate_choices(contexts[start:start + size], list(choices),
+                                                       self.sampling_params, seeds[start:start + size])
             if chunk is None:
                 break
             picks = (picks or []) + chunk
         if picks is None:  # the native engine: the choices' log-probabilities from the trainer
-            scores = self.candidate_logprobs(contexts, [self._encode(c) for c in choices])
+            scores = self.candidate_logprobs(contexts, [self._judge_encode(c) for c in choices])
             picks = []
             for r, seed in enumerate(seeds):
                 if self.sampling_params.is_greedy:
@@ -785,7 +828,7 @@ class SelfRewardingTrainer(OnlineTrainer):
         return self.external_judge.judge(texts, seeds, temperature, float(sampling.top_p), max_tokens, regex)
 
     def candidate_logprobs(self, contexts: list[list[int]], choice_ids: list[list[int]]) -> torch.Tensor:
-        """``[len(contexts), len(choice_ids)]`` float64: ``log pi(choice | context)`` summed over the choice's
+        """``[len(contexts), len(choice_ids)]`` float64: the judge's ``log pi(choice | context)`` summed over the choice's
         tokens, from ``get_logprobs``. When every choice is one token (the digits 0-9, ``A``/``B`` in most
         tokenizers) one forward per context gives them all: the batch asks for every choice as a target at the
         context's last position. Otherwise each ``context + choice`` is its own sequence."""
@@ -797,18 +840,18 @@ class SelfRewardingTrainer(OnlineTrainer):
             for start in range(0, len(contexts), size):
                 chunk = contexts[start:start + size]
                 batch = collate_sequences([{"input_ids": ctx + choice_ids[0], "prompt_length": len(ctx)}
-                                           for ctx in chunk], self.policy.pad_token_id)
+                                           for ctx in chunk], self.judge_policy.pad_token_id)
                 batch = dataclasses.replace(
                     batch, pred_row=batch.pred_row.repeat_interleave(num), pred_col=batch.pred_col.repeat_interleave(num),
                     targets=firsts.repeat(len(chunk)), seq_id=torch.arange(len(chunk)).repeat_interleave(num))
-                out[start:start + len(chunk)] = self.policy.get_logprobs(batch).detach().double().cpu().view(-1, num)
+                out[start:start + len(chunk)] = self.judge_policy.get_logprobs(batch).detach().double().cpu().view(-1, num)
             return out
         rows = [(r, c) for r in range(len(contexts)) for c in range(num)]
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             batch = collate_sequences([{"input_ids": contexts[r] + choice_ids[c], "prompt_length": len(contexts[r])}
-                                       for r, c in chunk], self.policy.pad_token_id)
-            token_logprobs = self.policy.get_logprobs(batch).detach().double().cpu()
+                                       for r, c in chunk], self.judge_policy.pad_token_id)
+            token_logprobs = self.judge_policy.get_logprobs(batch).detach().double().cpu()
             sums = torch.zeros(len(chunk), dtype=torch.float64).index_add(0, batch.seq_id.cpu(), token_logprobs)
             for (r, c), value in zip(chunk, sums.tolist()):
                 out[r, c] = value
@@ -890,7 +933,7 @@ class SelfRewardingTrainer(OnlineTrainer):
             responses, ended = rollouts.responses(), rollouts.ended.tolist()
             response_texts = [self._text(r) for r in responses]
             t0 = time.perf_counter()
-            with self.policy.inference():
+            with self.policy.inference(), self._judge_inference():
                 judgements, scores, requests = self.judge(texts, response_texts, seed, indices, n)
                 pairs: list[dict | None] = []
                 new_meta, asked, parsed = [], 0, 0

@@ -294,17 +294,18 @@ class HFCausalLM(HFModel):
 
         Raises:
             MissingDependencyError: vLLM is not installed.
-            UnsupportedError: more than one data-parallel rank on a CPU (each rank would start an engine on the
-                same cores) -- use one process, or a GPU per rank; or LoRA under FSDP.
+            UnsupportedError: more than one data-parallel rank on a CPU without an ``engine`` (each rank would start
+                an engine in its own process on the same cores) -- use one process, a GPU per rank, or engines that
+                a scheduler placed (Ray's rollout actors); or LoRA under FSDP.
         """
+        if self._fsdp and self.use_lora:
+            raise UnsupportedError("vllm.enable=true with LoRA under FSDP is not supported; use trainer.strategy=ddp")
+        if engine is not None:  # placed elsewhere (e.g. one rollout Ray actor per actor rank)
+            self._engine = engine
+            return engine
         if self.data_parallel_size > 1 and self.device.type == "cpu":
             raise UnsupportedError("vllm.enable=true with several CPU data-parallel ranks is not supported (every rank "
                                    "would start an engine on the same cores); use trainer.devices=1 on a CPU")
-        if self._fsdp and self.use_lora:
-            raise UnsupportedError("vllm.enable=true with LoRA under FSDP is not supported; use trainer.strategy=ddp")
-        if engine is not None:
-            self._engine = engine
-            return engine
         dtype = vllm_cfg.dtype
         if dtype == "auto":
             dtype = str(next(self._lm.parameters()).dtype).replace("torch.", "")

@@ -78,6 +78,19 @@ from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 #: ``rollout`` (the vLLM engine) only with ``trainer.ppo.vllm.enable=true``.
 ROLES = ("critic", "reward_model", "initial_policy", "rollout")
 
+
+
+def rollout_role(rank: int) -> str:
+    """The rollout actor of actor rank ``rank``: ``rollout`` for rank 0 (the name ``colocate`` uses), ``rollout:<r>``
+    for the other ranks of ``trainer.ppo.ray.num_actor_workers`` (each rank generates with its own engine)."""
+    return "rollout" if int(rank) == 0 else f"rollout:{int(rank)}"
+
+
+def _role_kind(role: str) -> str:
+    """``rollout`` for every rollout replica (``rollout:1``, ...), else the role itself."""
+    return role.split(":", 1)[0]
+
+
 #: Seconds the rollout actor gets to stop its vLLM engine's processes before it is killed.
 ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -146,11 +159,14 @@ class PPORayConfig:
 
     def groups(self, roles: list[str]) -> list[list[str]]:
         """The bundles' role groups for the roles this run has: the ``colocate`` groups (restricted to ``roles``),
-        then one group per remaining role, in :data:`ROLES` order."""
+        then one group per remaining role, in :data:`ROLES` order (the rollout replicas of actor ranks > 0,
+        ``rollout:<r>``, after ``rollout``)."""
         out = [[r for r in g if r in roles] for g in self.colocate]
         out = [g for g in out if g]
         placed = {r for g in out for r in g}
-        return out + [[r] for r in ROLES if r in roles and r not in placed]
+        rest = sorted((r for r in roles if r not in placed),
+                      key=lambda r: (ROLES.index(_role_kind(r)), int(r.split(":")[1]) if ":" in r else 0))
+        return out + [[r] for r in rest]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +247,10 @@ class RolloutRole:
     def generate(self, prompt_ids, sampling_params, length_params, eos_token_ids, seeds=None) -> GenerationOutput:
         return self.engine.generate(prompt_ids, sampling_params, length_params, eos_token_ids, seeds=seeds)
 
+    def num_refits(self) -> int:
+        """How many refits the engine has loaded."""
+        return self.engine.refits
+
     def sleep(self) -> None:
         self.engine.sleep()
 
@@ -256,7 +276,7 @@ def build_role(role: str, cfg: DictConfig, max_steps: int | None, log_dir: str) 
         return LocalInitialPolicy(FrozenPolicyView(policy), ppo_cfg.forward_micro_batch_size)
     if role == "reward_model":
         return _RewardModelRole(cfg, fabric)
-    if role == "rollout":
+    if _role_kind(role) == "rollout":
         return RolloutRole(cfg)
     raise ValueError(f"unknown role {role!r}")
 
@@ -479,15 +499,19 @@ class RayRoles:
         if bool(cfg.remote_critic_rm.enable):
             raise UnsupportedError("trainer.ppo.ray.enable=true and remote_critic_rm.enable=true: choose one")
         vllm_cfg = VLLMConfig.from_cfg(cfg.trainer.ppo.get("vllm"), "trainer.ppo.vllm")
-        if ray_cfg.num_actor_workers > 1:
-            if vllm_cfg.enable:
+        workers = ray_cfg.num_actor_workers
+        if workers > 1:
+            if vllm_cfg.enable and any("rollout" in group for group in ray_cfg.colocate or []):
                 raise UnsupportedError(
-                    f"trainer.ppo.ray.num_actor_workers={ray_cfg.num_actor_workers} with trainer.ppo.vllm.enable=true: "
-                    "the one vLLM rollout actor serves one actor rank; set trainer.ppo.ray.num_actor_workers=1 or "
-                    "trainer.ppo.vllm.enable=false")
-            check_ppo_batch_sizes(PPOConfig.from_cfg(cfg), ray_cfg.num_actor_workers, RayCritic.shared)
+                    f"trainer.ppo.ray.num_actor_workers={workers} with trainer.ppo.vllm.enable=true starts one "
+                    "rollout engine per actor rank, each in a bundle of its own: remove rollout from "
+                    "trainer.ppo.ray.colocate")
+            check_ppo_batch_sizes(PPOConfig.from_cfg(cfg), workers, RayCritic.shared)
         init_ray(ray_cfg.address, "trainer.ppo.ray", ray_cfg.runtime_env)
-        roles = [r for r in ROLES if (with_reward_model or r != "reward_model") and (vllm_cfg.enable or r != "rollout")]
+        roles = [r for r in ROLES if r not in ("reward_model", "rollout")
+                 or (r == "reward_model" and with_reward_model)]
+        if vllm_cfg.enable:  # one vLLM engine per actor rank
+            roles += [rollout_role(rank) for rank in range(workers)]
         return cls(cfg, ray_cfg, roles, log_dir)
 
     def __enter__(self) -> "RayRoles":
@@ -533,14 +557,15 @@ class RayRoles:
         """The roles of this run (each in one bundle of :attr:`groups`)."""
         return [role for group in self.groups for role in group]
 
-    def rollout_engine(self) -> RayRolloutEngine:
-        """The rollout actor's engine, once it has started (for ``HFCausalLM.use_vllm(..., engine=)``).
+    def rollout_engine(self, rank: int = 0) -> RayRolloutEngine:
+        """Actor rank ``rank``'s rollout engine (:func:`rollout_role`), once it has started (for
+        ``HFCausalLM.use_vllm(..., engine=)``).
 
         Raises:
             UserError: the engine could not start (e.g. MissingDependencyError: no vLLM where the actor runs).
             RayWorkerDiedError: its actor died.
         """
-        return RayRolloutEngine(self.handle("rollout"), VLLMConfig.from_cfg(self.cfg.trainer.ppo.get("vllm"),
+        return RayRolloutEngine(self.handle(rollout_role(rank)), VLLMConfig.from_cfg(self.cfg.trainer.ppo.get("vllm"),
                                                                             "trainer.ppo.vllm"))
 
     def reward_source(self) -> tuple[Callable, int | None, str]:
@@ -579,10 +604,11 @@ class RayRoles:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        rollout = self.handles.get("rollout")
-        if rollout is not None:  # let vLLM stop its engine-core processes (a killed actor would leave them behind)
+        rollouts = [h for role, h in self.handles.items() if _role_kind(role) == "rollout"]
+        if rollouts:  # let vLLM stop its engine-core processes (a killed actor would leave them behind)
             try:
-                ray.wait([rollout.actor.call.remote("shutdown")], timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+                ray.wait([h.actor.call.remote("shutdown") for h in rollouts], num_returns=len(rollouts),
+                         timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
             except Exception:  # noqa: BLE001 (already dead)
                 pass
         for handle in self.handles.values():

@@ -96,6 +96,54 @@ def test_ppo_with_the_vllm_engine_as_a_ray_actor_matches_colocated(colocated, ra
     assert any(engine_out.response_ids)
 
 
+def _fraction_reward_by_value():
+    """:func:`fraction_reward` as a closure, so that it travels to Ray Train workers pickled by value (a module-level
+    test function would be pickled by reference, and the workers cannot import the test modules)."""
+    def reward_fn(prompt_ids, response_ids):
+        return [sum(3 <= t < 80 for t in r) / len(r) for r in response_ids]
+    return reward_fn
+
+
+def test_two_actor_workers_each_refit_and_generate_with_their_own_vllm_engine(ray_cluster, tmp_path, vllm_model_dir,
+                                                                              prompts_file, monkeypatch):
+    """``num_actor_workers=2`` with vLLM: one rollout actor per actor rank (``rollout``, ``rollout:1``, each in a
+    bundle of its own). With greedy rollouts, the 2 PPO steps give the metrics of the same 2 workers with the native
+    engine: step 2's responses come from each rank's engine after its refit, so a rank whose engine still held the
+    initial weights would change them; each rank refits before each step (``time_refit > 0``) and its engine agrees
+    with its trainer's log-probs; each engine loaded the refits of its own rank (the initial weights, then step 1's)."""
+    from nemo_aligner.recipes.ray_ppo import RayRoles
+
+    refits: dict[str, int] = {}
+    original_shutdown = RayRoles.shutdown
+
+    def count_refits_then_shut_down(self):  # the driver's roles, before their actors go
+        for role, handle in self.handles.items():
+            if role.startswith("rollout") and role not in refits:
+                refits[role] = handle.call("call", "num_refits")
+        original_shutdown(self)
+
+    monkeypatch.setattr(RayRoles, "shutdown", count_refits_then_shut_down)
+    common = [o for o in OVERRIDES if not o.startswith("trainer.ppo.vllm.")] + [
+        "model.ppo.sampling_params.use_greedy=true", "trainer.ppo.ray.enable=true",
+        "trainer.ppo.ray.num_actor_workers=2", "trainer.ppo.ray.resources_per_worker={CPU: 0.5}",
+        "trainer.ppo.ray.colocate=[[critic,initial_policy]]"]
+    script = load_example_script("train_gpt_ppo_actor")
+    native = script.run(ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *common, run="native"),
+                        reward_fn=_fraction_reward_by_value())
+    engines = script.run(ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *common, *vllm_overrides("ppo"),
+                                 run="vllm"), reward_fn=_fraction_reward_by_value())
+
+    assert native["ray_roles"].groups == [["critic", "initial_policy"]]
+    assert engines["ray_roles"].groups == [["critic", "initial_policy"], ["rollout"], ["rollout:1"]]
+    assert len(native["history"]) == len(engines["history"]) == 2
+    for step, (a, b) in enumerate(zip(native["history"], engines["history"]), start=1):
+        assert b["time_refit"] > 0 and b["rollout_logprob_mismatch"] < 1e-3, step
+        for key in [k for k in COMPARED if k != "rollout_logprob_mismatch"]:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (step, key)
+    assert native["history"][1]["approx_kl"] > 0  # step 2's rollouts come from updated weights
+    assert set(refits) == {"rollout", "rollout:1"} and all(n >= 2 for n in refits.values()), refits
+
+
 def test_rollout_in_colocate_is_a_known_role():
     """``rollout`` is accepted in ``trainer.ppo.ray.colocate``; a typo is an error naming the key and the roles."""
     from nemo_aligner.recipes.ray_ppo import PPORayConfig
@@ -103,5 +151,8 @@ def test_rollout_in_colocate_is_a_known_role():
 
     ok = PPORayConfig.from_cfg({"enable": True, "colocate": [["critic", "rollout"]]})
     assert ok.groups(["critic", "initial_policy", "rollout"]) == [["critic", "rollout"], ["initial_policy"]]
+    # the engines of actor ranks > 0 get bundles of their own, after rank 0's
+    assert ok.groups(["critic", "initial_policy", "rollout", "rollout:2", "rollout:1"]) == [
+        ["critic", "rollout"], ["initial_policy"], ["rollout:1"], ["rollout:2"]]
     with pytest.raises(ConfigValueError, match=r"trainer.ppo.ray.colocate: unknown role 'rollot'.*'rollout'"):
         PPORayConfig.from_cfg({"enable": True, "colocate": [["rollot"]]})

@@ -242,18 +242,7 @@ def test_a_separate_judge_behind_an_openai_endpoint_picks_the_pairs(tmp_path, ti
                      "trainer.self_rewarding.save_interval=0", f"model.spin.judge_endpoint={server.base_url}",
                      "model.spin.judge_model=big-judge", f"model.spin.constrain_judge_output={str(constrain).lower()}")
 
-        def count_generations(policy):
-            original = policy.generate
-
-            def generate(prompt_ids, *args, **kwargs):
-                generated.append(len(prompt_ids))
-                out = original(prompt_ids, *args, **kwargs)
-                return type(out)(out.response_ids, [True] * len(out.response_ids), logprobs=out.logprobs)
-
-            policy.generate = generate
-            return policy
-
-        out = script.run(cfg, policy_wrapper=count_generations)
+        out = script.run(cfg, policy_wrapper=_count_policy_generations(generated))
     history, tok = out["history"], out["trainer"].tokenizer
     assert len(history) == 2 and all(h["judge_parse_rate"] == 1.0 for h in history)
     assert sum(generated) == 2 * 4 * 4  # the policy generated the responses only: steps x prompts x responses
@@ -275,6 +264,88 @@ def test_a_judge_endpoint_without_a_model_name_is_refused(tmp_path, tiny_model_d
     prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
     cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "model.spin.judge_endpoint=http://127.0.0.1:8000/v1")
     with pytest.raises(ConfigValueError, match="model.spin.judge_model"):
+        script.run(cfg)
+
+
+def _count_policy_generations(generated: list[int]):
+    """A ``policy_wrapper`` that records the batch size of every ``policy.generate`` call and marks responses ended."""
+    def wrap(policy):
+        original = policy.generate
+
+        def generate(prompt_ids, *args, **kwargs):
+            generated.append(len(prompt_ids))
+            out = original(prompt_ids, *args, **kwargs)
+            return type(out)(out.response_ids, [True] * len(out.response_ids), logprobs=out.logprobs)
+
+        policy.generate = generate
+        return policy
+    return wrap
+
+
+def test_a_separate_judge_model_writes_every_judgement(tmp_path, tiny_model_dir, tiny_gpt2_dir, script, monkeypatch):
+    """``model.spin.judge_model_path``: a second model in the process (here a GPT-2 judging a Llama policy) gets
+    every judge request, the policy generates only the responses, and the judge's scores pick the pairs."""
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    trained = _record_trained_pairs(monkeypatch)
+    generated: list[int] = []
+    judges: list[ScriptedJudge] = []
+    cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.max_iterations=1",
+                 "trainer.self_rewarding.save_interval=0", f"model.spin.judge_model_path={tiny_gpt2_dir}")
+    out = script.run(cfg, policy_wrapper=_count_policy_generations(generated),
+                     judge_wrapper=lambda j: judges.append(ScriptedJudge(j)) or judges[0])
+    history, trainer = out["history"], out["trainer"]
+    assert trainer.judge_policy is judges[0] and trainer.judge_policy is not trainer.policy
+    assert type(judges[0]._policy._lm).__name__ == "GPT2LMHeadModel"
+    assert len(history) == 2 and all(h["judge_parse_rate"] == 1.0 for h in history)
+    assert sum(generated) == 2 * 4 * 4  # the policy generated the responses only: steps x prompts x responses
+    assert judges[0].responses == []  # the judge model got judge requests only
+    tok = trainer.tokenizer
+    pairs = [p for step in trained for p in step if p is not None]
+    assert pairs
+    for pair in pairs:
+        chosen = tok.decode([t for t in pair["chosen_ids"] if t != tok.eos_token_id], skip_special_tokens=True)
+        assert pair["chosen_score"] == response_score(chosen) and pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_a_separate_judge_model_judges_constrained_and_is_never_trained(tmp_path, tiny_model_dir, tiny_gpt2_dir,
+                                                                        script):
+    """The constrained judge on a real (random) separate judge model: every judgement and meta-judgement parses,
+    its log-probabilities pick the verdicts (the policy's never do), and its weights do not change."""
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    generated: list[int] = []
+    judge_logprob_calls: list[int] = []
+    kept: dict = {}
+
+    def spy(judge):
+        kept["before"] = {k: v.clone() for k, v in judge._lm.state_dict().items()}
+        original = judge.get_logprobs
+
+        def get_logprobs(batch, *args, **kwargs):
+            judge_logprob_calls.append(1)
+            return original(batch, *args, **kwargs)
+
+        judge.get_logprobs = get_logprobs
+        kept["judge"] = judge
+        return judge
+
+    cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "trainer.self_rewarding.max_iterations=1",
+                 "trainer.self_rewarding.save_interval=0", f"model.spin.judge_model_path={tiny_gpt2_dir}",
+                 "model.spin.constrain_judge_output=true", "model.spin.num_evals_to_average=2",
+                 "model.spin.use_meta_judge=true", "model.spin.judge_max_length=4")
+    history = script.run(cfg, policy_wrapper=_count_policy_generations(generated), judge_wrapper=spy)["history"]
+    assert len(history) == 2 and all(h["judge_parse_rate"] == 1.0 for h in history)
+    assert sum(generated) == 2 * 4 * 4 and judge_logprob_calls
+    after = kept["judge"]._lm.state_dict()
+    assert all(torch.equal(kept["before"][k], after[k]) for k in after)
+
+
+def test_a_judge_endpoint_and_a_judge_model_path_together_are_refused(tmp_path, tiny_model_dir, script):
+    from nemo_aligner.utils.config import ConfigValueError
+
+    prompts = write_prompts_with_answers(tmp_path / "prompts.jsonl", n=8)
+    cfg = sr_cfg(tmp_path, tiny_model_dir, prompts, "model.spin.judge_endpoint=http://127.0.0.1:8000/v1",
+                 "model.spin.judge_model=big", f"model.spin.judge_model_path={tiny_model_dir}")
+    with pytest.raises(ConfigValueError, match="exclusive"):
         script.run(cfg)
 
 

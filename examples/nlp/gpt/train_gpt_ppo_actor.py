@@ -112,6 +112,9 @@ def _run_actor_workers(cfg, reward_fn, ppo_cfg, roles: RayRoles) -> dict:
     """The driver of ``trainer.ppo.ray.num_actor_workers`` > 1: start every role actor (the critic's LR schedule
     needs the run's PPO steps, counted here from the prompts as each rank counts them), then run the actor's ranks
     as Ray Train workers (:meth:`RayRoles.run_actor_workers`); rank 0's result, with this process's ``roles``."""
+    for role in roles.roles:  # the vLLM engines, one per actor rank (trainer.ppo.vllm.enable=true), start first
+        if role.startswith("rollout"):
+            roles.spawn(role)
     roles.spawn("initial_policy")
     if reward_fn is None:
         roles.spawn("reward_model")
@@ -182,7 +185,8 @@ def _train(cfg, reward_fn, ppo_cfg, log_dir, checkpoints, roles: RayRoles | None
                      f"{'the actor with LoRA adapters off' if actor.use_lora else 'a frozen copy of the actor'}")
 
     use_rollout_engine(actor, cfg.trainer.ppo.get("vllm"), "trainer.ppo.vllm", log,
-                       engine=roles.rollout_engine() if roles is not None and "rollout" in roles.roles else None)
+                       engine=(roles.rollout_engine(actor.data_parallel_rank)
+                               if roles is not None and "rollout" in roles.roles else None))
     trainer = PPOTrainer(
         actor=actor, critic=critic, initial_policy=initial, reward_fn=reward_fn,
         setup=RolloutSetup(train_prompts, val_prompts, sampling_params=sampling, length_params=length),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.self_rewarding import (
     SelfRewardingConfig,
@@ -45,9 +45,21 @@ from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
 
 
-def run(cfg: DictConfig, policy_wrapper=None) -> dict:
+def load_judge_model(fabric, cfg: DictConfig, path: str) -> HFCausalLM:
+    """The separate judge of ``model.spin.judge_model_path`` (a checkpoint directory or a model alias), frozen, on
+    the trainer's device and precision, with the native engine and without LoRA (it is never trained)."""
+    judge_cfg = OmegaConf.create({"attn_implementation": cfg.model.get("attn_implementation", "sdpa"),
+                                  "optim": {"name": "adamw", "lr": 0.0}, "peft": {"peft_scheme": "none"}})
+    judge = HFCausalLM(fabric, judge_cfg, resolve_pretrained(path), max_steps=1, gradient_clip_val=0.0,
+                       need_reference=False, precision=normalize_precision(cfg.trainer.precision))
+    judge.freeze()
+    return judge
+
+
+def run(cfg: DictConfig, policy_wrapper=None, judge_wrapper=None) -> dict:
     """Build everything from ``cfg`` and train. ``policy_wrapper(policy) -> policy`` (tests) may put a deterministic
-    engine in front of the policy's ``generate``. Returns ``{"history", "val", "log_dir", "trainer"}``.
+    engine in front of the policy's ``generate``, and ``judge_wrapper`` in front of a ``judge_model_path`` judge's.
+    Returns ``{"history", "val", "log_dir", "trainer"}``.
 
     Raises:
         UserError: (:mod:`nemo_aligner.errors`) ConfigKeyError / ConfigValueError: a bad key or value;
@@ -56,9 +68,9 @@ def run(cfg: DictConfig, policy_wrapper=None) -> dict:
     """
     check_config(cfg, "gpt_self_rewarding")
     if ray_train.wants_launch(cfg):  # trainer.ray.enable: this same run() on Ray Train workers (data-parallel ranks)
-        if policy_wrapper is not None:
-            raise UnsupportedError("trainer.ray.enable=true with a policy_wrapper: the Ray Train workers build their "
-                                   "own policy")
+        if policy_wrapper is not None or judge_wrapper is not None:
+            raise UnsupportedError("trainer.ray.enable=true with a policy_wrapper or judge_wrapper: the Ray Train "
+                                   "workers build their own policy and judge")
         return ray_train.launch(cfg, "gpt_self_rewarding", __file__)
     log = get_logger()
     sr_cfg = SelfRewardingConfig.from_cfg(cfg)
@@ -99,7 +111,13 @@ def run(cfg: DictConfig, policy_wrapper=None) -> dict:
     use_rollout_engine(policy, cfg.trainer.self_rewarding.get("vllm"), "trainer.self_rewarding.vllm", log)
     if policy_wrapper is not None:
         policy = policy_wrapper(policy)
-    judge = None
+    judge, judge_model = None, None
+    if sr_cfg.judge_model_path:  # a separate judge model in this process
+        judge_model = load_judge_model(fabric, cfg, sr_cfg.judge_model_path)
+        if judge_wrapper is not None:
+            judge_model = judge_wrapper(judge_model)
+        if fabric.is_global_zero:
+            log.info(f"judge: {sr_cfg.judge_model_path} in this process, native engine (the policy does not judge)")
     if sr_cfg.judge_endpoint:  # a separate judge behind an OpenAI-compatible endpoint
         judge = OpenAIJudge(sr_cfg.judge_endpoint, sr_cfg.judge_model, sr_cfg.judge_api_key_env,
                             max_concurrency=sr_cfg.judge_max_concurrency)
@@ -107,7 +125,7 @@ def run(cfg: DictConfig, policy_wrapper=None) -> dict:
             log.info(f"judge: {sr_cfg.judge_model} at {sr_cfg.judge_endpoint} (the policy does not judge)")
     trainer = SelfRewardingTrainer(
         policy, train, val, sampling, length, sr_cfg, run_context(fabric, exp, log_dir, checkpoints),
-        max_seq_length=int(cfg.model.encoder_seq_length), judge=judge,
+        max_seq_length=int(cfg.model.encoder_seq_length), judge=judge, judge_model=judge_model,
     )
     try:
         history = trainer.fit()

@@ -294,7 +294,7 @@ def test_constrained_scores_one_forward_equals_one_sequence_per_candidate(fabric
     from nemo_aligner.algorithms.self_rewarding import SelfRewardingTrainer
 
     policy = _policy(fabric, tiny_model_dir, lora=False)
-    owner = SimpleNamespace(cfg=SimpleNamespace(rollout_micro_batch_size=3), policy=policy)
+    owner = SimpleNamespace(cfg=SimpleNamespace(rollout_micro_batch_size=3), judge_policy=policy)
     contexts = [tokenizer("Score: ", add_special_tokens=False)["input_ids"],
                 tokenizer("the quick brown fox. Score: ", add_special_tokens=False)["input_ids"]]
     singles = [[t] for t in tokenizer("0 1 2 3", add_special_tokens=False)["input_ids"][:4]]
