@@ -248,6 +248,23 @@ def ray_error_role(err: BaseException) -> str | None:
     return None
 
 
+def worker_death_reason(err: BaseException) -> str | None:
+    """Why a Ray Train run failed, when the cause is a dead worker process rather than an error in the recipe:
+    Ray's dead-actor errors (:func:`ray_error_role`), or Ray Train's failed health check of a worker (a process
+    killed by a signal or by Ray's memory monitor, reported as ``WorkerGroupError``); None otherwise. An
+    out-of-memory kill says so, with what to lower."""
+    text = str(err)
+    if "low on memory" in text or "OutOfMemoryError" in text:
+        return ("killed by Ray's memory monitor: the node ran low on memory; give each worker more memory, or run "
+                "fewer or smaller processes on the node (e.g. a smaller VLLM_CPU_KVCACHE_SPACE for vLLM on CPU)")
+    died = ray_error_role(err)
+    if died is not None:
+        return died
+    if "died" in text.lower() or (type(err).__name__ == "WorkerGroupError" and "health check failed" in text):
+        return type(err).__name__
+    return None
+
+
 def _load_script(path: str):
     """Import the entry script at ``path`` as a module (its ``__main__`` block does not run)."""
     spec = importlib.util.spec_from_file_location(f"nemo_aligner_ray_recipe_{Path(path).stem}", path)
@@ -368,10 +385,10 @@ def run_train_workers(cfg: DictConfig, script: str | Path, num_workers: int, res
         _, error = ray.get(sink.get.remote())
         if error is not None:
             raise error from None
-        died = ray_error_role(err)
-        if died is not None or "died" in str(err).lower():
+        reason = worker_death_reason(err)
+        if reason is not None:
             raise RayWorkerDiedError(
-                f"a Ray Train worker of {role} died ({died or type(err).__name__}); rerun the same command "
+                f"a Ray Train worker of {role} died ({reason}); rerun the same command "
                 f"to resume from the last checkpoint in {log_dir / 'checkpoints'}") from None
         raise
     finally:

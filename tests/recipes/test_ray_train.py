@@ -253,3 +253,20 @@ def test_ray_train_rs_refuses_a_programmatic_reward(tmp_path, tiny_model_dir, to
             compose_config("gpt_rs_actor", [*overrides, "trainer.ray.enable=true",
                                             f"exp_manager.explicit_log_dir={tmp_path / 'x'}"]),
             reward_fn=lambda p, r: [0.0] * len(p))
+
+
+def test_a_worker_killed_for_memory_is_reported_as_a_dead_worker_with_the_reason():
+    """Ray Train reports a worker that Ray's memory monitor killed as a failed health check (``WorkerGroupError``),
+    without the word "died": it is still a dead worker (RayWorkerDiedError in the driver) and the reason says what to
+    lower; a plain failed health check is a dead worker too; any other error is not."""
+    from nemo_aligner.recipes.ray_train import worker_death_reason
+
+    class WorkerGroupError(RuntimeError):  # the name Ray Train's v2 error has; its text as seen in a real OOM kill
+        pass
+
+    oom = WorkerGroupError("Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nA worker health check "
+                           "failed.\n4 worker(s) were killed due to the node running low on memory.")
+    assert "memory monitor" in worker_death_reason(oom) and "VLLM_CPU_KVCACHE_SPACE" in worker_death_reason(oom)
+    assert worker_death_reason(WorkerGroupError("A worker health check failed.")) == "WorkerGroupError"
+    assert worker_death_reason(RuntimeError("the actor died unexpectedly")) == "RuntimeError"
+    assert worker_death_reason(ValueError("model.optim.lr must be > 0")) is None
