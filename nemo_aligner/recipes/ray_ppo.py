@@ -63,11 +63,10 @@ from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.recipes.online import build_reward_fn, colocated_critic
 from nemo_aligner.recipes.ray_train import (
     RayWorkerDiedError,
+    check_worker_block,
     default_resources,
     in_worker,
     init_ray,
-    parse_resources,
-    parse_runtime_env,
     run_train_workers,
     worker_context,
 )
@@ -132,12 +131,8 @@ class PPORayConfig:
 
     @classmethod
     def from_cfg(cls, section: Any, key: str = "trainer.ppo.ray") -> "PPORayConfig":
-        out = dataclass_from_sections(cls, {"": section if section is not None else {}})
-        if out.num_actor_workers < 1:
-            raise ConfigValueError(f"{key}.num_actor_workers={out.num_actor_workers}: expected an integer >= 1")
-        if out.resources_per_worker is not None:
-            out.resources_per_worker = parse_resources(out.resources_per_worker, f"{key}.resources_per_worker", {})
-        out.runtime_env = parse_runtime_env(out.runtime_env, f"{key}.runtime_env")
+        out = check_worker_block(dataclass_from_sections(cls, {"": section if section is not None else {}}), key,
+                                 "num_actor_workers")
         groups = OmegaConf.to_container(out.colocate) if OmegaConf.is_config(out.colocate) else out.colocate
         seen: set[str] = set()
         for group in groups or []:

@@ -115,6 +115,23 @@ def parse_runtime_env(value: Any, key: str) -> dict | None:
     return out or None
 
 
+def check_worker_block(block: Any, key: str, count_field: str) -> Any:
+    """Check and normalise the worker fields that ``trainer.ray`` and ``trainer.ppo.ray`` share, in place:
+    ``<count_field>`` (how many workers) >= 1, ``resources_per_worker`` (:func:`parse_resources`) and
+    ``runtime_env`` (:func:`parse_runtime_env`). Returns ``block``.
+
+    Raises:
+        ConfigValueError: naming ``key.<field>``.
+    """
+    count = getattr(block, count_field)
+    if not isinstance(count, int) or count < 1:
+        raise ConfigValueError(f"{key}.{count_field}={count}: expected an integer >= 1")
+    if block.resources_per_worker is not None:
+        block.resources_per_worker = parse_resources(block.resources_per_worker, f"{key}.resources_per_worker", {})
+    block.runtime_env = parse_runtime_env(block.runtime_env, f"{key}.runtime_env")
+    return block
+
+
 def default_resources(accelerator: Any) -> dict[str, float]:
     """``{GPU: 1}`` per worker when the run is on GPUs (``trainer.accelerator`` gpu/cuda, or auto on a machine with
     CUDA), else ``{CPU: 1}``."""
@@ -163,12 +180,7 @@ class RayTrainConfig:
     @classmethod
     def from_cfg(cls, section: Any, key: str = "trainer.ray") -> "RayTrainConfig":
         out = dataclass_from_sections(cls, {"": section if section is not None else {}})
-        if out.num_training_workers < 1:
-            raise ConfigValueError(f"{key}.num_training_workers={out.num_training_workers}: expected an integer >= 1")
-        if out.resources_per_worker is not None:
-            out.resources_per_worker = parse_resources(out.resources_per_worker, f"{key}.resources_per_worker", {})
-        out.runtime_env = parse_runtime_env(out.runtime_env, f"{key}.runtime_env")
-        return out
+        return check_worker_block(out, key, "num_training_workers")
 
 
 class RayTrainEnvironment(TorchElasticEnvironment):
