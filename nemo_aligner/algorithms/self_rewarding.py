@@ -723,10 +723,6 @@ class SelfRewardingTrainer(OnlineTrainer):
             return tokenize_prompt([{"role": "user", "content": text}], tokenizer)
         return tokenize_prompt(text, tokenizer)
 
-    def judge_prompt_ids(self, template: str, fields: dict[str, str]) -> list[int]:
-        """The token ids of a judge (or meta-judge) request, cut to fit (:func:`fit_judge_prompt`)."""
-        return self._chat_ids(self.judge_prompt_text(template, fields))
-
     def judge_prompt_text(self, template: str, fields: dict[str, str]) -> str:
         """The text of a judge (or meta-judge) request (the user turn), cut to fit (:func:`fit_judge_prompt`) in the
         judge's tokens."""
