@@ -18,7 +18,8 @@ connection), else the connection is closed; the body must then arrive within ``r
 and the connection is closed; an idle keep-alive connection is closed after ``keep_alive_timeout_s``; beyond
 ``max_connections`` open connections a request is answered 503 at once (and its connection closed); a request line
 or header block over ``max_header_bytes`` is answered 400. Every early error response (401, 408, 413, 415) closes
-the connection, so the unread rest of a body can never keep it open.
+the connection, so the unread rest of a body can never keep it open. Pipelined requests are answered in order, also
+when the client shuts down its sending side after writing them (then the connection closes after the last answer).
 """
 
 from __future__ import annotations
@@ -371,17 +372,27 @@ def _url(host: str, port: int) -> str:
 
 
 def _header_deadline_protocol(request_timeout_s: float):
-    """uvicorn's h11 protocol, plus a deadline for the request line and headers.
+    """uvicorn's h11 protocol, plus a deadline for the request line and headers, and answers for a client that
+    half-closes.
 
     uvicorn itself only times out a keep-alive connection that receives no bytes at all; a client that connects and
     sends nothing before its first request, or sends half a header and stops, would hold the connection forever.
     Here a timer closes the connection unless a complete request head arrives within ``request_timeout_s`` of the
     connection opening or of the previous response (the body's own deadline is :class:`_GuardMiddleware`'s).
+
+    Half-close: a client may write its requests (pipelined or not), then shut down its sending side (``nc -N``,
+    ``ncat``, ``sock.shutdown(SHUT_WR)``) and read. uvicorn closes the whole connection on that EOF, so the request
+    in flight and the pipelined ones behind it were dropped without an answer. Here, when the EOF comes after a
+    complete request, every complete request already received is answered in order and the connection is closed
+    after the last answer; an EOF with nothing to answer (idle, or in the middle of a request) closes it at once,
+    as before.
     """
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class _Protocol(H11Protocol):
         _head_timer = None
+        _peer_closed = False  # the client shut down its sending side after a complete request
 
         def _arm_head_timer(self) -> None:
             self._disarm_head_timer()
@@ -410,8 +421,20 @@ def _header_deadline_protocol(request_timeout_s: float):
             if self.cycle is not None and not self.cycle.response_complete:  # a request head arrived
                 self._disarm_head_timer()
 
+        def eof_received(self) -> bool | None:
+            if self._peer_closed:  # asyncio reports the EOF again when reading resumes
+                return True
+            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+                self._peer_closed = True  # answer it (and the complete requests behind it), then close
+                return True  # keep the transport open for writing
+            return super().eof_received()  # nothing to answer: the transport closes
+
         def on_response_complete(self) -> None:
-            super().on_response_complete()
+            super().on_response_complete()  # starts the next pipelined request, if a complete one is buffered
+            if self._peer_closed and not self.transport.is_closing():
+                answering = self.cycle is not None and not self.cycle.response_complete
+                if not answering or self.conn.their_state is not h11.DONE:  # nothing more can arrive
+                    self.transport.close()
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self._arm_head_timer()
 
