@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemo_aligner.errors import CannotListenError
-from nemo_aligner.utils.config import ConfigValueError
+from nemo_aligner.utils.config import ConfigValueError, number
 
 __all__ = [
     "API_TOKEN_ENV",
@@ -52,6 +52,7 @@ __all__ = [
     "ServerLimits",
     "add_health_and_info",
     "check_host",
+    "check_port",
     "create_app",
     "is_loopback",
     "read_json",
@@ -352,6 +353,15 @@ def check_host(host: str, allow_remote: bool) -> None:
         )
 
 
+def check_port(port: Any, key: str = "port") -> int:
+    """``port`` as an int, if it is a TCP port number (0 = any free port, up to 65535).
+
+    Raises:
+        ConfigValueError: anything else, one line naming ``key`` (e.g. ``inference.port``) and the range.
+    """
+    return number(int, 0, 65535)(port, key)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -480,10 +490,11 @@ def run_server(
         on_ready: called with the base URL (e.g. ``http://127.0.0.1:5555``) once the server accepts requests.
 
     Raises:
-        ValueError: a non-loopback ``host`` without ``allow_remote``.
+        ValueError: a non-loopback ``host`` without ``allow_remote``; a ``port`` outside 0..65535.
         OSError: the address cannot be bound (e.g. the port is in use), naming it.
     """
     check_host(host, allow_remote)
+    port = check_port(port)
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
     server = _uvicorn_server(app, log_level, (lambda: on_ready(url)) if on_ready else None)
@@ -508,13 +519,14 @@ class BackgroundServer:
         url: the base URL, e.g. ``http://127.0.0.1:40123`` (set by :meth:`start`).
 
     Raises:
-        ValueError: a non-loopback ``host``; RuntimeError: the server did not start within ``startup_timeout``.
+        ValueError: a non-loopback ``host``, a ``port`` outside 0..65535; RuntimeError: the server did not start
+            within ``startup_timeout``.
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0,
                  log_level: str = "warning"):
         check_host(host, allow_remote=False)
-        self.app, self.host, self.port = app, host, port
+        self.app, self.host, self.port = app, host, check_port(port)
         self.startup_timeout = startup_timeout
         self.log_level = log_level
         self.url: str | None = None

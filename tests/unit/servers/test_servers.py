@@ -241,6 +241,14 @@ def test_non_loopback_bind_is_refused_without_allow_remote():
         BackgroundServer(app, host="0.0.0.0")
 
 
+def test_port_outside_the_tcp_range_is_refused_before_binding():
+    for port in (70000, -1):
+        with pytest.raises(ValueError, match=rf"^port={port}: expected an integer >= 0 and <= 65535$"):
+            run_server(_echo_app(), host="127.0.0.1", port=port)
+        with pytest.raises(ValueError, match=rf"^port={port}: expected an integer >= 0 and <= 65535$"):
+            BackgroundServer(_echo_app(), port=port)
+
+
 def test_run_server_reports_a_busy_port():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
