@@ -51,6 +51,7 @@ __all__ = [
     "BackgroundServer",
     "ServerLimits",
     "add_health_and_info",
+    "check_api_token",
     "check_host",
     "check_port",
     "create_app",
@@ -267,10 +268,12 @@ def create_app(
     ``application/json``, 422 invalid fields, 500 an unexpected server-side exception (the server keeps serving).
 
     Raises:
-        ValueError: ``max_request_bytes < 1``.
+        ValueError: ``max_request_bytes < 1``; ``api_token`` set but empty or only whitespace
+            (:func:`check_api_token`).
     """
     if int(max_request_bytes) < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    check_api_token(api_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -360,6 +363,21 @@ def check_port(port: Any, key: str = "port") -> int:
         ConfigValueError: anything else, one line naming ``key`` (e.g. ``inference.port``) and the range.
     """
     return number(int, 0, 65535)(port, key)
+
+
+def check_api_token(api_token: Any, key: str = "api_token") -> None:
+    """Refuse a token that is set but empty or only whitespace: it cannot be sent as ``Authorization: Bearer
+    <token>``, and :func:`resolve_api_token` would silently fall back to ``$NEMO_ALIGNER_API_TOKEN`` or no auth.
+    None (not set) is fine.
+
+    Raises:
+        ConfigValueError: one line naming ``key`` (e.g. ``inference.api_token``).
+    """
+    if api_token is not None and not str(api_token).strip():
+        raise ConfigValueError(
+            f"{key}={api_token!r}: expected a non-empty token, or null (${API_TOKEN_ENV} if set, else no auth); "
+            "an empty or whitespace-only token cannot be sent as a bearer token"
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:

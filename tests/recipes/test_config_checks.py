@@ -191,7 +191,7 @@ def test_sft_batch_sizes_are_checked_again_against_the_real_world_size(tmp_path,
         recipe.setup_fabric(cfg, tmp_path / "run", "gpt_sft")
 
 
-# ---- issue 25 item 1: the inference servers' values, before any model loads ----------------------------------
+# ---- issue 25 items 1 and 2: the inference servers' values, before any model loads ----------------------------------
 
 SERVERS = {"inference_rm": "serve_reward_model", "inference_initial_policy": "serve_initial_policy",
            "gpt_ppo_critic": "serve_ppo_critic"}
@@ -250,3 +250,14 @@ def test_server_bad_value_is_a_one_line_error_before_any_load(schema, override, 
     line = _serve_expecting_exit(schema, [override], tmp_path, capsys, monkeypatch)
     assert line == f"error: {message}"
 
+
+@pytest.mark.parametrize("token", ["' '", "''", "'\t'"], ids=["space", "empty", "tab"])
+@pytest.mark.parametrize("schema, key", [("inference_rm", "inference.api_token"),
+                                         ("inference_initial_policy", "inference.api_token"),
+                                         ("gpt_ppo_critic", "trainer.ppo.api_token")])
+def test_server_blank_api_token_is_refused_before_any_load(schema, key, token, tmp_path, capsys, monkeypatch):
+    """Before, a blank token fell back to $NEMO_ALIGNER_API_TOKEN or no auth, and the server started."""
+    monkeypatch.delenv("NEMO_ALIGNER_API_TOKEN", raising=False)
+    line = _serve_expecting_exit(schema, [f"{key}={token}"], tmp_path, capsys, monkeypatch)
+    assert line.startswith(f"error: {key}=")
+    assert "expected a non-empty token, or null" in line and "cannot be sent as a bearer token" in line

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.servers.app import check_host, check_port, run_server
+from nemo_aligner.servers.app import check_api_token, check_host, check_port, run_server
 from nemo_aligner.utils.config import CONF_DIR, check_keys, load_schema, number
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
@@ -28,7 +28,7 @@ def build(cfg: DictConfig):
 
     Raises:
         ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``, a port outside
-            0..65535, ``micro_batch_size < 1`` or ``max_wait_ms < 0`` (all before the policy
+            0..65535, a blank api_token, ``micro_batch_size < 1`` or ``max_wait_ms < 0`` (all before the policy
             loads).
     """
     check_keys(cfg, load_schema("inference_initial_policy"), source="inference_initial_policy config")
@@ -36,6 +36,7 @@ def build(cfg: DictConfig):
     host, allow_remote = str(inf.host), bool(inf.allow_remote)
     check_host(host, allow_remote)
     port = check_port(inf.port, "inference.port")
+    check_api_token(inf.api_token, "inference.api_token")
     micro_batch_size = number(int, 1)(inf.micro_batch_size, "inference.micro_batch_size")
     max_wait_ms = number(float, 0)(inf.max_wait_ms, "inference.max_wait_ms")
     from nemo_aligner.servers.initial_policy_server import InitialPolicyScorer, build_initial_policy_app

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.servers.app import check_host, check_port, run_server
+from nemo_aligner.servers.app import check_api_token, check_host, check_port, run_server
 from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema, number
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
@@ -31,7 +31,7 @@ def build(cfg: DictConfig):
 
     Raises:
         ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``, more than one
-            device, a port outside 0..65535, a batch size < 1 or a negative queue delay (all
+            device, a port outside 0..65535, a blank api_token, a batch size < 1 or a negative queue delay (all
             before the critic loads).
     """
     check_keys(cfg, load_schema("gpt_ppo_critic"), source="gpt_ppo_critic config")
@@ -39,6 +39,7 @@ def build(cfg: DictConfig):
     host, allow_remote = str(ppo.host), bool(ppo.allow_remote)
     check_host(host, allow_remote)
     port = check_port(ppo.port, "trainer.ppo.port")
+    check_api_token(ppo.api_token, "trainer.ppo.api_token")
     sizes = {key: number(int, 1)(cfg.model[key], f"model.{key}")
              for key in ("forward_micro_batch_size", "micro_batch_size", "global_batch_size")}
     delay_us = number(float, 0)(ppo.max_queue_delay_microseconds, "trainer.ppo.max_queue_delay_microseconds")

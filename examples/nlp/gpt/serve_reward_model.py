@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.servers.app import ServerLimits, check_host, check_port, run_server
+from nemo_aligner.servers.app import ServerLimits, check_api_token, check_host, check_port, run_server
 from nemo_aligner.servers.reward_model_server import build_reward_model_app
 from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema, number
 from nemo_aligner.utils.logging import get_logger
@@ -84,13 +84,14 @@ def build(cfg: DictConfig):
     Raises:
         ConfigKeyError: an unknown key. FileNotFoundError: no model path or no export there. ValueError: bad values
             (e.g. a non-loopback host without ``inference.allow_remote``, ``trainer.devices != 1``, a port outside
-            0..65535), all checked before the model loads.
+            0..65535, a blank ``inference.api_token``), all checked before the model loads.
     """
     check_keys(cfg, load_schema("inference_rm"), source="inference_rm config")
     inf = cfg.inference
     host, allow_remote = str(inf.host), bool(inf.allow_remote)
     check_host(host, allow_remote)  # fail before the (slow) model load
     port = check_port(inf.port, "inference.port")
+    check_api_token(inf.api_token, "inference.api_token")
     micro_batch_size = number(int, 1)(inf.micro_batch_size, "inference.micro_batch_size")
     max_items_per_request = number(int, 1)(inf.max_items_per_request, "inference.max_items_per_request")
     max_wait_ms = number(float, 0)(inf.max_wait_ms, "inference.max_wait_ms")
