@@ -18,7 +18,8 @@ connection), else the connection is closed; the body must then arrive within ``r
 and the connection is closed; an idle keep-alive connection is closed after ``keep_alive_timeout_s``; beyond
 ``max_connections`` open connections a request is answered 503 at once (and its connection closed); a request line
 or header block over ``max_header_bytes`` is answered 400. Every early error response (401, 408, 413, 415) closes
-the connection, so the unread rest of a body can never keep it open.
+the connection, so the unread rest of a body can never keep it open. Pipelined requests are answered in order, also
+when the client shuts down its sending side after writing them (then the connection closes after the last answer).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemo_aligner.errors import CannotListenError
-from nemo_aligner.utils.config import ConfigValueError
+from nemo_aligner.utils.config import ConfigValueError, number
 
 __all__ = [
     "API_TOKEN_ENV",
@@ -50,7 +51,9 @@ __all__ = [
     "BackgroundServer",
     "ServerLimits",
     "add_health_and_info",
+    "check_api_token",
     "check_host",
+    "check_port",
     "create_app",
     "is_loopback",
     "read_json",
@@ -265,10 +268,12 @@ def create_app(
     ``application/json``, 422 invalid fields, 500 an unexpected server-side exception (the server keeps serving).
 
     Raises:
-        ValueError: ``max_request_bytes < 1``.
+        ValueError: ``max_request_bytes < 1``; ``api_token`` set but empty or only whitespace
+            (:func:`check_api_token`).
     """
     if int(max_request_bytes) < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    check_api_token(api_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -351,6 +356,30 @@ def check_host(host: str, allow_remote: bool) -> None:
         )
 
 
+def check_port(port: Any, key: str = "port") -> int:
+    """``port`` as an int, if it is a TCP port number (0 = any free port, up to 65535).
+
+    Raises:
+        ConfigValueError: anything else, one line naming ``key`` (e.g. ``inference.port``) and the range.
+    """
+    return number(int, 0, 65535)(port, key)
+
+
+def check_api_token(api_token: Any, key: str = "api_token") -> None:
+    """Refuse a token that is set but empty or only whitespace: it cannot be sent as ``Authorization: Bearer
+    <token>``, and :func:`resolve_api_token` would silently fall back to ``$NEMO_ALIGNER_API_TOKEN`` or no auth.
+    None (not set) is fine.
+
+    Raises:
+        ConfigValueError: one line naming ``key`` (e.g. ``inference.api_token``).
+    """
+    if api_token is not None and not str(api_token).strip():
+        raise ConfigValueError(
+            f"{key}={api_token!r}: expected a non-empty token, or null (${API_TOKEN_ENV} if set, else no auth); "
+            "an empty or whitespace-only token cannot be sent as a bearer token"
+        )
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -371,17 +400,27 @@ def _url(host: str, port: int) -> str:
 
 
 def _header_deadline_protocol(request_timeout_s: float):
-    """uvicorn's h11 protocol, plus a deadline for the request line and headers.
+    """uvicorn's h11 protocol, plus a deadline for the request line and headers, and answers for a client that
+    half-closes.
 
     uvicorn itself only times out a keep-alive connection that receives no bytes at all; a client that connects and
     sends nothing before its first request, or sends half a header and stops, would hold the connection forever.
     Here a timer closes the connection unless a complete request head arrives within ``request_timeout_s`` of the
     connection opening or of the previous response (the body's own deadline is :class:`_GuardMiddleware`'s).
+
+    Half-close: a client may write its requests (pipelined or not), then shut down its sending side (``nc -N``,
+    ``ncat``, ``sock.shutdown(SHUT_WR)``) and read. uvicorn closes the whole connection on that EOF, so the request
+    in flight and the pipelined ones behind it were dropped without an answer. Here, when the EOF comes after a
+    complete request, every complete request already received is answered in order and the connection is closed
+    after the last answer; an EOF with nothing to answer (idle, or in the middle of a request) closes it at once,
+    as before.
     """
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class _Protocol(H11Protocol):
         _head_timer = None
+        _peer_closed = False  # the client shut down its sending side after a complete request
 
         def _arm_head_timer(self) -> None:
             self._disarm_head_timer()
@@ -410,8 +449,20 @@ def _header_deadline_protocol(request_timeout_s: float):
             if self.cycle is not None and not self.cycle.response_complete:  # a request head arrived
                 self._disarm_head_timer()
 
+        def eof_received(self) -> bool | None:
+            if self._peer_closed:  # asyncio reports the EOF again when reading resumes
+                return True
+            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+                self._peer_closed = True  # answer it (and the complete requests behind it), then close
+                return True  # keep the transport open for writing
+            return super().eof_received()  # nothing to answer: the transport closes
+
         def on_response_complete(self) -> None:
-            super().on_response_complete()
+            super().on_response_complete()  # starts the next pipelined request, if a complete one is buffered
+            if self._peer_closed and not self.transport.is_closing():
+                answering = self.cycle is not None and not self.cycle.response_complete
+                if not answering or self.conn.their_state is not h11.DONE:  # nothing more can arrive
+                    self.transport.close()
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self._arm_head_timer()
 
@@ -457,10 +508,11 @@ def run_server(
         on_ready: called with the base URL (e.g. ``http://127.0.0.1:5555``) once the server accepts requests.
 
     Raises:
-        ValueError: a non-loopback ``host`` without ``allow_remote``.
+        ValueError: a non-loopback ``host`` without ``allow_remote``; a ``port`` outside 0..65535.
         OSError: the address cannot be bound (e.g. the port is in use), naming it.
     """
     check_host(host, allow_remote)
+    port = check_port(port)
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
     server = _uvicorn_server(app, log_level, (lambda: on_ready(url)) if on_ready else None)
@@ -485,13 +537,14 @@ class BackgroundServer:
         url: the base URL, e.g. ``http://127.0.0.1:40123`` (set by :meth:`start`).
 
     Raises:
-        ValueError: a non-loopback ``host``; RuntimeError: the server did not start within ``startup_timeout``.
+        ValueError: a non-loopback ``host``, a ``port`` outside 0..65535; RuntimeError: the server did not start
+            within ``startup_timeout``.
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0,
                  log_level: str = "warning"):
         check_host(host, allow_remote=False)
-        self.app, self.host, self.port = app, host, port
+        self.app, self.host, self.port = app, host, check_port(port)
         self.startup_timeout = startup_timeout
         self.log_level = log_level
         self.url: str | None = None

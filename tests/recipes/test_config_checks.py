@@ -189,3 +189,75 @@ def test_sft_batch_sizes_are_checked_again_against_the_real_world_size(tmp_path,
     with pytest.raises(ConfigValueError, match=r"^model\.data\.train_ds\.global_batch_size=2 must be a multiple of "
                                                r"model\.data\.train_ds\.micro_batch_size=2 x data-parallel size 2$"):
         recipe.setup_fabric(cfg, tmp_path / "run", "gpt_sft")
+
+
+# ---- issue 25 items 1 and 2: the inference servers' values, before any model loads ----------------------------------
+
+SERVERS = {"inference_rm": "serve_reward_model", "inference_initial_policy": "serve_initial_policy",
+           "gpt_ppo_critic": "serve_ppo_critic"}
+
+SERVER_BAD_VALUES = [
+    ("inference_rm", "inference.micro_batch_size=0", "inference.micro_batch_size=0: expected an integer >= 1"),
+    ("inference_rm", "inference.max_items_per_request=0",
+     "inference.max_items_per_request=0: expected an integer >= 1"),
+    ("inference_rm", "inference.max_wait_ms=-5", "inference.max_wait_ms=-5: expected a number >= 0"),
+    ("inference_rm", "inference.port=70000", "inference.port=70000: expected an integer >= 0 and <= 65535"),
+    ("inference_initial_policy", "inference.micro_batch_size=0",
+     "inference.micro_batch_size=0: expected an integer >= 1"),
+    ("inference_initial_policy", "inference.max_wait_ms=-5", "inference.max_wait_ms=-5: expected a number >= 0"),
+    ("inference_initial_policy", "inference.port=70000", "inference.port=70000: expected an integer >= 0 and <= 65535"),
+    ("gpt_ppo_critic", "model.forward_micro_batch_size=0", "model.forward_micro_batch_size=0: expected an integer >= 1"),
+    ("gpt_ppo_critic", "model.micro_batch_size=0", "model.micro_batch_size=0: expected an integer >= 1"),
+    ("gpt_ppo_critic", "trainer.ppo.max_queue_delay_microseconds=-5",
+     "trainer.ppo.max_queue_delay_microseconds=-5: expected a number >= 0"),
+    ("gpt_ppo_critic", "trainer.ppo.port=70000", "trainer.ppo.port=70000: expected an integer >= 0 and <= 65535"),
+]
+
+
+def _forbid_server_loads(monkeypatch, script):
+    """Every model load of the three servers, and listening, fail loudly: the error must come first."""
+    from nemo_aligner.models.reward_model import RewardScorer
+    from nemo_aligner.servers.initial_policy_server import InitialPolicyScorer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the server went past the config check")
+
+    monkeypatch.setattr(RewardScorer, "from_pretrained", loaded)
+    monkeypatch.setattr(InitialPolicyScorer, "from_pretrained", loaded)
+    for name in ("build_fabric", "run_server"):
+        if hasattr(script, name):
+            monkeypatch.setattr(script, name, loaded)
+
+
+def _serve_expecting_exit(schema, overrides, tmp_path, capsys, monkeypatch):
+    script = load_example_script(SERVERS[schema])
+    _forbid_server_loads(monkeypatch, script)
+    base = {"inference_rm": [f"rm_model_file={tmp_path}"],
+            "gpt_ppo_critic": [f"exp_manager.explicit_log_dir={tmp_path / 'critic'}"]}.get(schema, [])
+    cfg = compose_config(schema, ["trainer.accelerator=cpu", *base, *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        run_or_exit(script.serve, cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("schema, override, message", SERVER_BAD_VALUES,
+                         ids=[f"{s}:{o}" for s, o, _ in SERVER_BAD_VALUES])
+def test_server_bad_value_is_a_one_line_error_before_any_load(schema, override, message, tmp_path, capsys,
+                                                              monkeypatch):
+    line = _serve_expecting_exit(schema, [override], tmp_path, capsys, monkeypatch)
+    assert line == f"error: {message}"
+
+
+@pytest.mark.parametrize("token", ["' '", "''", "'\t'"], ids=["space", "empty", "tab"])
+@pytest.mark.parametrize("schema, key", [("inference_rm", "inference.api_token"),
+                                         ("inference_initial_policy", "inference.api_token"),
+                                         ("gpt_ppo_critic", "trainer.ppo.api_token")])
+def test_server_blank_api_token_is_refused_before_any_load(schema, key, token, tmp_path, capsys, monkeypatch):
+    """Before, a blank token fell back to $NEMO_ALIGNER_API_TOKEN or no auth, and the server started."""
+    monkeypatch.delenv("NEMO_ALIGNER_API_TOKEN", raising=False)
+    line = _serve_expecting_exit(schema, [f"{key}={token}"], tmp_path, capsys, monkeypatch)
+    assert line.startswith(f"error: {key}=")
+    assert "expected a non-empty token, or null" in line and "cannot be sent as a bearer token" in line

@@ -19,8 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.servers.app import check_host, run_server
-from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema
+from nemo_aligner.servers.app import check_api_token, check_host, check_port, run_server
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema, number
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import build_fabric, normalize_precision
 
@@ -30,13 +30,19 @@ def build(cfg: DictConfig):
     :func:`nemo_aligner.servers.app.run_server`.
 
     Raises:
-        ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``, or more than one
-            device.
+        ConfigKeyError: an unknown key; ValueError: a non-loopback host without ``allow_remote``, more than one
+            device, a port outside 0..65535, a blank api_token, a batch size < 1 or a negative queue delay (all
+            before the critic loads).
     """
     check_keys(cfg, load_schema("gpt_ppo_critic"), source="gpt_ppo_critic config")
     ppo = cfg.trainer.ppo
     host, allow_remote = str(ppo.host), bool(ppo.allow_remote)
     check_host(host, allow_remote)
+    port = check_port(ppo.port, "trainer.ppo.port")
+    check_api_token(ppo.api_token, "trainer.ppo.api_token")
+    sizes = {key: number(int, 1)(cfg.model[key], f"model.{key}")
+             for key in ("forward_micro_batch_size", "micro_batch_size", "global_batch_size")}
+    delay_us = number(float, 0)(ppo.max_queue_delay_microseconds, "trainer.ppo.max_queue_delay_microseconds")
     if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
         raise ConfigValueError("the critic server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1")
     from nemo_aligner.models.critic import HFCritic
@@ -51,18 +57,18 @@ def build(cfg: DictConfig):
     log_dir = Path(cfg.exp_manager.explicit_log_dir)
     app = build_critic_app(
         critic, log_dir / "checkpoints",
-        forward_micro_batch_size=int(cfg.model.forward_micro_batch_size),
-        global_batch_size=int(cfg.model.global_batch_size),
-        micro_batch_size=int(cfg.model.micro_batch_size),
+        forward_micro_batch_size=sizes["forward_micro_batch_size"],
+        global_batch_size=sizes["global_batch_size"],
+        micro_batch_size=sizes["micro_batch_size"],
         epochs=int(ppo.ppo_epochs),
-        max_wait_ms=float(ppo.max_queue_delay_microseconds) / 1000.0,
+        max_wait_ms=delay_us / 1000.0,
         api_token=ppo.api_token,
     )
     if bool(cfg.exp_manager.get("export_hf", True)):
         app.state.on_shutdown.append(lambda: critic.export_hf(str(log_dir / "hf_export")))
     get_logger().info(f"critic {critic.source} on {fabric.device}; checkpoints in {log_dir / 'checkpoints'}; "
                       f"auth {'on' if app.state.api_token else 'off'}")
-    return app, {"host": host, "port": int(ppo.port), "allow_remote": allow_remote, "log_level": str(ppo.log_level)}
+    return app, {"host": host, "port": port, "allow_remote": allow_remote, "log_level": str(ppo.log_level)}
 
 
 def _ready(url: str) -> None:

@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.recipes.common import run_or_exit
-from nemo_aligner.servers.app import ServerLimits, check_host, run_server
+from nemo_aligner.servers.app import ServerLimits, check_api_token, check_host, check_port, run_server
 from nemo_aligner.servers.reward_model_server import build_reward_model_app
-from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema
+from nemo_aligner.utils.config import CONF_DIR, ConfigValueError, check_keys, load_schema, number
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.runtime import normalize_precision
 
@@ -83,12 +83,18 @@ def build(cfg: DictConfig):
 
     Raises:
         ConfigKeyError: an unknown key. FileNotFoundError: no model path or no export there. ValueError: bad values
-            (e.g. a non-loopback host without ``inference.allow_remote``, ``trainer.devices != 1``).
+            (e.g. a non-loopback host without ``inference.allow_remote``, ``trainer.devices != 1``, a port outside
+            0..65535, a blank ``inference.api_token``), all checked before the model loads.
     """
     check_keys(cfg, load_schema("inference_rm"), source="inference_rm config")
     inf = cfg.inference
     host, allow_remote = str(inf.host), bool(inf.allow_remote)
     check_host(host, allow_remote)  # fail before the (slow) model load
+    port = check_port(inf.port, "inference.port")
+    check_api_token(inf.api_token, "inference.api_token")
+    micro_batch_size = number(int, 1)(inf.micro_batch_size, "inference.micro_batch_size")
+    max_items_per_request = number(int, 1)(inf.max_items_per_request, "inference.max_items_per_request")
+    max_wait_ms = number(float, 0)(inf.max_wait_ms, "inference.max_wait_ms")
     if int(cfg.trainer.devices) != 1 or int(cfg.trainer.num_nodes) != 1:
         raise ConfigValueError(
             "the reward-model server runs one replica per process: set trainer.devices=1 trainer.num_nodes=1 "
@@ -104,7 +110,6 @@ def build(cfg: DictConfig):
 
     device = _device(cfg.trainer.accelerator)
     dtype = _dtype(cfg.model.get("precision", cfg.trainer.precision), device)
-    micro_batch_size = int(inf.micro_batch_size)
     limits = _limits(inf)  # before the model load: a bad value fails fast
     max_request_bytes = None if inf.max_request_bytes is None else _int_key(inf, "max_request_bytes", 1)
     scorer = RewardScorer.from_pretrained(str(path), device=device, dtype=dtype, micro_batch_size=micro_batch_size)
@@ -116,9 +121,9 @@ def build(cfg: DictConfig):
     app = build_reward_model_app(
         scorer,
         micro_batch_size=micro_batch_size,
-        max_wait_ms=float(inf.max_wait_ms),
+        max_wait_ms=max_wait_ms,
         api_token=inf.api_token,
-        max_items_per_request=int(inf.max_items_per_request),
+        max_items_per_request=max_items_per_request,
         model_name=str(path),
         max_request_bytes=max_request_bytes,
         limits=limits,
@@ -126,10 +131,10 @@ def build(cfg: DictConfig):
     log = get_logger()
     log.info(
         f"reward model {path} on {device} ({dtype}), max_seq_length {scorer.max_seq_length}, "
-        f"micro-batch {micro_batch_size}, max wait {float(inf.max_wait_ms)} ms, "
+        f"micro-batch {micro_batch_size}, max wait {max_wait_ms} ms, "
         f"auth {'on' if app.state.api_token else 'off'}"
     )
-    return app, {"host": host, "port": int(inf.port), "allow_remote": allow_remote, "log_level": str(inf.log_level)}
+    return app, {"host": host, "port": port, "allow_remote": allow_remote, "log_level": str(inf.log_level)}
 
 
 def _ready(url: str) -> None:

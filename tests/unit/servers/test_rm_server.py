@@ -5,6 +5,7 @@ Servers listen on 127.0.0.1 only; every request loop is bounded.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -477,3 +478,60 @@ def test_rm_server_takes_its_chat_roles_from_the_data_layer(scorer, no_env_token
     assert client.post("/score", json=tool).status_code == 200
     shouted = {"prompts": [[{"role": "Tool", "content": "42"}]], "responses": ["b"]}
     assert client.post("/score", json=shouted).status_code == 422
+
+
+# ---- pipelined requests on one connection (issue 25 item 3) --------------------------------------------------------
+def _score_request(token_ids: list[list[int]]) -> bytes:
+    body = json.dumps({"token_ids": token_ids}).encode()
+    return (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def _read_responses(sock, count: int, limit_s: float) -> tuple[list[tuple[int, dict, bytes]], bool]:
+    """Read HTTP/1.1 responses (status, lower-cased headers, body) until ``count`` have arrived or the server closes
+    the connection; the second value says whether it closed. Raises ``socket.timeout`` past ``limit_s``."""
+    sock.settimeout(limit_s)
+    data, responses, closed = b"", [], False
+    while len(responses) < count and not closed:
+        chunk = sock.recv(65536)
+        closed = not chunk
+        data += chunk
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            size = int(headers.get("content-length", 0))
+            if len(rest) < size:
+                break
+            responses.append((int(lines[0].split()[1]), headers, rest[:size]))
+            data = rest[size:]
+    return responses, closed
+
+
+@pytest.mark.parametrize("half_close", [False, True], ids=["keep-writing-side-open", "client-half-closes"])
+def test_pipelined_requests_are_all_answered_in_order(scorer, no_env_token, half_close):
+    """Two (then three) /score requests written back to back in one sendall before reading get one 200 each, in
+    order. ``client-half-closes``: the client then shuts down its sending side (as ``nc -N`` or ``ncat`` do); before,
+    that EOF made uvicorn close the connection and none of the requests was answered."""
+    import socket
+
+    batches = [[[1, 5, 9]], [[1, 5, 9, 11, 13]], [[2, 4], [6, 8, 10]]]
+    expected = [scorer.score(b) for b in batches]
+    app = build_reward_model_app(scorer, micro_batch_size=2, max_wait_ms=1)
+    with BackgroundServer(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for n in (2, 3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"".join(_score_request(b) for b in batches[:n]))
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+                responses, _ = _read_responses(sock, n, 10.0)
+                assert [status for status, _, _ in responses] == [200] * n, responses
+                for (_, _, body), want in zip(responses, expected):
+                    assert json.loads(body)["rewards"] == pytest.approx(want, abs=1e-5)
+                if half_close:  # everything asked was answered: the server closes, with nothing more
+                    assert _read_responses(sock, 1, 10.0) == ([], True)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # EOF mid-body: closed at once
+            sock.sendall(_score_request(batches[0])[:-3])
+            sock.shutdown(socket.SHUT_WR)
+            assert _read_responses(sock, 1, 5.0) == ([], True)

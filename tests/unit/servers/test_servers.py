@@ -210,6 +210,18 @@ def test_token_from_environment(monkeypatch):
     assert TestClient(_echo_app()).post("/echo", json={"x": 1}).status_code == 200  # no token: open
 
 
+def test_blank_api_token_is_refused(monkeypatch):
+    """A token that is set but empty or whitespace cannot be sent as a bearer token; before, create_app fell back to
+    $NEMO_ALIGNER_API_TOKEN or to no auth at all."""
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    for token in (" ", "", "\t\n"):
+        with pytest.raises(ValueError, match=r"^api_token=.*: expected a non-empty token"):
+            _echo_app(api_token=token)
+    client = TestClient(_echo_app(api_token=" tok "))  # surrounding whitespace is trimmed, as before
+    assert client.post("/echo", json={"x": 1}).status_code == 401
+    assert client.post("/echo", json={"x": 1}, headers={"Authorization": "Bearer tok"}).status_code == 200
+
+
 def test_request_size_limit(monkeypatch):
     monkeypatch.delenv(API_TOKEN_ENV, raising=False)
     client = TestClient(_echo_app(max_request_bytes=100))
@@ -239,6 +251,14 @@ def test_non_loopback_bind_is_refused_without_allow_remote():
             run_server(app, host=host, port=0)
     with pytest.raises(ValueError, match="non-loopback"):
         BackgroundServer(app, host="0.0.0.0")
+
+
+def test_port_outside_the_tcp_range_is_refused_before_binding():
+    for port in (70000, -1):
+        with pytest.raises(ValueError, match=rf"^port={port}: expected an integer >= 0 and <= 65535$"):
+            run_server(_echo_app(), host="127.0.0.1", port=port)
+        with pytest.raises(ValueError, match=rf"^port={port}: expected an integer >= 0 and <= 65535$"):
+            BackgroundServer(_echo_app(), port=port)
 
 
 def test_run_server_reports_a_busy_port():
