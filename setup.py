@@ -29,6 +29,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "matplotlib>=3.7",  # python -m nemo_aligner.plot
     ],
     extras_require={
         "dev": ["pytest>=8", "import-linter>=2.0"],

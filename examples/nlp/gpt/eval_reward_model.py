@@ -8,12 +8,14 @@
 ``train_reward_model.py``). ``DATA`` is any file ``nemo_aligner.data.reward`` reads (all DPO formats, HH-RLHF,
 NeMo-RLHF ``{"text"}`` pairs, ranked lists). Prints one summary line, e.g.
 ``acc=0.6500 reward_margin=0.4210 rewards_chosen_mean=... loss=... num_examples=200 num_comparisons=200``.
+``--output-json F`` also writes the summary (and the model and data paths) to ``F``.
 Exit status 2 with an ``error: ...`` line for a missing file or a malformed data line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from nemo_aligner.data.reward_batch import collate_reward_examples
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.reward_model import RewardScorer
 from nemo_aligner.recipes.common import run_or_exit
+from nemo_aligner.utils.fs import atomic_write_text
 
 RUN_CONFIG = "config.yaml"
 
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-json", default=None, help="also write the summary to this JSON file")
     args = parser.parse_args(argv)
 
     scorer = load_scorer(args.model, args.device)
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     summary = evaluate(scorer, dataset, args.micro_batch_size)
     keys = ["acc", "reward_margin", "rewards_chosen_mean", "rewards_rejected_mean", "loss"]
     print(" ".join(f"{k}={summary[k]:.4f}" for k in keys) + f" num_examples={summary['num_examples']} num_comparisons={summary['num_comparisons']}")
+    if args.output_json:
+        atomic_write_text(args.output_json, json.dumps({"model": str(args.model), "data": list(args.data), **summary},
+                                                       indent=2) + "\n")
     return summary
 
 

@@ -1,0 +1,182 @@
+"""Held-out evaluation of a policy: greedy responses to a prompt file, scored by a reward model, with their KL to a
+reference policy, their length and their diversity (``examples/nlp/gpt/eval_policy.py`` is the command).
+
+Every online trainer's reference run (``scripts/reference/``) evaluates its initial policy and its export with the
+same settings, so "before" and "after" differ only in the weights:
+
+1. The first ``num_prompts`` prompts of the file, rendered and tokenised as the trainers do
+   (:func:`~nemo_aligner.data.prompts.tokenize_prompt`), keeping the last ``max_prompt_tokens`` tokens.
+2. One greedy response each, at most ``max_new_tokens`` tokens, ending at the tokenizer's EOS
+   (the native engine, or vLLM with ``engine="vllm"``; both give the same tokens up to floating-point ties).
+3. The reward model's reward of ``prompt + response`` (standardised as its export says), as PPO scores a rollout.
+4. :func:`response_kl` to the reference policy, :func:`distinct_n` and the response lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from nemo_aligner.data.prompts import load_prompts, tokenize_prompt
+from nemo_aligner.generation import LengthParams, SamplingParams, generate
+from nemo_aligner.models.hf_causal_lm import load_tokenizer
+from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.models.reward_model import RewardScorer
+from nemo_aligner.utils.fs import atomic_write_text
+
+__all__ = ["distinct_n", "response_kl", "evaluate_policy"]
+
+
+def distinct_n(responses: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n of a set of responses: the number of different n-grams over the number of n-grams, pooled over all
+    responses (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models", Sec. 4.3).
+    1.0 = no n-gram repeats; near 0 = the responses repeat the same few tokens (a collapsed policy).
+
+    Args:
+        responses: token-id sequences.
+        n: the n-gram order (>= 1).
+
+    Returns:
+        A ratio in [0, 1]; 0.0 when no response has ``n`` tokens.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n needs n >= 1, got {n}")
+    grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """The KL divergence from the reference policy to the policy along one response, summed over its tokens:
+    ``sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t))`` in nats, each term exact over the vocabulary (the quantity that
+    PPO's per-token KL penalty estimates with ``log pi(y_t) - log pi_ref(y_t)``; InstructGPT, Ouyang et al. 2022,
+    Eq. 2). Unlike that one-sample estimate it is never negative, and it is meaningful for greedy responses.
+
+    Args:
+        policy_logits: ``[T, V]`` logits of the policy at the positions that predict the ``T`` response tokens.
+        reference_logits: ``[T, V]`` the reference policy's logits at the same positions.
+
+    Returns:
+        A 0-dim float64 tensor, nats (0 for ``T = 0``).
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if policy_logits.shape != reference_logits.shape:
+        raise ValueError(f"policy logits {tuple(policy_logits.shape)} and reference logits "
+                         f"{tuple(reference_logits.shape)} differ")
+    logp = policy_logits.double().log_softmax(-1)
+    logq = reference_logits.double().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def _response_logits(lm, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """``[len(response), V]`` logits of ``lm`` at the positions predicting each response token."""
+    device = next(lm.parameters()).device
+    ids = torch.tensor([list(prompt) + list(response)], device=device)
+    logits = lm(input_ids=ids).logits[0]
+    return logits[len(prompt) - 1: len(prompt) + len(response) - 1].float().cpu()
+
+
+def _load_lm(path: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(path), dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model: str, reference: str | None = None,
+                    num_prompts: int = 200, max_new_tokens: int = 128, max_prompt_tokens: int = 384,
+                    batch_size: int = 16, engine: str = "native", device: str = "cpu",
+                    samples_file: str | None = None) -> dict[str, Any]:
+    """Greedy responses of ``policy`` to the first ``num_prompts`` prompts of ``prompt_file``, scored by
+    ``reward_model``, with their KL to ``reference`` (see the module docstring for the steps).
+
+    Args:
+        policy: a causal-LM directory (a trainer's ``hf_export``), ``.gguf`` file or alias.
+        prompt_file: prompt file(s) in any format :func:`~nemo_aligner.data.prompts.load_prompts` reads.
+        reward_model: an RM export directory (``train_reward_model.py``'s ``hf_export``).
+        reference: the reference policy for the KL (default: none, no KL reported).
+        num_prompts: prompts evaluated (the file's first ones).
+        max_new_tokens: the longest response (tokens).
+        max_prompt_tokens: prompts are cut from the left to this many tokens.
+        batch_size: prompts per generation batch.
+        engine: ``native`` (the trainers' KV-cache engine) or ``vllm``.
+        device: ``cpu`` or ``cuda``.
+        samples_file: also write one JSON line per prompt (prompt, response, reward, kl, length and the token ids)
+            here.
+
+    Returns:
+        ``reward_mean``, ``reward_std`` (standardised RM units), ``kl_mean``, ``kl_max`` (nats per response, with a
+        reference), ``length_mean`` (tokens), ``ended_fraction`` (responses that ended with EOS), ``distinct_1``,
+        ``distinct_2``, ``num_prompts``, ``seconds``, and the arguments.
+
+    Raises:
+        MissingFileError: a missing model, reward model or prompt file.
+        ValueError: ``engine`` is not native or vllm, or the file has no prompts.
+    """
+    if engine not in ("native", "vllm"):
+        raise ValueError(f"engine={engine!r}: use native or vllm")
+    start = time.perf_counter()
+    source = resolve_pretrained(policy)
+    tokenizer = load_tokenizer(source)
+    examples = load_prompts(prompt_file, num_prompts)
+    if not examples:
+        raise ValueError(f"no prompts in {prompt_file}")
+    prompts = [tokenize_prompt(e.prompt, tokenizer)[-max_prompt_tokens:] for e in examples]
+    lm = _load_lm(policy, device)
+    extra = lm.generation_config.eos_token_id
+    eos = sorted({int(tokenizer.eos_token_id), *([extra] if isinstance(extra, int) else (extra or []))})
+    greedy, lengths = SamplingParams(use_greedy=True), LengthParams(max_length=max_new_tokens)
+    responses, ended = [], []
+    if engine == "vllm":
+        from nemo_aligner.generation import VLLMConfig, VLLMEngine
+
+        vllm = VLLMEngine(source, VLLMConfig(enable=True, enforce_eager=True, max_num_seqs=max(1, batch_size)),
+                          dtype="float32", max_model_len=max_prompt_tokens + max_new_tokens, load_weights=True)
+        try:
+            out = vllm.generate(prompts, greedy, lengths, eos)
+        finally:
+            vllm.shutdown()
+        responses, ended = out.response_ids, out.ended
+    else:
+        for k in range(0, len(prompts), batch_size):
+            out = generate(lm, prompts[k:k + batch_size], greedy, lengths, eos, int(tokenizer.pad_token_id))
+            responses += out.response_ids
+            ended += out.ended
+    scorer = RewardScorer.from_pretrained(reward_model, device=device)
+    rewards = scorer.score([p + r for p, r in zip(prompts, responses)], micro_batch_size=batch_size)
+    kls: list[float] = []
+    if reference is not None:
+        ref_lm = _load_lm(reference, device)
+        for p, r in zip(prompts, responses):
+            kls.append(float(response_kl(_response_logits(lm, p, r), _response_logits(ref_lm, p, r))))
+    lens = [len(r) for r in responses]
+    mean = sum(rewards) / len(rewards)
+    summary: dict[str, Any] = {
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards)),
+        "length_mean": sum(lens) / len(lens),
+        "ended_fraction": sum(map(bool, ended)) / len(ended),
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+    }
+    if kls:
+        summary.update(kl_mean=sum(kls) / len(kls), kl_max=max(kls))
+    summary.update(num_prompts=len(prompts), seconds=time.perf_counter() - start, policy=str(policy),
+                   reference=None if reference is None else str(reference), reward_model=str(reward_model),
+                   prompt_file=[str(p) for p in ([prompt_file] if isinstance(prompt_file, (str, Path)) else prompt_file)],
+                   max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, engine=engine)
+    if samples_file:
+        rows = [{"prompt": tokenizer.decode(p), "response": tokenizer.decode(r), "reward": w, "length": len(r),
+                 **({"kl": kls[i]} if kls else {}), "prompt_ids": p, "response_ids": r}
+                for i, (p, r, w) in enumerate(zip(prompts, responses, rewards))]
+        atomic_write_text(samples_file, "".join(json.dumps(row) + "\n" for row in rows))
+    return summary
