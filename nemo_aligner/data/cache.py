@@ -31,8 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import datasets
 import numpy as np
 
-from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.errors import MissingFileError
+from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl, require_data_file
 from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.fs import make_readable
 
@@ -134,12 +133,11 @@ def build_cached_dataset(
         ``cache_path`` (the dataset directory), as also saved in its :data:`STATS_FILE`.
 
     Raises:
-        FileNotFoundError: no such file. DataFormatError: as raised by ``rows`` (the one at the lowest line when
+        FileNotFoundError: no such file, or a directory. DataFormatError: as raised by ``rows`` (the one at the lowest line when
             several workers fail); nothing is left in the cache. ValueError: no row kept.
     """
     path = Path(path).absolute()
-    if not path.is_file():
-        raise MissingFileError(missing_message.format(path=path))
+    require_data_file(path, missing_message.format(path=path))
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final_dir = cache_root / dir_name.format(stem=path.name.split(".")[0], key=cache_key(path, kind, key_parts))
     if cache_root.is_dir():
