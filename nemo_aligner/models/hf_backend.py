@@ -29,7 +29,7 @@ from lightning.fabric import Fabric
 from nemo_aligner.data.sequences import LAYOUT_KEYS, check_attention_window
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import NonFiniteError
-from nemo_aligner.utils.config import ConfigValueError
+from nemo_aligner.utils.config import ConfigValueError, check_attn_implementation
 from nemo_aligner.utils.fs import atomic_directory, atomic_write_text, fsync_dir, fsync_tree, make_readable
 from nemo_aligner.utils.runtime import rng_state, set_rng_state
 from nemo_aligner.utils.scheduler import build_cosine_scheduler
@@ -183,9 +183,11 @@ def load_pretrained_model(
     off and ``model.gradient_checkpointing`` (non-reentrant) applied.
 
     Raises:
+        ConfigValueError: ``model.attn_implementation`` is not one of
+            :data:`~nemo_aligner.utils.config.ATTN_IMPLEMENTATIONS`.
         OSError / ValueError: from transformers, for a missing or unsupported checkpoint.
     """
-    attn_implementation = model_cfg.get("attn_implementation", "sdpa")
+    attn_implementation = check_attn_implementation(model_cfg.get("attn_implementation", "sdpa"))
     model = auto_class.from_pretrained(
         source, **kwargs, dtype=precision_dtype(precision), attn_implementation=attn_implementation
     )
