@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import re
 import typing
 import dataclasses
 from pathlib import Path
@@ -417,6 +418,63 @@ def _wandb_logger(value: Any, key: str) -> bool:
     return out
 
 
+def _template_fields(template: str, key: str) -> set[str]:
+    import jinja2
+    import jinja2.meta
+
+    try:
+        return set(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigValueError(f"{key}: not a valid Jinja template (line {err.lineno}: {err.message})") from None
+
+
+def jinja_template(required: tuple[str, ...], allowed: tuple[str, ...], nullable: bool = False) -> Rule:
+    """A rule for a non-empty Jinja template that uses every field in ``required`` (``{{ response }}``) and no
+    field outside ``allowed`` (a typo such as ``{{ promt }}``); ``nullable``: null is allowed.
+
+    Raises:
+        ConfigValueError: naming the key and the missing (or unknown) ``{{ field }}``.
+    """
+    def rule(value: Any, key: str) -> Any:
+        value = text(nullable=nullable)(value, key)
+        if value is None:
+            return None
+        fields = _template_fields(str(value), key)
+        missing = [f for f in required if f not in fields]
+        if missing:
+            raise ConfigValueError(f"{key}: the template has no {{{{ {missing[0]} }}}} slot; add it (the template's "
+                                   f"fields: {', '.join(allowed)})")
+        unknown = sorted(fields - set(allowed))
+        if unknown:
+            raise ConfigValueError(f"{key}: the template uses {{{{ {unknown[0]} }}}}, which is not one of its fields "
+                                   f"({', '.join(allowed)})")
+        return value
+
+    return rule
+
+
+#: The slot of a NeMo-Aligner reward regex (``"Score: {{ reward }}"``): the score's capture group goes there.
+REWARD_SLOT = re.compile(r"\{\{ ?reward ?\}\}")
+
+
+def reward_regex(value: Any, key: str) -> Any:
+    """Rule: a reward regex with the ``{{ reward }}`` slot (``{{reward}}`` too) that compiles once the slot is
+    replaced by a capture group.
+
+    Raises:
+        ConfigValueError: no slot, or not a valid regular expression (naming the key and ``re``'s reason).
+    """
+    value = text()(value, key)
+    if not REWARD_SLOT.search(str(value)):
+        raise ConfigValueError(f"{key}={value!r} has no '{{{{ reward }}}}' slot: put it where the score stands in "
+                               "the judge's answer, e.g. 'Score: {{ reward }}'")
+    try:
+        re.compile(REWARD_SLOT.sub("(x)", str(value)))
+    except re.error as err:
+        raise ConfigValueError(f"{key}={value!r}: not a valid regular expression ({err})") from None
+    return value
+
+
 #: Rules shared by every training recipe, as ``(key pattern, rule)``; a pattern is an ``fnmatch`` pattern of the
 #: dotted key (``*`` also matches dots). The first matching pattern decides. Keys without a rule get one from the
 #: type of their default in the reference YAML (bool, int or float), so a string ``"false"`` is parsed and ``2.5``
@@ -478,8 +536,11 @@ RECIPE_RULES: dict[str, list[tuple[str, Rule]]] = {
         ("model.spin.ref_policy_kl_penalty", lambda v, k: _number_or_list(v, k, 0.0, None, True)),
         ("model.spin.preference_loss", choice("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")),
         ("model.spin.sft_average_log_probs", lambda v, k: None if v is None else to_bool(v, k)),
-        ("model.spin.llm_judge_prompt", text(nullable=True)),
-        ("model.spin.llm_meta_judge_prompt", text(nullable=True)),
+        ("model.spin.llm_judge_prompt", jinja_template(("response",), ("prompt", "response"), nullable=True)),
+        ("model.spin.llm_meta_judge_prompt", jinja_template(("judgement_a", "judgement_b"),
+                                                            ("prompt", "response", "judgement_a", "judgement_b"),
+                                                            nullable=True)),
+        ("model.spin.*judge_reward_regex", reward_regex),
         ("model.data.max_prompts", number(int, 0, nullable=True)),
     ],
     "gpt_sft": [
