@@ -172,6 +172,21 @@ def test_empty_model_directory_is_named_before_the_data_load(schema, tmp_path, c
     assert "sentencepiece" not in line
 
 
+@pytest.mark.parametrize("schema", list(SCRIPTS))
+def test_zero_byte_weights_are_named_before_the_data_load(schema, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Was ``SafetensorError: Error while deserializing header: header too small`` from transformers."""
+    import shutil
+
+    script = load_example_script(SCRIPTS[schema])
+    _forbid_loads(monkeypatch, script, allow_fabric=True)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"")
+    line = _run_expecting_exit(script, _cfg(schema, tmp_path, model), capsys)
+    assert line == (f"error: model weights file {model / 'model.safetensors'} is empty or damaged (0 bytes); copy or "
+                    "download the checkpoint again")
+
+
 def test_null_model_path_never_becomes_the_hub_id_none():
     from nemo_aligner.models.pretrained import resolve_pretrained
 
