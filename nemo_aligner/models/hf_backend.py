@@ -406,8 +406,8 @@ class HFModel(AlignableModel):
             raise NonFiniteError(
                 f"non-finite training values at optimizer step {self.scheduler.last_epoch + 1} "
                 f"({loss_text}gradient norm {float(grad_norm):.4g} on rank {self.data_parallel_rank}): the optimizer "
-                "step was skipped and nothing was saved. Lower model.optim.lr, set the trainer's gradient_clip_val, "
-                "or look for bad data around this step"
+                f"step was skipped and nothing was saved. {self._divergence_hint()}, or look for bad data around "
+                "this step"
             )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -445,8 +445,15 @@ class HFModel(AlignableModel):
         if float(bad) > 0:
             raise NonFiniteError(
                 f"not writing {what}: the weights hold {int(float(bad))} non-finite values (the previous "
-                "checkpoint is kept). Lower model.optim.lr or set the trainer's gradient_clip_val"
+                f"checkpoint is kept). {self._divergence_hint()}"
             )
+
+    def _divergence_hint(self) -> str:
+        """What to change after a non-finite step: gradient clipping only when it is off."""
+        if self.gradient_clip_val > 0:
+            return (f"Lower model.optim.lr (gradient clipping is already on, gradient_clip_val="
+                    f"{self.gradient_clip_val:g})")
+        return "Lower model.optim.lr or set the trainer's gradient_clip_val (e.g. 1.0; clipping is off)"
 
     def save_checkpoint(self, path: str, extra_state: dict) -> None:
         """Save ``model`` (trainable weights only with LoRA), ``optimizer``, ``scheduler``, RNG and ``extra_state``.

@@ -107,11 +107,12 @@ def test_dpo_nan_with_clipping_is_the_same_clear_stop(tmp_path, tiny_model_dir, 
     assert _finite_state(checkpoints / "step=0000001")
 
 
-def _policy(tiny_model_dir, lr=1e-2):
+def _policy(tiny_model_dir, lr=1e-2, gradient_clip_val=1.0):
     from nemo_aligner.models.hf_causal_lm import HFCausalLM
 
     cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": lr, "sched": {}}, "peft": {"peft_scheme": "none"}})
-    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(tiny_model_dir), max_steps=10)
+    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(tiny_model_dir), max_steps=10,
+                      gradient_clip_val=gradient_clip_val)
 
 
 def _weights(model):
@@ -143,6 +144,34 @@ def test_a_non_finite_loss_skips_the_optimizer_step(tiny_model_dir, tokenizer):
     with policy.accumulate(is_last=True):
         policy.backward(-policy.get_logprobs(batch).mean())
     assert policy.finish_training_step()["grad_norm"] > 0 and policy.scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("clip, hint", [
+    (1.0, "Lower model.optim.lr (gradient clipping is already on, gradient_clip_val=1), or look for bad data"),
+    (0.0, "Lower model.optim.lr or set the trainer's gradient_clip_val (e.g. 1.0; clipping is off), or look for bad"),
+])
+def test_the_non_finite_stop_suggests_clipping_only_when_it_is_off(tiny_model_dir, tokenizer, clip, hint):
+    """Issue 25: the stop told the user to "set the trainer's gradient_clip_val" with clipping already on."""
+    from nemo_aligner.data.preference_batch import collate_preference_pairs
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    batch = collate_preference_pairs(
+        [{"prompt_ids": [1] + ids("Human: tea?"), "chosen_ids": ids(" yes") + [2], "rejected_ids": ids(" no") + [2]}],
+        pad_token_id=0,
+    )
+    policy = _policy(tiny_model_dir, gradient_clip_val=clip)
+    policy.prepare_for_training_step()
+    with policy.accumulate(is_last=True):
+        policy.backward(-policy.get_logprobs(batch).mean() * float("nan"))
+    with pytest.raises(NonFiniteError) as err:
+        policy.finish_training_step()
+    assert hint in str(err.value)
+    assert ("set the trainer's gradient_clip_val" in str(err.value)) == (clip == 0)
+    with torch.no_grad():
+        next(policy.module.parameters())[0].fill_(float("nan"))
+    with pytest.raises(NonFiniteError) as err:
+        policy.export_hf("/nonexistent/never-written")
+    assert ("set the trainer's gradient_clip_val" in str(err.value)) == (clip == 0)
 
 
 def test_non_finite_weights_are_never_saved_or_exported(tmp_path, tiny_model_dir):
