@@ -464,6 +464,8 @@ class HFModel(AlignableModel):
 
         Raises:
             NonFiniteError: a weight is NaN or infinite (nothing is written; older checkpoints are untouched).
+            OSError / RuntimeError: a write failed (e.g. a full or read-only disk); the temporary directory is removed
+                and older checkpoints are untouched.
         """
         final = Path(path)
         self._check_finite_weights(f"checkpoint {final}")
@@ -479,21 +481,26 @@ class HFModel(AlignableModel):
             "extra_state": extra_state,
             "rng": rng_state(),
         }
-        self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
-        if (tmp / "state.pt").exists():  # each rank flushes what it wrote (its shards under FSDP)
-            fsync_tree(tmp / "state.pt")
-        self.fabric.barrier()
-        if self.fabric.is_global_zero:
-            atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
-            make_readable(tmp)
-            fsync_dir(tmp)
-            old = final.parent / f".{final.name}.old"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
+            if (tmp / "state.pt").exists():  # each rank flushes what it wrote (its shards under FSDP)
+                fsync_tree(tmp / "state.pt")
+            self.fabric.barrier()
+            if self.fabric.is_global_zero:
+                atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
+                make_readable(tmp)
+                fsync_dir(tmp)
+                old = final.parent / f".{final.name}.old"
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                if old.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if self.fabric.is_global_zero:  # a half-written checkpoint (e.g. on a full disk) frees its space
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.fabric.barrier()
 
     def load_checkpoint(self, path: str) -> dict:
