@@ -55,3 +55,9 @@ class CannotListenError(UserError, OSError):
 class MissingDependencyError(UserError, ImportError):
     """An optional package a setting asks for (e.g. vLLM for ``trainer.<algo>.vllm.enable=true``) is not installed;
     the message names the key and the install command."""
+
+
+class DiskError(UserError, OSError):
+    """A write failed because of the disk, not the data: no space left (``ENOSPC``), a quota (``EDQUOT``), a
+    read-only file system (``EROFS``) or a directory the process may not write (``EACCES``); the message names the
+    path, the reason and what to do (free space, make it writable, or the config key that points elsewhere)."""

@@ -23,9 +23,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemo_aligner.data.samplers import GlobalBatchSampler, sequential_batches
+from nemo_aligner.errors import DiskError, UserError
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, DamagedCheckpointError, NonFiniteError, step_of_name
 from nemo_aligner.utils.config import ConfigValueError, config_schema, dataclass_from_sections, key
+from nemo_aligner.utils.fs import disk_problem
 from nemo_aligner.utils.logging import format_metrics, get_logger, trim_csv_log
 
 
@@ -286,6 +288,26 @@ class TrainingLoop:
             raise NonFiniteError(f"training stopped at {self.name} step {self.step + 1}/{self.max_steps}: {err}; "
                                  f"{kept}") from err
 
+    @contextlib.contextmanager
+    def _stop_on_disk_error(self, what: str, path: Path):
+        """Around writing ``what`` (a checkpoint, the HF export) to ``path``: a write that fails because the disk is
+        full or read-only (:func:`~nemo_aligner.utils.fs.disk_problem`) is re-raised as one
+        :class:`~nemo_aligner.errors.DiskError` line naming the path, what to do and the last good checkpoint (a
+        failed save never replaces it: checkpoints are written aside and renamed into place when complete)."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:
+            reason = disk_problem(err, path.parent)
+            if reason is None:
+                raise
+            latest = self.context.checkpoints.latest()
+            kept = (f"the last good checkpoint, {latest}, is kept: rerun the same command to resume from it"
+                    if latest is not None else "no checkpoint was written")
+            raise DiskError(f"cannot write {what} {path}: {reason}. Free space on that disk or make {path.parent} "
+                            f"writable, or point exp_manager.explicit_log_dir at another disk; {kept}") from err
+
     def _run_validation(self) -> dict[str, float]:
         """:meth:`validate`, logged under ``val/`` and summarised in one line (rank 0); returns the metrics."""
         metrics = self.validate()
@@ -302,17 +324,27 @@ class TrainingLoop:
 
     def _validate_and_save(self, val_every: int, save_every: int) -> None:
         """After a step: validate every ``val_every`` steps and checkpoint every ``save_every`` steps (each also
-        after the last step; 0 = only then)."""
+        after the last step; 0 = only then).
+
+        Raises:
+            DiskError: the checkpoint cannot be written (disk full or read-only); the previous one is kept.
+        """
         if self._should(val_every):
             self.last_val_metrics = self._run_validation()
         if self._should(save_every):
-            self._save()
+            with self._stop_on_disk_error("checkpoint", self.context.checkpoints.path_for(self.step)):
+                self._save()
 
     def _export(self) -> None:
-        """Write ``<log_dir>/hf_export`` when ``export_hf``."""
+        """Write ``<log_dir>/hf_export`` when ``export_hf``.
+
+        Raises:
+            DiskError: the export cannot be written (disk full or read-only); an older export is untouched.
+        """
         if not self.context.export_hf:
             return
-        self.model.export_hf(str(self.context.log_dir / "hf_export"))
+        with self._stop_on_disk_error("the Hugging Face export", self.context.log_dir / "hf_export"):
+            self.model.export_hf(str(self.context.log_dir / "hf_export"))
         if self.context.is_global_zero:
             role = f" of {self.export_role}" if self.export_role else ""
             self.log.info(f"Hugging Face export{role} written to {self.context.log_dir / 'hf_export'}")

@@ -67,7 +67,8 @@ from nemo_aligner.data.sft import parse_sft_record
 from nemo_aligner.generation import response_seed
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import DamagedCheckpointError
-from nemo_aligner.utils.config import ConfigValueError, as_list, config_schema, dataclass_from_sections, key
+from nemo_aligner.utils.config import (REWARD_SLOT, ConfigValueError, as_list, config_schema,
+                                       dataclass_from_sections, key, reward_regex)
 
 # ---------------------------------------------------------------------------------------------------------------
 # the papers' prompts
@@ -231,11 +232,8 @@ class SelfRewardingConfig:
             raise ConfigValueError(f"model.spin.meta_max_relative_pcnt={self.meta_max_relative_pcnt} must lie in (0, 1]")
         if self.meta_judge_pcnt > 1.0:
             raise ConfigValueError(f"model.spin.meta_judge_pcnt={self.meta_judge_pcnt} must be <= 1 (< 0: no cap)")
-        if "{{ reward }}" not in self.judge_reward_regex.replace("{{reward}}", "{{ reward }}"):
-            raise ConfigValueError(f"model.spin.judge_reward_regex={self.judge_reward_regex!r} has no '{{{{ reward }}}}'")
-        if "{{ reward }}" not in self.meta_judge_reward_regex.replace("{{reward}}", "{{ reward }}"):
-            raise ConfigValueError(f"model.spin.meta_judge_reward_regex={self.meta_judge_reward_regex!r} has no "
-                                   "'{{ reward }}'")
+        reward_regex(self.judge_reward_regex, "model.spin.judge_reward_regex")
+        reward_regex(self.meta_judge_reward_regex, "model.spin.meta_judge_reward_regex")
         if self.judge_endpoint and not self.judge_model:
             raise ConfigValueError(f"model.spin.judge_endpoint={self.judge_endpoint!r} needs model.spin.judge_model "
                                    "(the served model's name)")
@@ -435,7 +433,7 @@ def fit_judge_prompt(template: str, fields: dict[str, str], count_tokens: Callab
 
 def build_reward_regex(template: str, value_pattern: str) -> re.Pattern:
     """Compile a NeMo-Aligner reward regex: ``{{ reward }}`` becomes the capture group ``value_pattern``."""
-    return re.compile(template.replace("{{reward}}", "{{ reward }}").replace("{{ reward }}", f"({value_pattern})"))
+    return re.compile(REWARD_SLOT.sub(lambda _: f"({value_pattern})", template))
 
 
 #: What ``{{ reward }}`` matches in the judge regex: an integer or decimal number (with an optional sign).

@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import datasets
 import numpy as np
 
-from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl
-from nemo_aligner.errors import MissingFileError
+from nemo_aligner.data.jsonl import DataFormatError, iter_jsonl, require_data_file
+from nemo_aligner.errors import DiskError, UserError
 from nemo_aligner.utils.config import ConfigValueError
-from nemo_aligner.utils.fs import make_readable
+from nemo_aligner.utils.fs import disk_problem, make_readable
 
 STATS_FILE = "stats.json"
 """Name of the counters file inside a cached dataset directory; its presence marks the directory complete."""
@@ -134,42 +134,60 @@ def build_cached_dataset(
         ``cache_path`` (the dataset directory), as also saved in its :data:`STATS_FILE`.
 
     Raises:
-        FileNotFoundError: no such file. DataFormatError: as raised by ``rows`` (the one at the lowest line when
+        FileNotFoundError: no such file, or a directory. DataFormatError: as raised by ``rows`` (the one at the lowest line when
             several workers fail); nothing is left in the cache. ValueError: no row kept.
+        DiskError: the cache cannot be written (disk full, read-only, not writable:
+            :func:`~nemo_aligner.utils.fs.disk_problem`); the message names ``cache_dir`` and ``model.data.cache_dir``.
     """
     path = Path(path).absolute()
-    if not path.is_file():
-        raise MissingFileError(missing_message.format(path=path))
+    require_data_file(path, missing_message.format(path=path))
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final_dir = cache_root / dir_name.format(stem=path.name.split(".")[0], key=cache_key(path, kind, key_parts))
     if cache_root.is_dir():
         clean_stale_temporaries(cache_root)
     if not (final_dir / STATS_FILE).is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
         try:
-            (work_dir / OWNER_FILE).write_text(json.dumps(_owner()))
-            num_shards = max(1, num_proc or 1)
-            try:
-                dataset = _generate_dataset(rows, features, tuple(counters), kept, extra_counts, num_shards, work_dir, final_dir)
-            except Exception:
-                # datasets fails on a file without rows too: explain that with the counters
-                _check_kept(_sum_shard_stats(work_dir, counters, num_shards), kept, empty_message, path)
+            _build(cache_root, final_dir, path, rows, features, counters, kept, extra_counts, empty_message, num_proc)
+        except UserError:
+            raise
+        except Exception as err:
+            reason = disk_problem(err, cache_root)
+            if reason is None:
                 raise
-            stats = _sum_shard_stats(work_dir, counters, num_shards)
-            _check_kept(stats, kept, empty_message, path)
-            if num_shards > 1:  # shards hold interleaved lines: restore file order
-                line_numbers = np.asarray(dataset.with_format("numpy")["line_no"])
-                dataset = dataset.select(np.argsort(line_numbers, kind="stable"))
-            dataset.save_to_disk(str(work_dir / "dataset"))
-            stats.update(path=str(path), cache_path=str(final_dir))
-            (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
-            make_readable(work_dir / "dataset")  # a shared cache: readable by other users under umask 022
-            publish(work_dir / "dataset", final_dir)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            raise DiskError(f"cannot write the tokenised-data cache {cache_root}: {reason}. Free space there or make it "
+                            "writable, or point model.data.cache_dir (or $NEMO_ALIGNER_CACHE) at another directory"
+                            ) from err
     return load_cached_dataset(final_dir)
 
+
+def _build(cache_root: Path, final_dir: Path, path: Path, rows: Rows, features: datasets.Features,
+           counters: Sequence[str], kept: str, extra_counts: Callable[[dict], dict] | None, empty_message: str,
+           num_proc: int | None) -> None:
+    """Tokenise ``path`` into a temporary directory under ``cache_root`` and publish it as ``final_dir`` (see
+    :func:`build_cached_dataset`); the temporary directory is removed whatever happens."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=cache_root))
+    try:
+        (work_dir / OWNER_FILE).write_text(json.dumps(_owner()))
+        num_shards = max(1, num_proc or 1)
+        try:
+            dataset = _generate_dataset(rows, features, tuple(counters), kept, extra_counts, num_shards, work_dir, final_dir)
+        except Exception:
+            # datasets fails on a file without rows too: explain that with the counters
+            _check_kept(_sum_shard_stats(work_dir, counters, num_shards), kept, empty_message, path)
+            raise
+        stats = _sum_shard_stats(work_dir, counters, num_shards)
+        _check_kept(stats, kept, empty_message, path)
+        if num_shards > 1:  # shards hold interleaved lines: restore file order
+            line_numbers = np.asarray(dataset.with_format("numpy")["line_no"])
+            dataset = dataset.select(np.argsort(line_numbers, kind="stable"))
+        dataset.save_to_disk(str(work_dir / "dataset"))
+        stats.update(path=str(path), cache_path=str(final_dir))
+        (work_dir / "dataset" / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        make_readable(work_dir / "dataset")  # a shared cache: readable by other users under umask 022
+        publish(work_dir / "dataset", final_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def build_tokenized_dataset(

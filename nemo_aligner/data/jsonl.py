@@ -74,9 +74,9 @@ def iter_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> Iterator[t
         An iterator of ``(line_no, record)`` with ``line_no`` 1-based (blank lines count).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (raised immediately, not on first ``next``).
+        FileNotFoundError: ``path`` does not exist or is a directory (raised immediately, not on first ``next``).
         DataFormatError: while iterating, for a line that is not valid UTF-8, not valid
-            JSON (the message includes the decoder's error), nested too deeply to decode,
+            JSON (the message gives the column within the line and the decoder's error), nested too deeply to decode,
             not a JSON object, or holding a string with a lone UTF-16 surrogate (``"\\ud800"``,
             not encodable as UTF-8; the field is named); for a ``.gz`` file that is not gzip data
             (no line), or whose gzip data is truncated or corrupt (the line where reading
@@ -84,9 +84,24 @@ def iter_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> Iterator[t
             unless ``allow_empty``. Never a raw ``EOFError``/``OSError``/``zlib.error``/``RecursionError``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"JSON-lines data file not found: {path} (resolved to {path.absolute()})")
+    require_data_file(path, f"JSON-lines data file not found: {path} (resolved to {path.absolute()})")
     return _iter_records(path, allow_empty)
+
+
+def require_data_file(path: Path, missing_message: str) -> None:
+    """Check that the data file ``path`` exists and is a file.
+
+    Raises:
+        MissingFileError: ``path`` is a directory (the message says so and names up to 3 JSON-lines files in it),
+            or does not exist (``missing_message``).
+    """
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")))
+        inside = f" (it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''})" if found else ""
+        raise MissingFileError(f"data file {path} is a directory{inside}; give the path of a JSON-lines file "
+                               "(.jsonl or .jsonl.gz) instead")
+    if not path.is_file():
+        raise MissingFileError(missing_message)
 
 
 def _iter_records(path: Path, allow_empty: bool) -> Iterator[tuple[int, dict]]:
@@ -106,7 +121,9 @@ def _iter_records(path: Path, allow_empty: bool) -> Iterator[tuple[int, dict]]:
         except RecursionError:
             message = "invalid JSON: arrays/objects nested too deeply to decode"
             raise DataFormatError(path, line_no, None, message) from None
-        except ValueError as err:  # JSONDecodeError, or an integer with too many digits to convert
+        except json.JSONDecodeError as err:  # its position is within this line, which is the file's line_no
+            raise DataFormatError(path, line_no, None, f"invalid JSON {json_error_position(text, err)}: {err.msg}") from None
+        except ValueError as err:  # an integer with too many digits to convert
             raise DataFormatError(path, line_no, None, f"invalid JSON: {err}") from None
         if not isinstance(record, dict):
             raise DataFormatError(
@@ -123,6 +140,15 @@ def _iter_records(path: Path, allow_empty: bool) -> Iterator[tuple[int, dict]]:
         yield line_no, record
     if num_records == 0 and not allow_empty:
         raise DataFormatError(path, None, None, "the file holds no JSON records (it is empty or has only blank lines)")
+
+
+def json_error_position(line: str, err: json.JSONDecodeError) -> str:
+    """Where in ``line`` (one line of a file, as decoded) ``json.loads(line)`` failed: ``"at column N"`` (1-based,
+    in characters), ``"at column N (end of line)"`` when the record stops before the decoder expected it to.
+    The decoder's own ``line 2 column 1`` counts the line's trailing newline as a second line."""
+    content = len(line.rstrip("\r\n"))
+    column = min(err.pos, content) + 1
+    return f"at column {column}" + (" (end of line)" if err.pos >= content else "")
 
 
 def _iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -78,14 +78,18 @@ def parse_prompt_record(record: dict, path: str | os.PathLike, line_no: int) -> 
     """The prompt of one JSON record (see the module docstring for the formats).
 
     Raises:
-        DataFormatError: naming ``path:line_no`` and the field: an empty or wrongly typed prompt, a malformed chat
-            message or one whose role is not system, user or assistant (any capitalisation; see
+        DataFormatError: naming ``path:line_no`` and the field: an empty, whitespace-only or wrongly typed prompt,
+            a malformed chat message or one whose role is not system, user or assistant (any capitalisation; see
             :func:`~nemo_aligner.data.chat.check_messages`), an HH-RLHF transcript without an
             ``"\\n\\nAssistant:"`` turn, or an unknown format (the message lists the accepted ones).
     """
     error = functools.partial(DataFormatError, path, line_no)
     if "prompt" in record:
-        return require_turns(record, "prompt", error)
+        prompt = require_turns(record, "prompt", error)
+        if isinstance(prompt, str) and not prompt.strip():
+            raise error("prompt", f"the prompt is only whitespace ({prompt!r:.40}); give the prompt text or remove "
+                                  "the line")
+        return prompt
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):

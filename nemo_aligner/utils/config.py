@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
+import re
 import typing
 import dataclasses
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_aligner.errors import MissingFileError, UserError
+from nemo_aligner.errors import MissingDependencyError, MissingFileError, UserError
 
 #: Sections whose contents are passed through to another library and are therefore not checked (Ray's resource
 #: names are the cluster's own, e.g. custom resources; nemo_aligner.recipes.ray_train checks their amounts).
@@ -358,30 +360,143 @@ def _precision(value: Any, key: str) -> Any:
     return value
 
 
+#: The values of ``model.attn_implementation`` the models accept: transformers' built-in attention implementations
+#: (``flash_attention_*`` need the ``flash-attn`` package and a GPU; the packed and shared-prefix layouts need
+#: ``sdpa`` or ``eager``).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_attn_implementation(value: Any, key: str = "model.attn_implementation") -> Any:
+    """Rule: one of :data:`ATTN_IMPLEMENTATIONS` (null: the model's default).
+
+    Raises:
+        ConfigValueError: anything else, naming ``key`` and the accepted values.
+    """
+    if value is None or (isinstance(value, str) and value.strip() in ATTN_IMPLEMENTATIONS):
+        return value
+    raise _fail(key, value, "one of " + ", ".join(ATTN_IMPLEMENTATIONS))
+
+
+def check_accelerator(value: Any, key: str = "trainer.accelerator") -> Any:
+    """Rule: ``auto``, ``cpu``, ``gpu``, ``cuda``, ``mps`` or ``tpu``, where ``tpu`` needs the ``torch_xla`` package
+    and ``mps`` an Apple MPS device (whether a CUDA device is visible is checked where the processes start,
+    :func:`nemo_aligner.utils.runtime.build_fabric`: a Ray driver may have none while its workers do).
+
+    Raises:
+        ConfigValueError: an unknown accelerator, or ``mps`` without an MPS device (naming ``key``).
+        MissingDependencyError: ``tpu`` without ``torch_xla`` installed.
+    """
+    out = choice("auto", "cpu", "gpu", "cuda", "mps", "tpu")(value, key)
+    name = out.strip().lower()
+    if name == "tpu" and importlib.util.find_spec("torch_xla") is None:
+        raise MissingDependencyError(f"{key}=tpu needs torch_xla, which is not installed: `pip install torch_xla` on a "
+                                     f"TPU machine, or set {key}=auto (GPU if visible, else CPU)")
+    if name == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigValueError(f"{key}=mps: no Apple MPS device on this machine; set {key}=auto or cpu")
+    return out
+
+
+def _limit_batches(value: Any, key: str) -> Any:
+    """Rule of ``limit_val_batches`` / ``limit_train_batches``: an int is a batch count >= 0, a float a fraction >= 0
+    (never negative: -1 is not "all", 1.0 is)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 0:
+            return value
+        raise _fail(key, value, "a batch count >= 0 (an integer) or a fraction >= 0 (1.0: all batches)")
+    return number(float, 0, note="a batch count >= 0")(value, key)
+
+
+def _wandb_logger(value: Any, key: str) -> bool:
+    """Rule: a boolean; true needs the ``wandb`` package."""
+    out = to_bool(value, key)
+    if out and importlib.util.find_spec("wandb") is None:
+        raise MissingDependencyError(f"{key}=true needs wandb, which is not installed: `pip install wandb`, or set "
+                                     f"{key}=false")
+    return out
+
+
+def _template_fields(template: str, key: str) -> set[str]:
+    import jinja2
+    import jinja2.meta
+
+    try:
+        return set(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigValueError(f"{key}: not a valid Jinja template (line {err.lineno}: {err.message})") from None
+
+
+def jinja_template(required: tuple[str, ...], allowed: tuple[str, ...], nullable: bool = False) -> Rule:
+    """A rule for a non-empty Jinja template that uses every field in ``required`` (``{{ response }}``) and no
+    field outside ``allowed`` (a typo such as ``{{ promt }}``); ``nullable``: null is allowed.
+
+    Raises:
+        ConfigValueError: naming the key and the missing (or unknown) ``{{ field }}``.
+    """
+    def rule(value: Any, key: str) -> Any:
+        value = text(nullable=nullable)(value, key)
+        if value is None:
+            return None
+        fields = _template_fields(str(value), key)
+        missing = [f for f in required if f not in fields]
+        if missing:
+            raise ConfigValueError(f"{key}: the template has no {{{{ {missing[0]} }}}} slot; add it (the template's "
+                                   f"fields: {', '.join(allowed)})")
+        unknown = sorted(fields - set(allowed))
+        if unknown:
+            raise ConfigValueError(f"{key}: the template uses {{{{ {unknown[0]} }}}}, which is not one of its fields "
+                                   f"({', '.join(allowed)})")
+        return value
+
+    return rule
+
+
+#: The slot of a NeMo-Aligner reward regex (``"Score: {{ reward }}"``): the score's capture group goes there.
+REWARD_SLOT = re.compile(r"\{\{ ?reward ?\}\}")
+
+
+def reward_regex(value: Any, key: str) -> Any:
+    """Rule: a reward regex with the ``{{ reward }}`` slot (``{{reward}}`` too) that compiles once the slot is
+    replaced by a capture group.
+
+    Raises:
+        ConfigValueError: no slot, or not a valid regular expression (naming the key and ``re``'s reason).
+    """
+    value = text()(value, key)
+    if not REWARD_SLOT.search(str(value)):
+        raise ConfigValueError(f"{key}={value!r} has no '{{{{ reward }}}}' slot: put it where the score stands in "
+                               "the judge's answer, e.g. 'Score: {{ reward }}'")
+    try:
+        re.compile(REWARD_SLOT.sub("(x)", str(value)))
+    except re.error as err:
+        raise ConfigValueError(f"{key}={value!r}: not a valid regular expression ({err})") from None
+    return value
+
+
 #: Rules shared by every training recipe, as ``(key pattern, rule)``; a pattern is an ``fnmatch`` pattern of the
 #: dotted key (``*`` also matches dots). The first matching pattern decides. Keys without a rule get one from the
 #: type of their default in the reference YAML (bool, int or float), so a string ``"false"`` is parsed and ``2.5``
 #: for an integer key is an error, never truncated.
 COMMON_RULES: list[tuple[str, Rule]] = [
-    ("trainer.accelerator", choice("auto", "cpu", "gpu", "cuda", "mps", "tpu")),
+    ("trainer.accelerator", check_accelerator),
     ("trainer.devices", _devices),
     ("trainer.num_nodes", number(int, 1)),
     ("trainer.precision", _precision),
     ("trainer.strategy", choice("auto", "ddp", "fsdp", "ddp_spawn", "dp", "single_device", "ddp_find_unused_parameters_true")),
     ("trainer.*.max_epochs", number(int, 1)),
-    ("trainer.*.max_steps", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool) and v < 0
-     else number(int, 1, note="a negative number (no limit)")(v, k)),
+    ("trainer.*.max_steps", number(int, 1, also=(-1,))),  # -1: no limit (max_epochs decides)
     ("trainer.*.val_check_interval", number(int, 0)),
     ("trainer.*.save_interval", number(int, 0)),
-    ("trainer.*.limit_val_batches", lambda v, k: v if isinstance(v, int) and not isinstance(v, bool)
-     else number(float, 0, note="an integer batch count")(v, k)),  # int: batches (< 0: all), float: fraction
+    ("trainer.*.limit_*_batches", _limit_batches),
     ("trainer.*.gradient_clip_val", number(float, 0)),
     ("pretrained_checkpoint.restore_from_path", text()),
     ("*.micro_batch_size", number(int, 1)),
     ("*.global_batch_size", number(int, 1)),
     ("model.encoder_seq_length", number(int, 2)),
     ("model.seed", number(int, 0)),
-    ("*.attn_implementation", text()),
+    ("*.attn_implementation", check_attn_implementation),
     ("*.peft.peft_scheme", choice("none", "lora")),
     ("*.lora_tuning.adapter_dim", number(int, 1)),
     ("*.lora_tuning.alpha", number(float, 0, low_open=True)),
@@ -398,6 +513,7 @@ COMMON_RULES: list[tuple[str, Rule]] = [
     ("model.data.cache_dir", text(nullable=True)),
     ("model.data.data_prefix.train", files),
     ("exp_manager.explicit_log_dir", text()),
+    ("exp_manager.create_wandb_logger", _wandb_logger),
     ("exp_manager.checkpoint_callback_params.save_top_k", number(int, 0, also=(-1,))),
     ("exp_manager.checkpoint_callback_params.monitor", text()),
     ("exp_manager.checkpoint_callback_params.mode", choice("min", "max")),
@@ -420,8 +536,11 @@ RECIPE_RULES: dict[str, list[tuple[str, Rule]]] = {
         ("model.spin.ref_policy_kl_penalty", lambda v, k: _number_or_list(v, k, 0.0, None, True)),
         ("model.spin.preference_loss", choice("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")),
         ("model.spin.sft_average_log_probs", lambda v, k: None if v is None else to_bool(v, k)),
-        ("model.spin.llm_judge_prompt", text(nullable=True)),
-        ("model.spin.llm_meta_judge_prompt", text(nullable=True)),
+        ("model.spin.llm_judge_prompt", jinja_template(("response",), ("prompt", "response"), nullable=True)),
+        ("model.spin.llm_meta_judge_prompt", jinja_template(("judgement_a", "judgement_b"),
+                                                            ("prompt", "response", "judgement_a", "judgement_b"),
+                                                            nullable=True)),
+        ("model.spin.*judge_reward_regex", reward_regex),
         ("model.data.max_prompts", number(int, 0, nullable=True)),
     ],
     "gpt_sft": [

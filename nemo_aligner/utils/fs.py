@@ -9,11 +9,64 @@ permissions a plain ``mkdir``/``open`` would have under the process umask (e.g. 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+#: The OS errors of a write that say the disk (not the data) is at fault, with the reason a message gives.
+DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+#: Below this many free bytes a failed write is put down to a full disk (e.g. ``torch.save``'s ``RuntimeError``, which
+#: loses the ``ENOSPC`` of the write it wraps).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_problem(err: BaseException, directory: str | os.PathLike) -> str | None:
+    """Why a write under ``directory`` that raised ``err`` failed, when the disk is at fault, else None.
+
+    The disk is at fault when ``err`` or an exception it was raised from (``__cause__``/``__context__``, e.g. a
+    library's wrapper) is an ``OSError`` whose errno is in :data:`DISK_ERRNOS` and whose file (if it names one) lies
+    under ``directory``; or, for any other error, when the file system of ``directory`` (or its nearest existing
+    parent) is now mounted read-only or has less than :data:`NEARLY_FULL_BYTES` free.
+
+    Returns:
+        e.g. ``"no space left on the device (errno 28)"``, or None.
+    """
+    root = os.path.abspath(directory)
+    seen, todo = set(), [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            names = [os.path.abspath(os.fsdecode(n)) for n in (current.filename, current.filename2) if n is not None]
+            if not names or any(n == root or n.startswith(root + os.sep) for n in names):
+                return f"{DISK_ERRNOS[current.errno]} (errno {current.errno})"
+            return None  # e.g. a data file this process may not read: not the disk being written
+        todo += [current.__cause__, current.__context__]
+    where = Path(directory)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return f"read-only file system (errno {errno.EROFS})"
+    if stat.f_bavail * stat.f_frsize < NEARLY_FULL_BYTES:
+        return f"no space left on the device (errno {errno.ENOSPC})"
+    return None
 
 
 def _umask() -> int:

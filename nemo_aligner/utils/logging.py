@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import logging
 import os
@@ -14,6 +15,7 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 
+from nemo_aligner.errors import MissingDependencyError
 from nemo_aligner.utils.fs import atomic_write_text
 
 _LOG = logging.getLogger("nemo_aligner")
@@ -119,7 +121,8 @@ def build_loggers(log_dir: str | Path, exp_cfg: Any) -> list:
     The CSV logger (:class:`AppendingCSVLogger`) continues ``csv/metrics.csv`` across resumes.
 
     Raises:
-        ImportError: W&B requested but ``wandb`` is not installed (``pip install nemo_aligner[wandb]``).
+        MissingDependencyError: W&B requested but ``wandb`` is not installed (the message names
+            ``exp_manager.create_wandb_logger`` and ``pip install wandb``).
     """
     log_dir = Path(log_dir)
     loggers = [
@@ -127,10 +130,11 @@ def build_loggers(log_dir: str | Path, exp_cfg: Any) -> list:
         AppendingCSVLogger(root_dir=str(log_dir), name="csv", version="", flush_logs_every_n_steps=1),
     ]
     if exp_cfg.get("create_wandb_logger", False):
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError as err:  # pragma: no cover - optional dependency
-            raise ImportError("exp_manager.create_wandb_logger=true needs `pip install wandb`") from err
+        if importlib.util.find_spec("wandb") is None:  # lightning's WandbLogger would raise ModuleNotFoundError
+            raise MissingDependencyError("exp_manager.create_wandb_logger=true needs wandb, which is not installed: "
+                                         "`pip install wandb`, or set exp_manager.create_wandb_logger=false")
+        from lightning.pytorch.loggers import WandbLogger
+
         kwargs = dict(exp_cfg.get("wandb_logger_kwargs", {}) or {})
         loggers.append(WandbLogger(save_dir=str(log_dir), **kwargs))
     return loggers

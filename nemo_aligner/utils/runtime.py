@@ -15,7 +15,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
-from nemo_aligner.utils.config import ConfigValueError, normalize_precision  # noqa: F401 (normalize_precision: re-exported)
+from nemo_aligner.utils.config import ConfigValueError, check_accelerator, normalize_precision  # noqa: F401 (normalize_precision: re-exported)
 
 
 def transformer_block_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -42,9 +42,14 @@ def build_fabric(trainer_cfg: Any, loggers: list | None = None, seed: int = 1234
     ``num_nodes`` must then describe that group (processes per node, nodes).
 
     Raises:
-        ConfigValueError: unknown precision or strategy.
+        ConfigValueError: unknown precision or strategy; an accelerator this machine does not have (``gpu``/``cuda``
+            without a visible CUDA device, ``mps`` without an MPS device).
+        MissingDependencyError: ``tpu`` without ``torch_xla`` (:func:`~nemo_aligner.utils.config.check_accelerator`).
     """
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    accelerator = str(check_accelerator(trainer_cfg.get("accelerator", "auto"))).strip().lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigValueError(f"trainer.accelerator={accelerator} but no CUDA device is visible on this machine; set "
+                               "trainer.accelerator=auto or cpu")
     devices = trainer_cfg.get("devices", 1)
     precision = normalize_precision(trainer_cfg.get("precision", "32"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())

@@ -71,6 +71,19 @@ BAD_VALUES = [
     ("training_rm", "model.micro_batch_size=2.5", "model.micro_batch_size=2.5"),
     ("training_rm", "pretrained_checkpoint.restore_from_path=null", "pretrained_checkpoint.restore_from_path=null"),
     ("training_rm", "model.reward_standardization.std=0", "model.reward_standardization.std=0"),
+    # issue 25: a negative limit or step count was read as "all" / "no limit"; an unknown attention implementation
+    # was transformers' traceback
+    ("gpt_dpo", "trainer.dpo.limit_val_batches=-1",
+     "trainer.dpo.limit_val_batches=-1: expected a batch count >= 0 (an integer) or a fraction >= 0 (1.0: all batches)"),
+    ("gpt_dpo", "trainer.dpo.limit_val_batches=-0.5", "trainer.dpo.limit_val_batches=-0.5: expected a number >= 0"),
+    ("gpt_sft", "trainer.sft.limit_val_batches=-1", "trainer.sft.limit_val_batches=-1: expected a batch count >= 0"),
+    ("training_rm", "trainer.rm.limit_val_batches=-2", "trainer.rm.limit_val_batches=-2: expected a batch count >= 0"),
+    ("gpt_dpo", "trainer.dpo.max_steps=-5", "trainer.dpo.max_steps=-5: expected an integer >= 1 or -1"),
+    ("gpt_sft", "trainer.sft.max_steps=-5", "trainer.sft.max_steps=-5: expected an integer >= 1 or -1"),
+    ("training_rm", "trainer.rm.max_steps=-2", "trainer.rm.max_steps=-2: expected an integer >= 1 or -1"),
+    ("gpt_dpo", "model.attn_implementation=bogus",
+     "model.attn_implementation='bogus': expected one of sdpa, eager, flash_attention_2, flash_attention_3, flex_attention"),
+    ("gpt_sft", "model.attn_implementation=flash_attn", "model.attn_implementation='flash_attn': expected one of sdpa"),
 ]
 
 
@@ -81,6 +94,61 @@ def test_bad_value_is_a_one_line_error_before_any_load(schema, override, message
     _forbid_loads(monkeypatch, script)
     line = _run_expecting_exit(script, _cfg(schema, tmp_path, tiny_model_dir, override), capsys)
     assert message in line
+
+
+@pytest.mark.parametrize("schema, override, message", [
+    ("gpt_ppo_actor", "trainer.ppo.max_steps=-5", "trainer.ppo.max_steps=-5: expected an integer >= 1 or -1"),
+    ("gpt_rs_actor", "trainer.rs.max_steps=-2", "trainer.rs.max_steps=-2: expected an integer >= 1 or -1"),
+    ("gpt_self_rewarding", "trainer.self_rewarding.max_steps=-3", "trainer.self_rewarding.max_steps=-3: expected an "
+                                                                   "integer >= 1 or -1"),
+    ("gpt_self_rewarding", "trainer.self_rewarding.limit_val_batches=-1",
+     "trainer.self_rewarding.limit_val_batches=-1: expected a batch count >= 0"),
+    ("gpt_self_rewarding", "trainer.self_rewarding.limit_train_batches=-1",
+     "trainer.self_rewarding.limit_train_batches=-1: expected a batch count >= 0"),
+    ("gpt_ppo_actor", "model.attn_implementation=bogus", "model.attn_implementation='bogus': expected one of sdpa"),
+])
+def test_negative_sentinels_and_attention_are_checked_in_every_trainer(schema, override, message):
+    """The online trainers' configs (PPO, RS, self-rewarding) go through the same rules as DPO/SFT/RM."""
+    from nemo_aligner.recipes.common import check_config
+
+    cfg = compose_config(schema, ["pretrained_checkpoint.restore_from_path=/tmp/model", override])
+    with pytest.raises(ConfigValueError) as err:
+        check_config(cfg, schema)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("schema, override", [("gpt_dpo", "trainer.dpo.max_steps=-1"),
+                                              ("gpt_dpo", "trainer.dpo.limit_val_batches=0"),
+                                              ("gpt_dpo", "trainer.dpo.limit_val_batches=0.5"),
+                                              ("gpt_sft", "trainer.sft.limit_val_batches=3"),
+                                              ("gpt_dpo", "model.attn_implementation=eager"),
+                                              ("gpt_dpo", "model.attn_implementation=flex_attention")])
+def test_the_sentinels_and_attention_implementations_still_accepted(schema, override, tmp_path, tiny_model_dir):
+    from nemo_aligner.recipes.common import check_config
+
+    check_config(_cfg(schema, tmp_path, tiny_model_dir, override), schema)
+
+
+MISSING_PACKAGES = [
+    ("trainer.accelerator=tpu", "torch_xla", "error: trainer.accelerator=tpu needs torch_xla, which is not installed: "
+     "`pip install torch_xla` on a TPU machine, or set trainer.accelerator=auto (GPU if visible, else CPU)"),
+    ("exp_manager.create_wandb_logger=true", "wandb", "error: exp_manager.create_wandb_logger=true needs wandb, which "
+     "is not installed: `pip install wandb`, or set exp_manager.create_wandb_logger=false"),
+]
+
+
+@pytest.mark.parametrize("schema", list(SCRIPTS))
+@pytest.mark.parametrize("override, package, message", MISSING_PACKAGES, ids=[p for _, p, _ in MISSING_PACKAGES])
+def test_a_setting_whose_package_is_missing_is_one_line_before_any_load(schema, override, package, message, tmp_path,
+                                                                       tiny_model_dir, capsys, monkeypatch):
+    """Used to be lightning's ``ModuleNotFoundError: Requirement 'torch_xla>=1.13' not met`` (or wandb's) traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    script = load_example_script(SCRIPTS[schema])
+    _forbid_loads(monkeypatch, script)
+    assert _run_expecting_exit(script, _cfg(schema, tmp_path, tiny_model_dir, override), capsys) == message
 
 
 def test_sft_batch_size_error_names_sfts_own_keys(tmp_path, tiny_model_dir, capsys, monkeypatch):
@@ -102,6 +170,21 @@ def test_empty_model_directory_is_named_before_the_data_load(schema, tmp_path, c
     line = _run_expecting_exit(script, _cfg(schema, tmp_path, empty), capsys)
     assert f"restore_from_path='{empty}' is not a model checkpoint directory (it is empty)" in line
     assert "sentencepiece" not in line
+
+
+@pytest.mark.parametrize("schema", list(SCRIPTS))
+def test_zero_byte_weights_are_named_before_the_data_load(schema, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Was ``SafetensorError: Error while deserializing header: header too small`` from transformers."""
+    import shutil
+
+    script = load_example_script(SCRIPTS[schema])
+    _forbid_loads(monkeypatch, script, allow_fabric=True)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"")
+    line = _run_expecting_exit(script, _cfg(schema, tmp_path, model), capsys)
+    assert line == (f"error: model weights file {model / 'model.safetensors'} is empty or damaged (0 bytes); copy or "
+                    "download the checkpoint again")
 
 
 def test_null_model_path_never_becomes_the_hub_id_none():

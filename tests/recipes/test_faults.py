@@ -4,6 +4,7 @@ permissions of exports and checkpoints, and leftovers of killed data-cache build
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -107,11 +108,75 @@ def test_dpo_nan_with_clipping_is_the_same_clear_stop(tmp_path, tiny_model_dir, 
     assert _finite_state(checkpoints / "step=0000001")
 
 
-def _policy(tiny_model_dir, lr=1e-2):
+# ---- issue 25: a full or read-only disk at a checkpoint, the export or the data cache ------------------------------
+DISK_ERRORS = [(errno.ENOSPC, "no space left on the device (errno 28)"),
+               (errno.EROFS, "read-only file system (errno 30)")]
+
+
+def _refuse_writes(monkeypatch, errno_, match):
+    """``os.replace`` (how checkpoints, exports and cache entries are put into place) fails as a full or read-only
+    disk does for any destination whose name ``match`` accepts (chmod does not stop root, so it is simulated)."""
+    real = os.replace
+
+    def replace(src, dst):
+        if match(Path(dst)):
+            raise OSError(errno_, os.strerror(errno_), str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("errno_, reason", DISK_ERRORS, ids=["ENOSPC", "EROFS"])
+def test_a_disk_error_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tmp_path, tiny_model_dir, dpo_script,
+                                                                             monkeypatch, errno_, reason):
+    """Was an OSError traceback. The step-2 save fails with a one-line user error (DiskError: run_or_exit prints it
+    and exits 2); the step-1 checkpoint stays valid and the same command, rerun once the disk is fixed, resumes
+    from it."""
+    from nemo_aligner.errors import DiskError, UserError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    common = ["trainer.dpo.max_epochs=3", "trainer.dpo.max_steps=3", "model.global_batch_size=4",
+              "model.micro_batch_size=4", "model.optim.lr=1e-3", "trainer.dpo.save_interval=1",
+              "trainer.dpo.val_check_interval=0", "exp_manager.checkpoint_callback_params.save_top_k=-1",
+              "exp_manager.export_hf=false", "model.data.data_prefix.validation=null"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _refuse_writes(monkeypatch, errno_, lambda dst: dst.name == "step=0000002")
+    with pytest.raises(DiskError) as err:
+        dpo_script.run(dpo_cfg(tmp_path, tiny_model_dir, data, data, *common))
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    assert str(err.value) == (f"cannot write checkpoint {checkpoints / 'step=0000002'}: {reason}. Free space on that "
+                              f"disk or make {checkpoints} writable, or point exp_manager.explicit_log_dir at another "
+                              f"disk; the last good checkpoint, {checkpoints / 'step=0000001'}, is kept: rerun the "
+                              "same command to resume from it")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step=0000001"]  # no half-written temporary left
+    assert checkpoint_problem(checkpoints / "step=0000001") is None
+
+    monkeypatch.undo()
+    out = dpo_script.run(dpo_cfg(tmp_path, tiny_model_dir, data, data, *common))
+    assert len(out["history"]) == 2  # steps 2 and 3, from step 1's checkpoint
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step=0000001", "step=0000002", "step=0000003"]
+
+
+def test_a_full_disk_at_the_export_is_one_line(tmp_path, tiny_model_dir, dpo_script, monkeypatch):
+    from nemo_aligner.errors import DiskError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    _refuse_writes(monkeypatch, errno.ENOSPC, lambda dst: dst.name == "hf_export")
+    cfg = dpo_cfg(tmp_path, tiny_model_dir, data, data, "trainer.dpo.max_steps=1", "model.global_batch_size=4",
+                  "model.micro_batch_size=4", "model.data.data_prefix.validation=null")
+    with pytest.raises(DiskError, match=r"^cannot write the Hugging Face export .*hf_export: no space left on the "
+                                        r"device \(errno 28\)\. .*the last good checkpoint, .*step=0000001, is kept"):
+        dpo_script.run(cfg)
+    assert not (tmp_path / "run" / "hf_export").exists()
+    assert checkpoint_problem(tmp_path / "run" / "checkpoints" / "step=0000001") is None
+
+
+def _policy(tiny_model_dir, lr=1e-2, gradient_clip_val=1.0):
     from nemo_aligner.models.hf_causal_lm import HFCausalLM
 
     cfg = OmegaConf.create({"optim": {"name": "adamw", "lr": lr, "sched": {}}, "peft": {"peft_scheme": "none"}})
-    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(tiny_model_dir), max_steps=10)
+    return HFCausalLM(Fabric(accelerator="cpu", devices=1), cfg, str(tiny_model_dir), max_steps=10,
+                      gradient_clip_val=gradient_clip_val)
 
 
 def _weights(model):
@@ -143,6 +208,34 @@ def test_a_non_finite_loss_skips_the_optimizer_step(tiny_model_dir, tokenizer):
     with policy.accumulate(is_last=True):
         policy.backward(-policy.get_logprobs(batch).mean())
     assert policy.finish_training_step()["grad_norm"] > 0 and policy.scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("clip, hint", [
+    (1.0, "Lower model.optim.lr (gradient clipping is already on, gradient_clip_val=1), or look for bad data"),
+    (0.0, "Lower model.optim.lr or set the trainer's gradient_clip_val (e.g. 1.0; clipping is off), or look for bad"),
+])
+def test_the_non_finite_stop_suggests_clipping_only_when_it_is_off(tiny_model_dir, tokenizer, clip, hint):
+    """Issue 25: the stop told the user to "set the trainer's gradient_clip_val" with clipping already on."""
+    from nemo_aligner.data.preference_batch import collate_preference_pairs
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    batch = collate_preference_pairs(
+        [{"prompt_ids": [1] + ids("Human: tea?"), "chosen_ids": ids(" yes") + [2], "rejected_ids": ids(" no") + [2]}],
+        pad_token_id=0,
+    )
+    policy = _policy(tiny_model_dir, gradient_clip_val=clip)
+    policy.prepare_for_training_step()
+    with policy.accumulate(is_last=True):
+        policy.backward(-policy.get_logprobs(batch).mean() * float("nan"))
+    with pytest.raises(NonFiniteError) as err:
+        policy.finish_training_step()
+    assert hint in str(err.value)
+    assert ("set the trainer's gradient_clip_val" in str(err.value)) == (clip == 0)
+    with torch.no_grad():
+        next(policy.module.parameters())[0].fill_(float("nan"))
+    with pytest.raises(NonFiniteError) as err:
+        policy.export_hf("/nonexistent/never-written")
+    assert ("set the trainer's gradient_clip_val" in str(err.value)) == (clip == 0)
 
 
 def test_non_finite_weights_are_never_saved_or_exported(tmp_path, tiny_model_dir):
@@ -412,3 +505,43 @@ def test_a_killed_tokenisation_leaves_nothing_after_the_next_build(tmp_path, tok
         proc.wait()
     load_preference_datasets([data], tokenizer=tokenizer, max_seq_length=64, cache_dir=root)
     assert list(root.glob(".tmp-*")) == []
+
+
+@pytest.mark.parametrize("errno_, reason", DISK_ERRORS, ids=["ENOSPC", "EROFS"])
+@pytest.mark.parametrize("where", ["publish", "datasets-write"])
+def test_a_full_or_read_only_data_cache_is_one_line(tmp_path, tokenizer, monkeypatch, errno_, reason, where):
+    """Was an OSError traceback (or datasets' DatasetGenerationError around it); nothing is left in the cache."""
+    import datasets
+
+    from nemo_aligner.data.preference import load_preference_datasets
+    from nemo_aligner.errors import DiskError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    root = tmp_path / "cache"
+    if where == "publish":
+        _refuse_writes(monkeypatch, errno_, lambda dst: dst.parent == root)
+    else:
+        def save_to_disk(self, path, *args, **kwargs):
+            raise OSError(errno_, os.strerror(errno_), str(Path(path) / "data-00000-of-00001.arrow"))
+
+        monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_to_disk)
+    with pytest.raises(DiskError) as err:
+        load_preference_datasets([data], tokenizer=tokenizer, max_seq_length=64, cache_dir=root)
+    assert str(err.value) == (f"cannot write the tokenised-data cache {root}: {reason}. Free space there or make it "
+                              "writable, or point model.data.cache_dir (or $NEMO_ALIGNER_CACHE) at another directory")
+    assert list(root.iterdir()) == []
+    monkeypatch.undo()
+    dataset, _ = load_preference_datasets([data], tokenizer=tokenizer, max_seq_length=64, cache_dir=root)
+    assert len(dataset) == 4
+
+
+def test_a_data_file_this_process_cannot_read_is_not_put_down_to_the_cache(tmp_path):
+    """Only a refused write under the directory being written is the disk's fault (disk_problem)."""
+    from nemo_aligner.utils.fs import disk_problem
+
+    elsewhere = OSError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "train.jsonl"))
+    assert disk_problem(elsewhere, tmp_path / "cache") is None
+    wrapped = RuntimeError("generation failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / ".tmp-x" / "a"))
+    assert disk_problem(wrapped, tmp_path / "cache") == "no space left on the device (errno 28)"
+    assert disk_problem(RuntimeError("a bug"), tmp_path / "cache") is None  # this test's disk is not full

@@ -11,7 +11,8 @@ import pytest
 
 from tests.helpers import REPO, compose_config, load_example_script
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.utils.config import ConfigKeyError
+from nemo_aligner.errors import MissingDependencyError
+from nemo_aligner.utils.config import ConfigKeyError, ConfigValueError
 
 NUM_PROMPTS = 7
 
@@ -106,6 +107,40 @@ def test_user_errors(tmp_path, tiny_model_dir, prompt_file, script):
     (tmp_path / "out.jsonl.parts").rmdir()
     with pytest.raises(FileExistsError, match="already exists"):
         script.run(gen_cfg(*overrides(tiny_model_dir, prompt_file, out)))
+
+
+BAD_INPUTS = [
+    ("whitespace-prompt", (), DataFormatError, r"blank\.jsonl:2: field 'prompt': the prompt is only whitespace"),
+    ("attention", ("model.attn_implementation=bogus",), ConfigValueError,
+     r"^model\.attn_implementation='bogus': expected one of sdpa, eager"),
+    ("gpu-without-cuda", ("trainer.accelerator=gpu",), ConfigValueError,
+     r"^trainer\.accelerator=gpu but no CUDA device is visible on this machine; set trainer\.accelerator=auto or cpu"),
+    ("tpu-without-torch_xla", ("trainer.accelerator=tpu",), MissingDependencyError,
+     r"^trainer\.accelerator=tpu needs torch_xla, which is not installed"),
+]
+
+
+@pytest.mark.parametrize("case, extra, error, message", BAD_INPUTS, ids=[c for c, *_ in BAD_INPUTS])
+def test_bad_inputs_of_issue_25_are_user_errors(tmp_path, tiny_model_dir, script, monkeypatch, case, extra, error,
+                                                message):
+    """generate.py checks only its keys up front: the accelerator, the attention implementation and the prompts are
+    checked where they are used, each as one user error (they were lightning's / transformers' tracebacks, or a
+    whitespace prompt that was generated from)."""
+    import importlib.util
+
+    import torch
+
+    if case == "gpu-without-cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_xla" else real(name, *a))
+    prompts = tmp_path / "blank.jsonl"
+    blank = json.dumps({"prompt": "   "}) if case == "whitespace-prompt" else json.dumps({"prompt": "fine"})
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + blank + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(error, match=message):
+        script.run(gen_cfg(*overrides(tiny_model_dir, prompts, out), *extra))
+    assert not out.exists()
 
 
 def test_response_seed_is_stable():

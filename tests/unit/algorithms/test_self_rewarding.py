@@ -314,6 +314,19 @@ def test_constrained_scores_one_forward_equals_one_sequence_per_candidate(fabric
                                      "(did you mean 'model.spin.judge_score_low'?)"),
     ("model.spin.judge_score_high=0", "model.spin.judge_score_low=0 must be < judge_score_high=0"),
     ("model.spin.judge_reward_regex=Score", "model.spin.judge_reward_regex='Score' has no '{{ reward }}'"),
+    # issue 25: templates were read only when the first judgement was rendered (or parsed)
+    ("model.spin.llm_judge_prompt='Rate: {{ prompt }}'",
+     "model.spin.llm_judge_prompt: the template has no {{ response }} slot; add it (the template's fields: prompt, "
+     "response)"),
+    ("model.spin.llm_judge_prompt='{{ promt }} {{ response }}'",
+     "model.spin.llm_judge_prompt: the template uses {{ promt }}, which is not one of its fields (prompt, response)"),
+    ("model.spin.llm_judge_prompt='{{ response '", "model.spin.llm_judge_prompt: not a valid Jinja template"),
+    ("model.spin.llm_meta_judge_prompt='A: {{ judgement_a }}'",
+     "model.spin.llm_meta_judge_prompt: the template has no {{ judgement_b }} slot"),
+    ("model.spin.judge_reward_regex='Score: ({{ reward }}'",
+     "model.spin.judge_reward_regex='Score: ({{ reward }}': not a valid regular expression (missing ), unterminated"),
+    ("model.spin.meta_judge_reward_regex='Winner: (A|B)'",
+     "model.spin.meta_judge_reward_regex='Winner: (A|B)' has no '{{ reward }}' slot"),
 ])
 def test_bad_config_names_the_key(override, message):
     from nemo_aligner.recipes.common import check_config
@@ -323,3 +336,28 @@ def test_bad_config_names_the_key(override, message):
         check_config(cfg, "gpt_self_rewarding")
         SelfRewardingConfig.from_cfg(cfg)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.spin.judge_reward_regex='Score: (\\d)'",
+     "model.spin.judge_reward_regex='Score: (\\\\d)' has no '{{ reward }}' slot"),
+    ("model.spin.llm_judge_prompt='Rate: {{ prompt }}'", "the template has no {{ response }} slot"),
+])
+def test_judge_templates_are_checked_when_the_config_is_read(override, message):
+    """check_config alone (what runs before trainer.ray.enable hands the run to Ray Train workers) rejects them."""
+    from nemo_aligner.recipes.common import check_config
+
+    with pytest.raises(ConfigValueError) as err:
+        check_config(compose_config("gpt_self_rewarding", [override]), "gpt_self_rewarding")
+    assert message in str(err.value)
+
+
+def test_good_judge_templates_pass_and_the_regex_slot_may_be_spaced():
+    from nemo_aligner.recipes.common import check_config
+
+    cfg = compose_config("gpt_self_rewarding", ["model.spin.llm_judge_prompt='Q {{ prompt }} A {{ response }}'",
+                                                "model.spin.llm_meta_judge_prompt='{{ judgement_a }} {{ judgement_b }}'",
+                                                "model.spin.judge_reward_regex='Score: {{reward}}'"])
+    check_config(cfg, "gpt_self_rewarding")
+    sr = SelfRewardingConfig.from_cfg(cfg)
+    assert build_reward_regex(sr.judge_reward_regex, SCORE_PATTERN).search("Score: 4").group(1) == "4"

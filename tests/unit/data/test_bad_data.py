@@ -16,7 +16,7 @@ from nemo_aligner.data.preference import build_preference_dataset, parse_prefere
 from nemo_aligner.data.prompts import load_prompt_ids, parse_prompt_record
 from nemo_aligner.data.reward import build_reward_dataset
 from nemo_aligner.data.sft import build_sft_dataset, parse_sft_record
-from nemo_aligner.errors import UserError
+from nemo_aligner.errors import MissingFileError, UserError
 
 HUGE_INT = "1" + "0" * 400  # a JSON integer beyond float64 (float() raises OverflowError)
 
@@ -107,6 +107,34 @@ def test_deeply_nested_json(tmp_path, tokenizer, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("line, column", [
+    ('{"prompt": "Hi", "x": }', "at column 23: Expecting value"),
+    ('{"prompt": "Hi",, "x": 1}', "at column 17: Expecting property name enclosed in double quotes"),
+    ('{"prompt": "Hi"} trailing', "at column 18: Extra data"),
+    ('{"prompt": ', "at column 12 (end of line): Expecting value"),
+])
+def test_invalid_json_gives_the_column_within_the_files_line(tmp_path, tokenizer, kind, line, column):
+    """The decoder's own position ("line 2 column 1") counted the record's trailing newline as a line of its own."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(lines_text([GOOD[kind]] * 4 + [line]))
+    err = read_error(kind, path, tokenizer, tmp_path)
+    assert_located(err, path, 5, None, f"invalid JSON {column}")
+    assert "line 2" not in str(err) and "(char " not in str(err)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_directory_given_as_data_file_is_named_as_one(tmp_path, tokenizer, kind):
+    folder = tmp_path / "hh-rlhf"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(lines_text([GOOD[kind]]))
+    with pytest.raises(MissingFileError) as info:
+        read(kind, folder, tokenizer, tmp_path / "cache")
+    assert str(info.value) == (f"data file {folder} is a directory (it holds train.jsonl); give the path of a "
+                               "JSON-lines file (.jsonl or .jsonl.gz) instead")
+    assert isinstance(info.value, UserError)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_lone_surrogate_names_the_field(tmp_path, tokenizer, kind):
     field = TEXT_FIELD[kind]
     bad = json.dumps({**GOOD[kind], field: "ok SURROGATE"}).replace("SURROGATE", "\\ud800")
@@ -179,6 +207,9 @@ BAD_VALUES = [
     (("ppo",), json.dumps({"prompt": [{"role": "robot", "content": "Hi"}]}), "prompt[0].role", "'robot'"),
     (("ppo",), json.dumps({"messages": [{"role": "robot", "content": "Hi"}, ASSISTANT_A]}), "messages[0].role", "'robot'"),
     (("ppo",), json.dumps({"chosen": [{"role": "narrator", "content": "Hi"}, ASSISTANT_A]}), "chosen[0].role", "'narrator'"),
+    # a prompt of whitespace only (issue 25): was counted and rolled out as an empty question
+    (("ppo",), json.dumps({"prompt": "   "}), "prompt", "the prompt is only whitespace"),
+    (("ppo",), json.dumps({"prompt": "\n\t "}), "prompt", "give the prompt text or remove the line"),
 ]
 BAD_VALUE_CASES = [
     pytest.param(kind, line, field, words, id=f"{kind}-{i}-{field}")

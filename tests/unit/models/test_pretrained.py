@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nemo_aligner.errors import MissingFileError
 from nemo_aligner.models import pretrained
 
 from tests.helpers import REPO
@@ -33,6 +34,40 @@ def test_env_vars_and_home_are_expanded(monkeypatch, tmp_path):
     assert pretrained.resolve_pretrained("$MY_MODELS") == str(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path.parent))
     assert pretrained.resolve_pretrained(f"~/{tmp_path.name}") == str(tmp_path)
+
+
+def _weights_dir(tmp_path, data: bytes | None = None) -> Path:
+    """A checkpoint directory with ``config.json`` and a real ``model.safetensors`` (replaced by ``data`` if given)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    if data is not None:
+        (tmp_path / "model.safetensors").write_bytes(data)
+    return tmp_path
+
+
+def test_valid_weights_pass(tmp_path):
+    assert pretrained.resolve_pretrained(str(_weights_dir(tmp_path))) == str(tmp_path)
+
+
+@pytest.mark.parametrize("cut, problem", [
+    (lambda whole: b"", "0 bytes"),
+    (lambda whole: whole[:5], "5 bytes, shorter than a safetensors header"),
+    (lambda whole: whole[:20], "its header claims"),
+    (lambda whole: whole[:8] + b"{" * (len(whole) - 8), "its header is not valid JSON"),
+    (lambda whole: whole[:-10], "cut short: its tensors end at byte"),
+], ids=["empty", "shorter-than-header", "header-cut", "header-not-json", "tensors-cut"])
+def test_empty_or_damaged_weights_name_the_file(tmp_path, cut, problem):
+    """A zero-byte model.safetensors was safetensors' ``SafetensorError: ... header too small`` traceback."""
+    whole = (_weights_dir(tmp_path / "good") / "model.safetensors").read_bytes()
+    bad = _weights_dir(tmp_path / "bad", cut(whole))
+    with pytest.raises(MissingFileError) as err:
+        pretrained.resolve_pretrained(str(bad))
+    assert str(err.value).startswith(f"model weights file {bad / 'model.safetensors'} is empty or damaged ({problem}")
+    assert str(err.value).endswith("; copy or download the checkpoint again")
 
 
 @pytest.mark.parametrize(
