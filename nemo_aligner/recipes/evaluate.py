@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from nemo_aligner.data.prompts import load_prompts, tokenize_prompt
-from nemo_aligner.generation import LengthParams, SamplingParams, generate
+from nemo_aligner.generation import LengthParams, SamplingParams, VLLMConfig, VLLMEngine, generate
 from nemo_aligner.models.hf_causal_lm import load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import RewardScorer
@@ -137,14 +137,10 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
     greedy, lengths = SamplingParams(use_greedy=True), LengthParams(max_length=max_new_tokens)
     responses, ended = [], []
     if engine == "vllm":
-        from nemo_aligner.generation import VLLMConfig, VLLMEngine
-
-        vllm = VLLMEngine(source, VLLMConfig(enable=True, enforce_eager=True, max_num_seqs=max(1, batch_size)),
-                          dtype="float32", max_model_len=max_prompt_tokens + max_new_tokens, load_weights=True)
-        try:
-            out = vllm.generate(prompts, greedy, lengths, eos)
-        finally:
-            vllm.shutdown()
+        # the process's shared engine (one per architecture and settings), given these weights by a refit
+        vllm = VLLMEngine.shared(source, VLLMConfig(enable=True, enforce_eager=True, max_num_seqs=64), dtype="float32")
+        vllm.refit(lm.state_dict().items())
+        out = vllm.generate(prompts, greedy, lengths, eos)
         responses, ended = out.response_ids, out.ended
     else:
         for k in range(0, len(prompts), batch_size):
