@@ -166,21 +166,3 @@ def test_reference_summaries_check_their_targets(tmp_path):
     with pytest.raises(Exception, match="eval_before.json"):
         write_summary("rs", tmp_path / "rm")
 
-
-@pytest.mark.vllm
-def test_vllm_engine_gives_the_native_greedy_responses_and_numbers(tmp_path, vllm_model_dir, tokenizer):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
-                               ["How do I bake bread?", "What is two plus two?", "Tell me something rude."]))
-    rm = save_tiny_reward_model(tmp_path / "rm", vllm_model_dir, tokenizer)
-    runs = {}
-    for engine in ("native", "vllm"):
-        samples = tmp_path / f"{engine}.jsonl"
-        runs[engine] = evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), reference=str(vllm_model_dir),
-                                       num_prompts=3, max_new_tokens=8, engine=engine, samples_file=str(samples))
-        runs[engine]["ids"] = [json.loads(line)["response_ids"] for line in samples.read_text().splitlines()]
-    assert runs["vllm"]["ids"] == runs["native"]["ids"]
-    for key in ("reward_mean", "length_mean", "distinct_2", "kl_mean"):
-        assert runs["vllm"][key] == pytest.approx(runs["native"][key], abs=1e-5)
-    with pytest.raises(ValueError, match="engine"):
-        evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), engine="tensorrt")

@@ -143,3 +143,28 @@ def test_ppo_with_vllm_kill_and_resume_matches_uninterrupted_run(tmp_path, vllm_
     for step, (a, b) in enumerate(zip(straight["history"], history), start=1):
         for key in ("rewards_mean", "response_lengths_mean", "init_policy_kl", "policy_loss", "value_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key)
+
+
+@pytest.mark.vllm
+def test_eval_policy_on_vllm_gives_the_native_greedy_responses_and_numbers(tmp_path, vllm_model_dir, tokenizer):
+    """``eval_policy`` (``recipes/evaluate.py``) with ``engine="vllm"``: the same greedy responses, rewards, lengths,
+    distinct-n and KL as the native engine. Here, not in test_evaluation.py: this module runs after the Ray modules,
+    whose ``ray.shutdown()`` must come before any vLLM engine starts in the session (see ``ray_cluster``)."""
+    from nemo_aligner.recipes.evaluate import evaluate_policy
+    from tests.helpers.models import save_tiny_reward_model
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
+                               ["How do I bake bread?", "What is two plus two?", "Tell me something rude."]))
+    rm = save_tiny_reward_model(tmp_path / "rm", vllm_model_dir, tokenizer)
+    runs = {}
+    for engine in ("native", "vllm"):
+        samples = tmp_path / f"{engine}.jsonl"
+        runs[engine] = evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), reference=str(vllm_model_dir),
+                                       num_prompts=3, max_new_tokens=8, engine=engine, samples_file=str(samples))
+        runs[engine]["ids"] = [json.loads(line)["response_ids"] for line in samples.read_text().splitlines()]
+    assert runs["vllm"]["ids"] == runs["native"]["ids"]
+    for key in ("reward_mean", "length_mean", "distinct_2", "kl_mean"):
+        assert runs["vllm"][key] == pytest.approx(runs["native"][key], abs=1e-5)
+    with pytest.raises(ValueError, match="engine"):
+        evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), engine="tensorrt")
