@@ -129,10 +129,11 @@ def plot_runs(log_dirs: list[str | Path], output: str | Path, metrics: list[str]
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, order):
-        for r, column in panels[panel]:
+        for k, (r, column) in enumerate(panels[panel]):
             steps, values = zip(*runs[r][column])
             validation = column.startswith("val")
-            ax.plot(steps, values, color=colours[r % len(colours)], linestyle="--" if validation else "-",
+            colour = colours[(r if len(runs) > 1 else k) % len(colours)]  # one colour per run, or per metric
+            ax.plot(steps, values, color=colour, linestyle="--" if validation else "-",
                     marker="o" if validation else None, markersize=3, linewidth=1.2,
                     label=f"{labels[r]}: {column}" if len(runs) > 1 else column)
         ax.set_title(panel)
