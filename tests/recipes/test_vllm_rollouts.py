@@ -168,3 +168,7 @@ def test_eval_policy_on_vllm_gives_the_native_greedy_responses_and_numbers(tmp_p
         assert runs["vllm"][key] == pytest.approx(runs["native"][key], abs=1e-5)
     with pytest.raises(ValueError, match="engine"):
         evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), engine="tensorrt")
+    # stop the module's engines (this is its last test): each holds $VLLM_CPU_KVCACHE_SPACE GiB of KV cache
+    from nemo_aligner.generation.vllm_engine import shutdown_engines
+
+    shutdown_engines()
