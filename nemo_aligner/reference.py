@@ -52,7 +52,11 @@ def _curve(series: dict, key: str) -> list[list[float]]:
 
 
 def rm_summary(run: Path) -> dict[str, Any]:
-    """Reward-model numbers and target (see the module docstring)."""
+    """Reward-model numbers and target (see the module docstring).
+
+    Raises:
+        MissingFileError: no ``eval_validation.json`` or ``csv/metrics.csv`` in ``run``.
+    """
     ev = _load_json(run / "eval_validation.json")
     series = read_metrics(run)
     return {
@@ -66,7 +70,11 @@ def rm_summary(run: Path) -> dict[str, Any]:
 
 
 def dpo_summary(run: Path) -> dict[str, Any]:
-    """DPO numbers and targets (see the module docstring)."""
+    """DPO numbers and targets (see the module docstring).
+
+    Raises:
+        MissingFileError: no ``csv/metrics.csv``; UserError: no ``val/acc`` in it.
+    """
     series = read_metrics(run)
     acc = _curve(series, "val/acc")
     margin = _curve(series, "val/reward_margin")
@@ -88,7 +96,11 @@ def dpo_summary(run: Path) -> dict[str, Any]:
 
 def online_summary(run: Path, rm_std: float = 1.0) -> dict[str, Any]:
     """PPO / RS / REINFORCE numbers and targets (see the module docstring); ``rm_std`` is the reward model's reward
-    standard deviation in the units its export returns (1 for a standardised export)."""
+    standard deviation in the units its export returns (1 for a standardised export).
+
+    Raises:
+        MissingFileError: no ``eval_before.json`` or ``eval_after.json`` in ``run``.
+    """
     before, after = _load_json(run / "eval_before.json"), _load_json(run / "eval_after.json")
     gain = after["reward_mean"] - before["reward_mean"]
     keys = ("reward_mean", "reward_std", "kl_mean", "kl_max", "length_mean", "ended_fraction", "distinct_1",
