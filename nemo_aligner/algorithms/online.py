@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nemo_aligner.algorithms.base import RunContext, TrainingLoop
-from nemo_aligner.data.prompts import EndOfTurn, end_of_turn_rule
+from nemo_aligner.data.prompts import EndOfTurn, EndStringClose, end_of_turn_rule, end_string_close, scored_response_ids
 from nemo_aligner.data.rollouts import Rollouts
 from nemo_aligner.data.samplers import GlobalBatchSampler
 from nemo_aligner.generation import response_seed
@@ -33,7 +33,7 @@ RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
 def score_rewards(reward_fn: RewardFn, rollouts: Rollouts, micro_batch_size: int | None = None,
-                  end_of_turn: EndOfTurn | None = None) -> list[float]:
+                  end_of_turn: EndOfTurn | None = None, end_string: EndStringClose | None = None) -> list[float]:
     """Set ``rollouts.rewards`` (``[S]`` float64) with ``reward_fn``, called on consecutive micro-batches of
     ``micro_batch_size`` rollouts (``None``: one call for all); returns the rewards as Python floats, in rollout
     order.
@@ -42,8 +42,11 @@ def score_rewards(reward_fn: RewardFn, rollouts: Rollouts, micro_batch_size: int
     policy's chat template, :func:`~nemo_aligner.data.prompts.end_of_turn_rule`), a rollout that ``ended`` at the
     end-of-turn token after a chat prompt is scored with the template's suffix appended (ChatML: ``<|im_end|>`` then
     ``\\n``), the tokens reward-model training gave that turn, so the reward is read where the head was trained
-    (:meth:`~nemo_aligner.data.prompts.EndOfTurn.scored_response`). ``response_ids`` itself (what the policy and the
-    critic train on) is unchanged.
+    (:meth:`~nemo_aligner.data.prompts.EndOfTurn.scored_response`). With ``end_string`` (the run's
+    ``end_strings``), a rollout that stopped at an end string is scored without the end string's tokens, closed by
+    EOS (plain text) or the end-of-turn token and suffix (chat), as reward-model data is
+    (:meth:`~nemo_aligner.data.prompts.EndStringClose.scored_response`). ``response_ids`` itself (what the policy
+    and the critic train on) is unchanged.
 
     Raises:
         RuntimeError: the reward function returned the wrong number of scores.
@@ -53,8 +56,7 @@ def score_rewards(reward_fn: RewardFn, rollouts: Rollouts, micro_batch_size: int
     out: list[float] = []
     for start in range(0, len(rollouts), size):
         chunk = range(start, min(start + size, len(rollouts)))
-        scored = [responses[i] if end_of_turn is None
-                  else end_of_turn.scored_response(prompts[i], responses[i], ended[i]) for i in chunk]
+        scored = [scored_response_ids(prompts[i], responses[i], ended[i], end_of_turn, end_string) for i in chunk]
         rewards = list(reward_fn([prompts[i] for i in chunk], scored))
         if len(rewards) != len(chunk):
             raise RuntimeError(f"the reward function returned {len(rewards)} scores for {len(chunk)} responses")
@@ -149,6 +151,9 @@ class OnlineTrainer(TrainingLoop):
         # what the reward model reads after a chat turn that ended (the template's suffix after <|im_end|>)
         self.end_of_turn = (end_of_turn_rule(self.tokenizer, model.eos_token_ids())
                             if self.tokenizer is not None else None)
+        # a rollout stopped at an end string is scored without it, closed as the reward model's data is
+        self.end_string = end_string_close(self.tokenizer, getattr(self.sampling_params, "end_strings", None),
+                                           eos_token_id)
         self.sampler = GlobalBatchSampler(
             len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
             rank=model.data_parallel_rank, world_size=model.data_parallel_size, seed=cfg.seed,
@@ -225,7 +230,7 @@ class OnlineTrainer(TrainingLoop):
             return Rollouts.from_lists([], [], rewards=[])
         rollouts = self.generate_rollouts(prompts, 1, sampling_params, micro_batch_size, self.cfg.seed,
                                           prompt_indices=range(rank, rank + world * len(prompts), world))
-        score_rewards(self.reward_fn, rollouts, score_micro_batch_size, self.end_of_turn)
+        score_rewards(self.reward_fn, rollouts, score_micro_batch_size, self.end_of_turn, self.end_string)
         return rollouts
 
     def _decode(self, ids: list[int]) -> str:

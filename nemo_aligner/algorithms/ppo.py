@@ -595,7 +595,7 @@ class PPOTrainer(OnlineTrainer):
         values = self.critic.infer(rollouts)
         timing["time_inference_policy_critic"] = time.perf_counter() - start
         start = time.perf_counter()
-        score_rewards(self.reward_fn, rollouts, end_of_turn=self.end_of_turn)
+        score_rewards(self.reward_fn, rollouts, end_of_turn=self.end_of_turn, end_string=self.end_string)
         timing["time_inference_reward"] = time.perf_counter() - start
         n = rollouts.num_response_tokens
         if not (logprobs.shape == init_logprobs.shape == values.shape == (n,)):

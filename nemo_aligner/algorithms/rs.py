@@ -293,7 +293,7 @@ class RSTrainer(OnlineTrainer):
         Raises:
             RuntimeError: the reward function returned the wrong number of scores.
         """
-        score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size, self.end_of_turn)
+        score_rewards(self.reward_fn, rollouts, self.cfg.forward_micro_batch_size, self.end_of_turn, self.end_string)
 
     def select(self, rollouts: Rollouts, num_prompts: int) -> tuple[Rollouts, dict[str, float]]:
         """Keep the ``top_n_rollouts`` best of each prompt's ``num_rollouts_per_prompt`` scored rollouts

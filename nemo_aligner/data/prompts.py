@@ -331,3 +331,85 @@ def end_of_turn_rule(tokenizer, stop_token_ids: Sequence[int] | None = None) -> 
     if rule is None or not rule[1]:
         return None
     return EndOfTurn(*rule)
+
+
+@dataclass(frozen=True)
+class EndStringClose:
+    """How a rollout that stopped at an end string (``sampling_params.end_strings``, e.g. HH-RLHF's
+    ``"\\n\\nHuman:"``) is scored: as reward-model data closes a response, not at the end string's last token.
+
+    The engines keep the end string's tokens in the response (``"... Sure.\\n\\nHuman:"``), but the reward model
+    was trained on ``response + EOS`` (plain text, :func:`nemo_aligner.data.chat.encode`) or on
+    ``content + end_id + suffix`` (a chat turn, :class:`EndOfTurn`) and reads its reward at that last token. So the
+    scored response drops the tokens that spell the end string and closes the turn as the data does. Without this,
+    the reward of every such rollout is read at the ``":"`` of ``"Human:"``, a position the head never saw in
+    training (its values there are arbitrary, and PPO optimises them).
+
+    Attributes:
+        end_strings: the strings generation stops at.
+        eos_token_id: the token closing a plain-text response (the tokenizer's EOS).
+        tokenizer: decodes response tails to find where the end string starts.
+    """
+
+    end_strings: tuple[str, ...]
+    eos_token_id: int
+    tokenizer: object
+
+    def strip(self, response_ids: Sequence[int]) -> list[int] | None:
+        """``response_ids`` without the trailing tokens that spell an end string: the longest prefix whose
+        remaining tail still decodes to text ending with one (a token that merges text with the end string's first
+        characters goes too). ``None`` when the decoded response does not end with an end string."""
+        ids = [int(t) for t in response_ids]
+
+        def tail(k: int) -> str:
+            return self.tokenizer.decode(ids[k:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        if not any(tail(0).endswith(s) for s in self.end_strings):
+            return None
+        for k in range(len(ids) - 1, -1, -1):
+            if any(tail(k).endswith(s) for s in self.end_strings):
+                return ids[:k]
+        return []  # pragma: no cover (k = 0 matched above)
+
+    def scored_response(self, prompt_ids: Sequence[int], response_ids: Sequence[int], ended: bool,
+                        end_of_turn: EndOfTurn | None = None) -> list[int] | None:
+        """The scored response of a rollout that ``ended`` at an end string: :meth:`strip`, then ``end_id +
+        suffix_ids`` after a chat prompt (``end_of_turn``, :meth:`EndOfTurn.is_chat_prompt`), else ``eos_token_id``.
+        ``None`` when the rollout did not end at an end string (truncated, or ended at EOS): score it as it is."""
+        if not ended:
+            return None
+        body = self.strip(response_ids)
+        if body is None:
+            return None
+        if end_of_turn is not None and end_of_turn.is_chat_prompt(prompt_ids):
+            return body + [end_of_turn.end_id, *end_of_turn.suffix_ids]
+        return body + [self.eos_token_id]
+
+
+def end_string_close(tokenizer, end_strings: Sequence[str] | None, eos_token_id: int | None = None) -> EndStringClose | None:
+    """:class:`EndStringClose` for ``end_strings`` (``None`` when there are none or no tokenizer).
+
+    Raises:
+        ValueError: end strings with a tokenizer that has no EOS and no ``eos_token_id`` given.
+    """
+    if not end_strings or tokenizer is None:
+        return None
+    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("end_strings need an EOS token to close the scored responses; the tokenizer has none")
+    return EndStringClose(tuple(str(s) for s in end_strings), int(eos), tokenizer)
+
+
+def scored_response_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], ended: bool,
+                        end_of_turn: EndOfTurn | None = None, end_string: EndStringClose | None = None) -> list[int]:
+    """The response tokens a reward model scores for one rollout: closed like reward-model data when it stopped at
+    an end string (:meth:`EndStringClose.scored_response`), with the chat template's suffix when it ended at the
+    end-of-turn token (:meth:`EndOfTurn.scored_response`), else unchanged (a truncated response, or an EOS-ended
+    plain-text one, which is ``text + EOS`` as in the data)."""
+    if end_string is not None:
+        closed = end_string.scored_response(prompt_ids, response_ids, ended, end_of_turn)
+        if closed is not None:
+            return closed
+    if end_of_turn is not None:
+        return end_of_turn.scored_response(prompt_ids, response_ids, ended)
+    return [int(t) for t in response_ids]

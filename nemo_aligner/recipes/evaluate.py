@@ -6,9 +6,10 @@ same settings, so "before" and "after" differ only in the weights:
 
 1. The first ``num_prompts`` prompts of the file, rendered and tokenised as the trainers do
    (:func:`~nemo_aligner.data.prompts.tokenize_prompt`), keeping the last ``max_prompt_tokens`` tokens.
-2. One greedy response each, at most ``max_new_tokens`` tokens, ending at the tokenizer's EOS
+2. One greedy response each, at most ``max_new_tokens`` tokens, ending at the tokenizer's EOS or an end string
    (the native engine, or vLLM with ``engine="vllm"``; both give the same tokens up to floating-point ties).
-3. The reward model's reward of ``prompt + response`` (standardised as its export says), as PPO scores a rollout.
+3. The reward model's reward of ``prompt + response`` (standardised as its export says), the response closed as PPO
+   closes a rollout for scoring (:func:`~nemo_aligner.data.prompts.scored_response_ids`).
 4. :func:`response_kl` to the reference policy, :func:`distinct_n` and the response lengths.
 """
 
@@ -22,7 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
-from nemo_aligner.data.prompts import load_prompts, tokenize_prompt
+from nemo_aligner.data.prompts import (
+    end_of_turn_rule,
+    end_string_close,
+    load_prompts,
+    scored_response_ids,
+    tokenize_prompt,
+)
 from nemo_aligner.generation import LengthParams, SamplingParams, VLLMConfig, VLLMEngine, generate
 from nemo_aligner.models.hf_causal_lm import load_tokenizer
 from nemo_aligner.models.pretrained import resolve_pretrained
@@ -95,7 +102,7 @@ def _load_lm(path: str, device: str):
 def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model: str, reference: str | None = None,
                     num_prompts: int = 200, max_new_tokens: int = 128, max_prompt_tokens: int = 384,
                     batch_size: int = 16, engine: str = "native", device: str = "cpu",
-                    samples_file: str | None = None) -> dict[str, Any]:
+                    samples_file: str | None = None, end_strings: Sequence[str] = ()) -> dict[str, Any]:
     """Greedy responses of ``policy`` to the first ``num_prompts`` prompts of ``prompt_file``, scored by
     ``reward_model``, with their KL to ``reference`` (see the module docstring for the steps).
 
@@ -112,6 +119,10 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
         device: ``cpu`` or ``cuda``.
         samples_file: also write one JSON line per prompt (prompt, response, reward, kl, length and the token ids)
             here.
+        end_strings: stop a response at these strings (e.g. ``"\n\nHuman:"`` for HH-RLHF transcripts), as the
+            online trainers' ``sampling_params.end_strings``; such a response is scored without the end string,
+            closed as reward-model data is (:func:`~nemo_aligner.data.prompts.scored_response_ids`, the scoring of
+            PPO and rejection sampling). Its length and KL count the end string's tokens (the policy generated them).
 
     Returns:
         ``reward_mean``, ``reward_std`` (standardised RM units), ``kl_mean``, ``kl_max`` (nats per response, with a
@@ -134,7 +145,8 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
     lm = _load_lm(policy, device)
     extra = lm.generation_config.eos_token_id
     eos = sorted({int(tokenizer.eos_token_id), *([extra] if isinstance(extra, int) else (extra or []))})
-    greedy, lengths = SamplingParams(use_greedy=True), LengthParams(max_length=max_new_tokens)
+    greedy = SamplingParams(use_greedy=True, end_strings=list(end_strings))
+    lengths = LengthParams(max_length=max_new_tokens)
     responses, ended = [], []
     if engine == "vllm":
         # the process's shared engine (one per architecture and settings), given these weights by a refit
@@ -144,11 +156,16 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
         responses, ended = out.response_ids, out.ended
     else:
         for k in range(0, len(prompts), batch_size):
-            out = generate(lm, prompts[k:k + batch_size], greedy, lengths, eos, int(tokenizer.pad_token_id))
+            out = generate(lm, prompts[k:k + batch_size], greedy, lengths, eos, int(tokenizer.pad_token_id),
+                           tokenizer=tokenizer)
             responses += out.response_ids
             ended += out.ended
     scorer = RewardScorer.from_pretrained(reward_model, device=device)
-    rewards = scorer.score([p + r for p, r in zip(prompts, responses)], micro_batch_size=batch_size)
+    # scored as PPO and rejection sampling score a rollout (end-of-turn suffix, end strings closed like the data)
+    end_of_turn = end_of_turn_rule(tokenizer, eos)
+    end_string = end_string_close(tokenizer, end_strings)
+    scored = [scored_response_ids(p, r, e, end_of_turn, end_string) for p, r, e in zip(prompts, responses, ended)]
+    rewards = scorer.score([p + r for p, r in zip(prompts, scored)], micro_batch_size=batch_size)
     kls: list[float] = []
     if reference is not None:
         ref_lm = _load_lm(reference, device)
@@ -169,7 +186,8 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
     summary.update(num_prompts=len(prompts), seconds=time.perf_counter() - start, policy=str(policy),
                    reference=None if reference is None else str(reference), reward_model=str(reward_model),
                    prompt_file=[str(p) for p in ([prompt_file] if isinstance(prompt_file, (str, Path)) else prompt_file)],
-                   max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, engine=engine)
+                   max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, engine=engine,
+                   end_strings=list(end_strings))
     if samples_file:
         rows = [{"prompt": tokenizer.decode(p), "response": tokenizer.decode(r), "reward": w, "length": len(r),
                  **({"kl": kls[i]} if kls else {}), "prompt_ids": p, "response_ids": r}

@@ -19,6 +19,7 @@ import json
 
 import torch
 
+from nemo_aligner.generation import SamplingParams
 from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.recipes.evaluate import evaluate_policy
 from nemo_aligner.utils.fs import atomic_write_text
@@ -41,13 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-json", default=None, help="also write the summary to this JSON file")
     parser.add_argument("--samples", default=None, help="write the prompts, responses and rewards to this JSONL file")
+    parser.add_argument("--end-strings", nargs="*", default=[],
+                        help="stop responses at these strings (escapes such as \\n are read), as the trainers' "
+                             "sampling_params.end_strings, e.g. --end-strings '\\n\\nHuman:' for HH-RLHF prompts")
     args = parser.parse_args(argv)
     for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     summary = evaluate_policy(args.policy, args.prompts, args.rm, args.reference, args.num_prompts,
                               args.max_new_tokens, args.max_prompt_tokens, args.batch_size, args.engine, args.device,
-                              args.samples)
+                              args.samples, SamplingParams(end_strings=args.end_strings).end_strings)
     print(" ".join(f"{k}={summary[k]:.4f}" for k in KEYS if k in summary) + f" num_prompts={summary['num_prompts']}")
     if args.output_json:
         atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")

@@ -191,6 +191,77 @@ def test_ended_chat_rollout_is_scored_with_the_end_of_turn_suffix_smollm2():
     assert (rule.end_id, rule.suffix_ids) == (2, (198,))
 
 
+def _check_end_string_rollouts_are_scored_as_rm_data(tokenizer):
+    """A rollout stopped at an end string (HH-RLHF's "\n\nHuman:") keeps those tokens in its response, but the
+    reward model was trained on ``response + EOS`` (plain-text transcripts) or ``content <|im_end|> \n`` (chat): it
+    is scored on exactly those tokens, not read at the ":" of "Human:". Truncated and EOS-ended rollouts are scored as
+    they are."""
+    from nemo_aligner.algorithms.online import score_rewards
+    from nemo_aligner.data.chat import tokenize_pair
+    from nemo_aligner.data.prompts import end_of_turn_rule, end_string_close
+    from nemo_aligner.data.rollouts import Rollouts
+
+    end = "\n\nHuman:"
+    # reward-model data for an HH-RLHF pair: prompt text + response text + EOS
+    rm_prompt, rm_chosen, _ = tokenize_pair("\n\nHuman: hi\n\nAssistant:", " Hello there.", " No.", tokenizer)
+    assert rm_chosen[-1] == tokenizer.eos_token_id
+    body = rm_chosen[:-1]
+    stopped = body + tokenizer(end, add_special_tokens=False)["input_ids"]  # what the engine returns
+    assert tokenizer.decode(stopped).endswith(end)
+    messages = [{"role": "user", "content": "hi"}]
+    chat_prompt, chat_response = tokenize_prompt_response(messages, "Hello there.", tokenizer)
+    chat_body = chat_response[: chat_response.index(tokenizer.eos_token_id)]
+    rollouts = Rollouts.from_lists(
+        [rm_prompt, rm_prompt, rm_prompt, chat_prompt],
+        [stopped, stopped, rm_chosen, chat_body + tokenizer(end, add_special_tokens=False)["input_ids"]],
+        ended=[True, False, True, True],  # the second was cut at max_length right after "Human:"
+    )
+    seen = []
+
+    def reward_fn(prompt_ids, response_ids):
+        seen.extend(list(p) + list(r) for p, r in zip(prompt_ids, response_ids))
+        return [0.0] * len(response_ids)
+
+    close = end_string_close(tokenizer, [end])
+    score_rewards(reward_fn, rollouts, end_of_turn=end_of_turn_rule(tokenizer), end_string=close)
+    assert seen[0] == rm_prompt + rm_chosen  # the RM-data sequence of this response
+    assert seen[1] == rm_prompt + stopped  # truncated: as it is
+    assert seen[2] == rm_prompt + rm_chosen  # ended at EOS: already RM data
+    assert seen[3] == chat_prompt + chat_response  # chat: <|im_end|> and the suffix
+    assert rollouts.responses()[0] == stopped  # the policy and the critic train on what was generated
+    assert close.strip(body) is None  # no end string: nothing to strip
+
+
+def test_rollouts_stopped_at_an_end_string_are_scored_as_reward_model_data_tiny_chatml():
+    _check_end_string_rollouts_are_scored_as_rm_data(build_chatml_tokenizer())
+
+
+@pytest.mark.slow
+def test_rollouts_stopped_at_an_end_string_are_scored_as_reward_model_data_smollm2():
+    from nemo_aligner.models.hf_causal_lm import load_tokenizer
+    from nemo_aligner.models.pretrained import resolve_pretrained
+
+    _check_end_string_rollouts_are_scored_as_rm_data(load_tokenizer(resolve_pretrained("smollm2-135m-instruct")))
+
+
+def test_an_end_string_merged_into_a_token_with_text_is_stripped_with_that_token():
+    """When the end string's first characters share a token with the response text, that token goes too (the
+    shortest tail that spells the end string), and the rest of the response is kept."""
+    from nemo_aligner.data.prompts import EndStringClose
+
+    class CharTokenizer:  # token i decodes to PIECES[i]
+        PIECES = ["Sure", ".\n", "\nHu", "man:", "x"]
+
+        def decode(self, ids, **kwargs):
+            return "".join(self.PIECES[i] for i in ids)
+
+    close = EndStringClose(("\n\nHuman:",), 99, CharTokenizer())
+    assert close.strip([0, 1, 2, 3]) == [0]
+    assert close.scored_response([7], [0, 1, 2, 3], ended=True) == [0, 99]
+    assert close.scored_response([7], [0, 1, 2, 3], ended=False) is None
+    assert close.strip([0, 1, 2, 3, 4]) is None
+
+
 def test_templates_that_end_the_turn_at_eos_need_no_suffix(tokenizer):
     """The test tokenizer's template closes a turn with ``</s>`` = EOS and nothing after it: rollouts are scored
     where they stop (no rule); a tokenizer without a chat template has none either."""
