@@ -166,3 +166,28 @@ def test_reference_summaries_check_their_targets(tmp_path):
     with pytest.raises(Exception, match="eval_before.json"):
         write_summary("rs", tmp_path / "rm")
 
+
+
+def test_end_strings_stop_greedy_responses_and_are_scored_closed_by_eos_as_rm_data(eval_setup, tiny_model_dir):
+    """``end_strings``: a response stops at the string and is scored without its tokens, closed by EOS (the
+    plain-text reward-model data), as PPO scores such a rollout; the response itself keeps them."""
+    from nemo_aligner.data.prompts import end_string_close
+    from nemo_aligner.models.reward_model import RewardScorer
+
+    root, prompts, rm, _ = eval_setup
+    free, stopped = root / "free.jsonl", root / "stopped.jsonl"
+    evaluate_policy(str(tiny_model_dir), str(prompts), str(rm), num_prompts=2, max_new_tokens=8, batch_size=2,
+                    samples_file=str(free))
+    first = json.loads(free.read_text().splitlines()[0])
+    scorer = RewardScorer.from_pretrained(str(rm))
+    tok = scorer.tokenizer
+    end = next(tok.decode(first["response_ids"][1:k]) for k in range(2, 9) if tok.decode(first["response_ids"][1:k]).strip())
+    out = evaluate_policy(str(tiny_model_dir), str(prompts), str(rm), num_prompts=2, max_new_tokens=8, batch_size=2,
+                          samples_file=str(stopped), end_strings=[end])
+    assert out["end_strings"] == [end]
+    row = json.loads(stopped.read_text().splitlines()[0])
+    assert tok.decode(row["response_ids"]).endswith(end) and len(row["response_ids"]) < len(first["response_ids"])
+    closed = end_string_close(tok, [end]).strip(row["response_ids"]) + [tok.eos_token_id]
+    assert closed[0] == first["response_ids"][0]  # the text before the end string is kept
+    assert row["reward"] == pytest.approx(scorer.score([row["prompt_ids"] + closed])[0], abs=1e-5)
+    assert row["reward"] != pytest.approx(scorer.score([row["prompt_ids"] + row["response_ids"]])[0], abs=1e-6)
