@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev,vllm,ray} bash scripts/install.sh   # vLLM and Ray too: their tests run here, not skipped
 lint-imports --no-cache
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=25 "$@"   # the 25 slowest tests are listed at the end
