@@ -13,22 +13,10 @@
 #   global batch 8 (2 optimizer steps per RS step), weight decay 0.
 # Extra arguments are Hydra overrides for the training. SKIP_INSTALL=1 skips the install step; RM=<export> picks
 # the reward model (default results/reference/rm/hf_export, trained first when missing).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
-DATA=${DATA:-../shared/data/hh-rlhf}
-OUT=${OUT:-results/reference/rs}
-RM=${RM:-results/reference/rm/hf_export}
-POLICY=${POLICY:-smollm2-135m-instruct}
+KIND=rs
 STEPS=${STEPS:-12}
-START=$(date +%s)
-[ -f "$RM/config.json" ] || SKIP_INSTALL=1 bash scripts/reference/rm.sh
-mkdir -p "$OUT"
-EVAL=(--prompts "$DATA/validation.jsonl.gz" --rm "$RM" --num-prompts 200 --max-new-tokens 128
-      --max-prompt-tokens 192 --engine vllm --end-strings '\n\nHuman:')
-
-[ -f "$OUT/eval_before.json" ] || python3 examples/nlp/gpt/eval_policy.py "$POLICY" "${EVAL[@]}" \
-  --output-json "$OUT/eval_before.json" --samples "$OUT/samples_before.jsonl"
+source "$(dirname "$0")/online_common.sh"
+evaluate_before
 
 python3 examples/nlp/gpt/train_gpt_rs_actor.py \
   pretrained_checkpoint.restore_from_path="$POLICY" reward_model.restore_from_path="$RM" \
@@ -44,7 +32,4 @@ python3 examples/nlp/gpt/train_gpt_rs_actor.py \
   model.optim.lr=1e-5 model.optim.weight_decay=0.0 model.optim.sched.warmup_steps=2 model.optim.sched.min_lr=1e-5 \
   "$@"
 
-python3 examples/nlp/gpt/eval_policy.py "$OUT/hf_export" "${EVAL[@]}" --reference "$POLICY" \
-  --output-json "$OUT/eval_after.json" --samples "$OUT/samples_after.jsonl"
-python3 -m nemo_aligner.reference summary rs "$OUT" --seconds $(( $(date +%s) - START ))
-python3 -m nemo_aligner.plot "$OUT" --output "$OUT/curves.png"
+evaluate_after
