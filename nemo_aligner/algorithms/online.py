@@ -152,7 +152,7 @@ class OnlineTrainer(TrainingLoop):
         self.end_of_turn = (end_of_turn_rule(self.tokenizer, model.eos_token_ids())
                             if self.tokenizer is not None else None)
         # a rollout stopped at an end string is scored without it, closed as the reward model's data is
-        self.end_string = end_string_close(self.tokenizer, getattr(self.sampling_params, "end_strings", None),
+        self.end_string = end_string_close(self.tokenizer, self.sampling_params.end_strings,
                                            eos_token_id)
         self.sampler = GlobalBatchSampler(
             len(self.train_prompts), cfg.num_rollout_samples, rollout_micro_batch_size,
