@@ -13,6 +13,7 @@ test module, nor from ``conftest.py``, which only turns some of them into fixtur
                 :func:`engine_and_native_greedy`
 ``self_rewarding`` :func:`write_prompts_with_answers`, :func:`sr_cfg`, :func:`response_score` and
                 :class:`ScriptedJudge` (the self-rewarding recipe on a tiny model)
+``faults``      :class:`RayTrainWorkerKiller` (SIGKILL a Ray Train worker once a file exists)
 ``openai_judge`` :class:`FakeJudgeServer` (an OpenAI-compatible judge endpoint on loopback)
 ``ppo``         :func:`write_prompts`, :func:`ppo_cfg`, :data:`LEARNING_OVERRIDES`, :class:`Killed` and
                 :func:`checkpoint_model_state` (the PPO recipe on tiny models); :func:`ppo_command`, :func:`run_ppo_ranks`,
@@ -22,6 +23,7 @@ test module, nor from ``conftest.py``, which only turns some of them into fixtur
 from tests.helpers.config import compose_config
 from tests.helpers.dpo import dpo_cfg, write_pairs
 from tests.helpers.fakes import EnginePolicy, FakePolicy, step_responses_by_global_index
+from tests.helpers.faults import RayTrainWorkerKiller
 from tests.helpers.models import build_tiny_model, save_tiny_reward_model
 from tests.helpers.openai_judge import FakeJudgeServer
 from tests.helpers.paths import REPO, SHARED_DATA
@@ -47,5 +49,5 @@ __all__ = [
     "compose_config", "dpo_cfg", "encode_sft_record", "load_example_script", "ppo_cfg",
     "step_responses_by_global_index", "write_pairs", "write_prompts", "VLLM_TEST_KNOBS", "vllm_overrides",
     "vllm_test_config", "ScriptedJudge", "response_score", "sr_cfg", "write_prompts_with_answers", "FakeJudgeServer",
-    "save_tiny_reward_model", "csv_column", "ppo_command", "run_ppo_ranks", "engine_and_native_greedy",
+    "save_tiny_reward_model", "csv_column", "RayTrainWorkerKiller", "ppo_command", "run_ppo_ranks", "engine_and_native_greedy",
 ]

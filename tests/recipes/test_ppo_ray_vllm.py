@@ -107,10 +107,12 @@ def _fraction_reward_by_value():
 def test_two_actor_workers_each_refit_and_generate_with_their_own_vllm_engine(ray_cluster, tmp_path, vllm_model_dir,
                                                                               prompts_file, monkeypatch):
     """``num_actor_workers=2`` with vLLM: one rollout actor per actor rank (``rollout``, ``rollout:1``, each in a
-    bundle of its own). With greedy rollouts, the 2 PPO steps give the metrics of the same 2 workers with the native
-    engine: step 2's responses come from each rank's engine after its refit, so a rank whose engine still held the
-    initial weights would change them; each rank refits before each step (``time_refit > 0``) and its engine agrees
-    with its trainer's log-probs; each engine loaded the refits of its own rank (the initial weights, then step 1's)."""
+    bundle of its own). Each rank refits its engine before each step (``time_refit > 0``) and the engine's log-probs of
+    its own greedy responses agree with its trainer's to 1e-3 nats in both steps; step 1's large update (lr 5e-2)
+    moves the policy far from the initial one (``init_policy_kl`` of step 2), so an engine of either rank that
+    still held the initial weights in step 2 would disagree by much more. Each engine loaded the refits of its own
+    rank (the initial weights, then step 1's). (The 2-worker metrics equal 2-rank Fabric DDP's in
+    ``test_ppo_ray.py``; vLLM's rollouts equal the native engine's in the colocated vLLM tests.)"""
     from nemo_aligner.recipes.ray_ppo import RayRoles
 
     refits: dict[str, int] = {}
@@ -127,20 +129,16 @@ def test_two_actor_workers_each_refit_and_generate_with_their_own_vllm_engine(ra
         "model.ppo.sampling_params.use_greedy=true", "trainer.ppo.ray.enable=true",
         "trainer.ppo.ray.num_actor_workers=2", "trainer.ppo.ray.resources_per_worker={CPU: 0.5}",
         "trainer.ppo.ray.colocate=[[critic,initial_policy]]"]
-    script = load_example_script("train_gpt_ppo_actor")
-    native = script.run(ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *common, run="native"),
-                        reward_fn=_fraction_reward_by_value())
-    engines = script.run(ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *common, *vllm_overrides("ppo"),
-                                 run="vllm"), reward_fn=_fraction_reward_by_value())
+    engines = load_example_script("train_gpt_ppo_actor").run(
+        ppo_cfg(tmp_path, vllm_model_dir, prompts_file, *common, *vllm_overrides("ppo"), run="vllm"),
+        reward_fn=_fraction_reward_by_value())
 
-    assert native["ray_roles"].groups == [["critic", "initial_policy"]]
     assert engines["ray_roles"].groups == [["critic", "initial_policy"], ["rollout"], ["rollout:1"]]
-    assert len(native["history"]) == len(engines["history"]) == 2
-    for step, (a, b) in enumerate(zip(native["history"], engines["history"]), start=1):
-        assert b["time_refit"] > 0 and b["rollout_logprob_mismatch"] < 1e-3, step
-        for key in [k for k in COMPARED if k != "rollout_logprob_mismatch"]:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (step, key)
-    assert native["history"][1]["approx_kl"] > 0  # step 2's rollouts come from updated weights
+    history = engines["history"]
+    assert len(history) == 2
+    for step, metrics in enumerate(history, start=1):
+        assert metrics["time_refit"] > 0 and metrics["rollout_logprob_mismatch"] < 1e-3, step
+    assert history[1]["init_policy_kl"] > 1.0, history[1]  # step 2's rollouts: far from the initial policy (~32 nats)
     assert set(refits) == {"rollout", "rollout:1"} and all(n >= 2 for n in refits.values()), refits
 
 

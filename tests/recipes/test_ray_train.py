@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import (
     REPO,
+    RayTrainWorkerKiller,
     compose_config,
     dpo_cfg,
     load_example_script,
@@ -26,32 +27,58 @@ DPO_COMMON = ["trainer.dpo.max_epochs=3", "trainer.dpo.max_steps=3", "model.glob
               "model.micro_batch_size=1", "model.optim.lr=1e-3", "exp_manager.export_hf=false"]
 
 
-def _csv_losses(run_dir):
+def _csv_column(run_dir, key):
+    """``train/<key>`` of every logged step in ``run_dir/csv/metrics.csv`` (a resumed run's log holds the steps before
+    the interruption and after the resume, once each)."""
     rows = csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv"))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return [float(r[f"train/{key}"]) for r in rows if r.get(f"train/{key}")]
 
 
-def test_two_worker_ray_train_dpo_matches_two_rank_fabric_ddp(tmp_path, tiny_model_dir, ray_cluster):
-    """2 Ray Train workers (gloo group formed by Ray, Fabric attached to it) give the 2-rank torchrun-style Fabric
-    DDP run's loss sequence, and the checkpoints land in the recipe's own checkpoint dir."""
-    data = write_pairs(tmp_path / "pairs.jsonl")
+def test_two_worker_ray_train_dpo_matches_ddp_and_a_killed_worker_resumes_exactly(tmp_path, tiny_model_dir,
+                                                                                   ray_cluster):
+    """2 Ray Train workers (gloo group formed by Ray, Fabric attached to it) against the 2-rank torchrun-style Fabric
+    DDP run, 12 DPO steps, a checkpoint every step. One worker is SIGKILLed once the step-3 checkpoint is on disk: the
+    driver stops with a one-line RayWorkerDiedError and the step-12 checkpoint is not written; the rerun resumes from
+    the last checkpoint. The Ray run's logged losses and learning rates, before the kill and after the resume, are
+    the DDP run's; the resumed steps came back from rank 0 and the checkpoints are in the recipe's own dir."""
+    from nemo_aligner.errors import UserError
+    from nemo_aligner.recipes.ray_train import RayWorkerDiedError
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=24)
+    common = ["trainer.dpo.max_epochs=2", "trainer.dpo.max_steps=12", "trainer.dpo.val_check_interval=0",
+              "trainer.dpo.save_interval=1", "model.global_batch_size=4", "model.micro_batch_size=2",
+              "model.optim.lr=1e-3", "model.optim.sched.warmup_steps=2", "exp_manager.export_hf=false",
+              "exp_manager.checkpoint_callback_params.save_top_k=2"]
     ddp = subprocess.run(
         [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_dpo.py"),
          f"pretrained_checkpoint.restore_from_path={tiny_model_dir}", f"model.data.data_prefix.train=[{data}]",
          f"model.data.data_prefix.validation=[{data}]", f"model.data.cache_dir={tmp_path / 'cache'}",
-         "trainer.accelerator=cpu", "model.encoder_seq_length=64", *DPO_COMMON,
+         "trainer.accelerator=cpu", "model.encoder_seq_length=64", *common,
          f"exp_manager.explicit_log_dir={tmp_path / 'ddp'}", "trainer.devices=2", "trainer.strategy=ddp"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-2000:]
 
-    out = load_example_script("train_gpt_dpo").run(dpo_cfg(
-        tmp_path / "ray", tiny_model_dir, data, data, *DPO_COMMON,
-        "trainer.ray.enable=true", "trainer.ray.num_training_workers=2"))
-    ray_losses, ddp_losses = _csv_losses(tmp_path / "ray" / "run"), _csv_losses(tmp_path / "ddp")
-    assert len(ddp_losses) == len(ray_losses) == 3
+    script = load_example_script("train_gpt_dpo")
+    cfg = dpo_cfg(tmp_path / "ray", tiny_model_dir, data, data, *common, "trainer.ray.enable=true",
+                  "trainer.ray.num_training_workers=2")
+    run_dir = tmp_path / "ray" / "run"
+    with RayTrainWorkerKiller(run_dir / "checkpoints" / "step=0000003" / "meta.json") as killer:
+        with pytest.raises(RayWorkerDiedError) as err:
+            script.run(cfg)
+    assert killer.killed
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value) and "rerun" in str(err.value)
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert "step=0000003" in done and "step=0000012" not in done, done
+
+    resumed = script.run(cfg)["history"]
+    start = 12 - len(resumed)
+    assert 3 <= start < 12
+    ddp_losses, ray_losses = _csv_column(tmp_path / "ddp", "loss"), _csv_column(run_dir, "loss")
+    assert len(ddp_losses) == len(ray_losses) == 12
     assert ray_losses == pytest.approx(ddp_losses, abs=1e-5)
-    assert [h["loss"] for h in out["history"]] == pytest.approx(ddp_losses, abs=1e-5)  # rank 0's result came back
-    assert (tmp_path / "ray" / "run" / "checkpoints" / "step=0000003" / "meta.json").is_file()
+    assert _csv_column(run_dir, "lr") == pytest.approx(_csv_column(tmp_path / "ddp", "lr"), rel=1e-6)
+    assert [h["loss"] for h in resumed] == pytest.approx(ddp_losses[start:], abs=1e-5)  # rank 0's result came back
+    assert (run_dir / "checkpoints" / "step=0000012" / "meta.json").is_file()
 
 
 def test_ray_train_user_error_in_a_worker_is_raised_in_the_driver(tmp_path, tiny_model_dir, ray_cluster):
@@ -79,62 +106,6 @@ def test_ray_train_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir
     cfg = dpo_cfg(tmp_path, tiny_model_dir, data, data, *DPO_COMMON, "trainer.ray.enable=true", override)
     with pytest.raises(ConfigValueError, match=message):
         load_example_script("train_gpt_dpo").run(cfg)
-
-
-def test_killed_ray_train_worker_stops_the_driver_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir, ray_cluster):
-    """2-worker Ray Train DPO, one worker SIGKILLed once the step-3 checkpoint is on disk (12 steps): the driver stops with a
-    one-line RayWorkerDiedError; the rerun resumes from the last checkpoint and its losses are the uninterrupted
-    run's (both on Ray Train)."""
-    import signal
-    import threading
-    import time
-
-    import psutil
-
-    from nemo_aligner.errors import UserError
-    from nemo_aligner.recipes.ray_train import RayWorkerDiedError
-
-    data = write_pairs(tmp_path / "pairs.jsonl", n=24)
-    common = ["trainer.dpo.max_epochs=2", "trainer.dpo.max_steps=12", "trainer.dpo.val_check_interval=0",
-              "trainer.dpo.save_interval=1", "model.global_batch_size=4", "model.micro_batch_size=2",
-              "model.optim.lr=1e-3", "model.optim.sched.warmup_steps=2", "exp_manager.export_hf=false",
-              "exp_manager.checkpoint_callback_params.save_top_k=2", "trainer.ray.enable=true",
-              "trainer.ray.num_training_workers=2"]
-    script = load_example_script("train_gpt_dpo")
-    reference = script.run(dpo_cfg(tmp_path / "a", tiny_model_dir, data, data, *common))["history"]
-    assert len(reference) == 12
-
-    run_dir = tmp_path / "b" / "run"
-    killed = []
-
-    def kill_a_worker():
-        deadline = time.time() + 240
-        while time.time() < deadline and not (run_dir / "checkpoints" / "step=0000003" / "meta.json").exists():
-            time.sleep(0.05)
-        # this session's Ray processes descend from this process (ray.init started them); workers are "ray::RayTrainWorker"
-        workers = [p for p in psutil.Process().children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline() or [])]
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
-
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
-    with pytest.raises(RayWorkerDiedError) as err:
-        script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))
-    killer.join()
-    assert killed
-    assert isinstance(err.value, UserError) and "\n" not in str(err.value) and "rerun" in str(err.value)
-    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert "step=0000003" in done and "step=0000012" not in done, done
-
-    resumed = script.run(dpo_cfg(tmp_path / "b", tiny_model_dir, data, data, *common))["history"]
-    start = 12 - len(resumed)
-    assert 3 <= start < 12
-    for offset, metrics in enumerate(resumed):
-        expected = reference[start + offset]
-        assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), (start + offset, metrics, expected)
-        assert metrics["lr"] == pytest.approx(expected["lr"], rel=1e-6)
 
 
 def _sft_and_rm_cfg(recipe, tmp_path, model_dir, data, *overrides):
