@@ -176,7 +176,7 @@ else failed ppo "$PPO; vLLM sleep log lines: $SLEEPS"; fi
 # tests: counted from pytest -v's per-test lines, so a timed-out run still reports the tests that finished
 MARK=${GPU_TESTS:-$(grep -qE '^[[:space:]]+gpu:' pytest.ini && echo gpu || echo "vllm or slow")}
 LEFT=$(( BUDGET - ($(date +%s) - T0) )); [ "$LEFT" -ge 30 ] || LEFT=30
-check tests "$LEFT" python3 -m pytest -v -p no:cacheprovider -m "$MARK" tests
+check tests "$LEFT" python3 -m pytest -v -p no:cacheprovider --long -m "$MARK" tests
 count() { grep -cE "::[^ ]+ $1( |$)" "$DIR/tests.log"; }
 BAD=$(grep -E "::[^ ]+ (FAILED|ERROR)( |$)" "$DIR/tests.log" | sed -E 's/.*::([^ ]+) .*/\1/' | sort -u | head -5 | paste -sd, -)
 TESTS="$(count PASSED) passed, $(count FAILED) failed, $(count ERROR) errors, $(count SKIPPED) skipped${BAD:+ (${BAD//,/, })}"

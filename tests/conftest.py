@@ -13,6 +13,22 @@ import torch
 from tests.helpers import REPO, SHARED_DATA, build_tiny_model, build_tokenizer
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the tests marked long (deselected by default; see pytest.ini)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the tests marked ``long`` unless ``--long`` is given (they still count as deselected in pytest's
+    summary line, so a run says how many it left out)."""
+    if config.getoption("--long"):
+        return
+    long = [item for item in items if item.get_closest_marker("long") is not None]
+    if long:
+        config.hook.pytest_deselected(items=long)
+        items[:] = [item for item in items if item.get_closest_marker("long") is None]
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread(request):
     """Tiny models run fastest on one intra-op thread (thread start-up costs more than the matmuls), and CI has

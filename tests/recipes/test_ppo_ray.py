@@ -141,6 +141,7 @@ def test_runtime_env_reaches_every_role_actor(first_steps):
     assert ENV_NAME not in os.environ
 
 
+@pytest.mark.long
 def test_killed_role_actor_stops_the_driver_naming_it_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir, rm_dir,
                                                                                     ray_cluster, monkeypatch):
     """4 Ray PPO steps straight vs a run whose critic actor is SIGKILLed in step 3 (after the step-2 checkpoint):
@@ -232,6 +233,7 @@ def _killing_reward(marker: Path, after: Path):
     return reward_fn
 
 
+@pytest.mark.long
 def test_killed_actor_worker_stops_the_driver_naming_it_and_the_rerun_resumes_exactly(tmp_path, tiny_model_dir,
                                                                                       ray_cluster):
     """``num_actor_workers=2``, 4 PPO steps straight vs a run whose actor rank 1 is SIGKILLed in step 3 (after the

@@ -104,6 +104,7 @@ def _fraction_reward_by_value():
     return reward_fn
 
 
+@pytest.mark.long
 def test_two_actor_workers_each_refit_and_generate_with_their_own_vllm_engine(ray_cluster, tmp_path, vllm_model_dir,
                                                                               prompts_file, monkeypatch):
     """``num_actor_workers=2`` with vLLM: one rollout actor per actor rank (``rollout``, ``rollout:1``, each in a

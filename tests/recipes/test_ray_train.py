@@ -127,6 +127,7 @@ def _sft_and_rm_cfg(recipe, tmp_path, model_dir, data, *overrides):
         "trainer.rm.max_steps=3", "trainer.rm.val_check_interval=0", *overrides])
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("recipe, script", [("gpt_sft", "train_gpt_sft"), ("training_rm", "train_reward_model")])
 def test_sft_and_rm_on_one_ray_train_worker_match_the_plain_run(tmp_path, tiny_model_dir, ray_cluster, recipe, script):
     """SFT and RM go through the same launcher: one Ray Train worker gives the in-process run's losses, and the
@@ -177,6 +178,7 @@ def _online_overrides(recipe, tmp_path, model_dir, rm_dir):
         "trainer.self_rewarding.save_interval=0"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("recipe, script", [("gpt_rs_actor", "train_gpt_rs_actor"),
                                             ("gpt_self_rewarding", "train_gpt_self_rewarding")])
 def test_two_worker_ray_train_rs_and_self_rewarding_match_two_rank_fabric_ddp(tmp_path, tiny_model_dir, tokenizer,

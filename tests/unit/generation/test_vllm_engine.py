@@ -315,6 +315,7 @@ def test_engine_refuses_a_prompt_longer_than_its_context(vllm_model_dir):
     assert empty.response_ids == [[]] and empty.ended == [False]
 
 
+@pytest.mark.long
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_greedy_vllm_equals_native_on_smollm2():
