@@ -13,11 +13,12 @@ class RayTrainWorkerKiller:
     """A context manager whose thread waits until ``after`` exists (e.g. a checkpoint's ``meta.json``), then
     SIGKILLs one Ray Train worker process (``ray::RayTrainWorker``) descending from this process (the test's
     ``ray.init`` started the cluster) and records its pid in :attr:`killed`. It gives up after ``deadline_s``
-    seconds; leaving the ``with`` block waits for the thread."""
+    seconds, or as soon as the ``with`` block is left (the run ended before ``after`` appeared)."""
 
     def __init__(self, after: Path, deadline_s: float = 240.0):
         self.after, self.deadline_s = Path(after), deadline_s
         self.killed: list[int] = []
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._kill_once, daemon=True)
 
     def _kill_once(self) -> None:
@@ -25,9 +26,15 @@ class RayTrainWorkerKiller:
 
         deadline = time.time() + self.deadline_s
         while time.time() < deadline and not self.after.exists():
-            time.sleep(0.05)
-        workers = [p for p in psutil.Process().children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+            if self._stop.wait(0.05):
+                return
+        workers = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline() or []):
+                    workers.append(proc)
+            except psutil.Error:  # a process that exited while we looked
+                continue
         if workers and self.after.exists():
             os.kill(workers[-1].pid, signal.SIGKILL)
             self.killed.append(workers[-1].pid)
@@ -37,4 +44,5 @@ class RayTrainWorkerKiller:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         self._thread.join()
