@@ -4,6 +4,7 @@ it met them, from the files the run wrote.
     python -m nemo_aligner.reference summary rm  results/reference/rm  --seconds 2400
     python -m nemo_aligner.reference summary dpo results/reference/dpo --seconds 3000
     python -m nemo_aligner.reference summary ppo results/reference/ppo --seconds 3500   # also rs, reinforce
+    python -m nemo_aligner.reference summary self_rewarding results/reference/self_rewarding --seconds 3600
 
 What each kind reads (in the run's directory) and its targets (issue "Show that every trainer makes a better model"):
 
@@ -17,6 +18,9 @@ What each kind reads (in the run's directory) and its targets (issue "Show that 
   rises by >= 0.5 of the reward model's reward standard deviation (1 for a standardised RM export, which is what the
   reference RM is); the KL to the initial policy stays <= 5 nats per response. Distinct-2 and the mean length are
   reported before and after (collapse shows as a drop in distinct-2).
+* ``self_rewarding``: ``eval_before.json`` and ``eval_iteration_<i>.json`` (``eval_policy.py --judge self``: the
+  reference RM's reward and the policy's own judge score of its greedy responses, after each iteration ``i``). No
+  target (a 135M judge is weak): the per-iteration numbers are reported as they are.
 
 Prints the summary as one line and writes it to ``<run>/summary.json``.
 """
@@ -114,6 +118,29 @@ def online_summary(run: Path, rm_std: float = 1.0) -> dict[str, Any]:
     }
 
 
+def self_rewarding_summary(run: Path) -> dict[str, Any]:
+    """Self-rewarding numbers per iteration (see the module docstring): for the initial policy (iteration 0) and after
+    each iteration, the reference RM's reward, the judge score (the policy judging its own greedy responses), the KL
+    to the initial policy, the length, the ended fraction and distinct-2.
+
+    Raises:
+        MissingFileError: no ``eval_before.json`` or no ``eval_iteration_1.json`` in ``run``.
+    """
+    files = [run / "eval_before.json"]
+    i = 1
+    while (run / f"eval_iteration_{i}.json").is_file():
+        files.append(run / f"eval_iteration_{i}.json")
+        i += 1
+    if len(files) == 1:
+        raise MissingFileError(f"{run / 'eval_iteration_1.json'}: not found (the reference script writes one per "
+                               "iteration before the summary)")
+    keys = ("reward_mean", "reward_std", "judge_score_mean", "judge_score_std", "kl_mean", "kl_max", "length_mean",
+            "ended_fraction", "distinct_2")
+    rows = [{"iteration": k, **{key: ev.get(key) for key in keys}} for k, ev in enumerate(map(_load_json, files))]
+    return {"iterations": rows, "reward_gain": rows[-1]["reward_mean"] - rows[0]["reward_mean"],
+            "num_prompts": _load_json(files[-1])["num_prompts"], "targets": {}, "met": {}}
+
+
 def write_summary(kind: str, run: str | Path, seconds: float | None = None, extra: dict | None = None) -> dict:
     """Build ``kind``'s summary of the run in ``run``, add ``seconds`` (the run's wall time) and ``extra``, write it to
     ``<run>/summary.json`` and return it.
@@ -129,8 +156,11 @@ def write_summary(kind: str, run: str | Path, seconds: float | None = None, extr
         summary = dpo_summary(run)
     elif kind in ONLINE_KINDS:
         summary = online_summary(run)
+    elif kind == "self_rewarding":
+        summary = self_rewarding_summary(run)
     else:
-        raise UserError(f"unknown reference run kind {kind!r}: use rm, dpo, {', '.join(ONLINE_KINDS)}")
+        raise UserError(f"unknown reference run kind {kind!r}: use rm, dpo, {', '.join(ONLINE_KINDS)}, "
+                        "self_rewarding")
     summary = {"trainer": kind, "run": str(run), **summary, "wall_seconds": seconds, **(extra or {})}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -141,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nemo_aligner.reference", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="write <run>/summary.json")
-    p.add_argument("kind", choices=["rm", "dpo", *ONLINE_KINDS])
+    p.add_argument("kind", choices=["rm", "dpo", *ONLINE_KINDS, "self_rewarding"])
     p.add_argument("run", help="the reference run's directory")
     p.add_argument("--seconds", type=float, default=None, help="the run's wall time")
     args = parser.parse_args(argv)

@@ -431,6 +431,43 @@ def fit_judge_prompt(template: str, fields: dict[str, str], count_tokens: Callab
     return text, truncated
 
 
+def judge_request_ids(text: str, tokenizer: Any) -> list[int]:
+    """A judge request's prompt ids: ``text`` as a user turn through the tokenizer's chat template (the plain text
+    when it has none)."""
+    if has_chat_template(tokenizer):
+        return tokenize_prompt([{"role": "user", "content": text}], tokenizer)
+    return tokenize_prompt(text, tokenizer)
+
+
+def fit_judge_request(template: str, fields: dict[str, str], tokenizer: Any, max_tokens: int) -> str:
+    """The text of a judge (or meta-judge) request, rendered from ``template`` and cut (:func:`fit_judge_prompt`) so
+    that the whole request (:func:`judge_request_ids`, chat-template tokens included) is at most ``max_tokens``
+    tokens of ``tokenizer``.
+
+    Raises:
+        ConfigValueError: the template alone does not fit.
+    """
+    overhead = len(judge_request_ids("", tokenizer)) if has_chat_template(tokenizer) else 0
+
+    def count(text: str) -> int:
+        return len(encode(tokenizer, text, add_special_tokens=False))
+
+    def cut(text: str, n: int, keep_end: bool) -> str:
+        ids = encode(tokenizer, text, add_special_tokens=False)
+        return tokenizer.decode(ids[n:] if keep_end else ids[: len(ids) - n])
+
+    text, _ = fit_judge_prompt(template, fields, count, max_tokens - overhead, cut)
+    return text
+
+
+def close_justification(text: str, prefix: str) -> str:
+    """A constrained judgement's justification: the generated ``text`` cut before ``prefix`` (e.g. ``"Score:"``,
+    the end string it was stopped at), without trailing blanks, and closed by a newline when not empty; the score
+    prefix and the verdict follow it."""
+    cut = text.find(prefix.strip())
+    return (text[:cut] if cut >= 0 else text).rstrip() + ("\n" if text.strip() else "")
+
+
 def build_reward_regex(template: str, value_pattern: str) -> re.Pattern:
     """Compile a NeMo-Aligner reward regex: ``{{ reward }}`` becomes the capture group ``value_pattern``."""
     return re.compile(REWARD_SLOT.sub(lambda _: f"({value_pattern})", template))
@@ -714,26 +751,13 @@ class SelfRewardingTrainer(OnlineTrainer):
         return self.judge_tokenizer.decode([i for i in ids if i not in self.judge_stop_ids], skip_special_tokens=True)
 
     def _chat_ids(self, text: str, tokenizer: Any = None) -> list[int]:
-        """A judge request as a prompt of ``tokenizer`` (default: the policy's): a user turn through its chat
-        template (plain text without one)."""
-        tokenizer = tokenizer or self.tokenizer
-        if has_chat_template(tokenizer):
-            return tokenize_prompt([{"role": "user", "content": text}], tokenizer)
-        return tokenize_prompt(text, tokenizer)
+        """A judge request as a prompt of ``tokenizer`` (default: the policy's): :func:`judge_request_ids`."""
+        return judge_request_ids(text, tokenizer or self.tokenizer)
 
     def judge_prompt_text(self, template: str, fields: dict[str, str]) -> str:
-        """The text of a judge (or meta-judge) request (the user turn), cut to fit (:func:`fit_judge_prompt`) in the
-        judge's tokens."""
-        tok = self.judge_tokenizer
-        overhead = len(self._chat_ids("", tok)) if has_chat_template(tok) else 0
-
-        def cut(text: str, n: int, keep_end: bool) -> str:
-            ids = self._judge_encode(text)
-            return tok.decode(ids[n:] if keep_end else ids[: len(ids) - n])
-
-        text, _ = fit_judge_prompt(template, fields, lambda t: len(self._judge_encode(t)),
-                                   self.judge_prompt_budget - overhead, cut)
-        return text
+        """The text of a judge (or meta-judge) request (the user turn), cut to fit in the judge's tokens
+        (:func:`fit_judge_request`)."""
+        return fit_judge_request(template, fields, self.judge_tokenizer, self.judge_prompt_budget)
 
     # ---- the judge ---------------------------------------------------------------------------------------------
     def _judge_inference(self):
@@ -784,10 +808,7 @@ class SelfRewardingTrainer(OnlineTrainer):
         for start in range(0, len(requests), size):
             out = self.judge_policy.generate(requests[start:start + size], sampling, self.judge_length,
                                              seeds=seeds[start:start + size])
-            for ids in out.response_ids:
-                text = self._judge_text(ids)
-                cut = text.find(prefix.strip())
-                justifications.append((text[:cut] if cut >= 0 else text).rstrip() + ("\n" if text.strip() else ""))
+            justifications += [close_justification(self._judge_text(ids), prefix) for ids in out.response_ids]
         contexts = [list(req) + self._judge_encode(just + prefix) for req, just in zip(requests, justifications)]
         picks = None
         for start in range(0, len(contexts), size):  # the engine's structured outputs, when it has them

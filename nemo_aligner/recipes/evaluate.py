@@ -11,6 +11,8 @@ same settings, so "before" and "after" differ only in the weights:
 3. The reward model's reward of ``prompt + response`` (standardised as its export says), the response closed as PPO
    closes a rollout for scoring (:func:`~nemo_aligner.data.prompts.scored_response_ids`).
 4. :func:`response_kl` to the reference policy, :func:`distinct_n` and the response lengths.
+5. With ``judge``: the LLM-as-a-judge score of each response (:func:`judge_scores`), the self-rewarding trainer's
+   judge (Yuan et al. 2024, fig. 2 rubric, 0-5 points) written greedily: the number self-rewarding optimises.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from typing import Any, Sequence
 
 import torch
 
+from nemo_aligner.algorithms.self_rewarding import (
+    DEFAULT_JUDGE_PROMPT,
+    close_justification,
+    fit_judge_request,
+    judge_prompt_text,
+    judge_request_ids,
+)
+from nemo_aligner.data.chat import encode
 from nemo_aligner.data.prompts import (
     end_of_turn_rule,
     end_string_close,
@@ -36,7 +46,7 @@ from nemo_aligner.models.pretrained import resolve_pretrained
 from nemo_aligner.models.reward_model import RewardScorer
 from nemo_aligner.utils.fs import atomic_write_text
 
-__all__ = ["distinct_n", "response_kl", "evaluate_policy"]
+__all__ = ["distinct_n", "response_kl", "judge_scores", "evaluate_policy"]
 
 
 def distinct_n(responses: Sequence[Sequence[int]], n: int) -> float:
@@ -92,6 +102,52 @@ def _response_logits(lm, prompt: list[int], response: list[int]) -> torch.Tensor
     return logits[len(prompt) - 1: len(prompt) + len(response) - 1].float().cpu()
 
 
+def judge_scores(engine: VLLMEngine, tokenizer, prompt_texts: Sequence[str], response_texts: Sequence[str],
+                 max_justification_tokens: int = 128, max_request_tokens: int = 888,
+                 template: str = DEFAULT_JUDGE_PROMPT, score_prefix: str = "Score: ", low: int = 0, high: int = 5,
+                 ) -> tuple[list[float], list[str]]:
+    """The LLM-as-a-judge score of each response, as the self-rewarding trainer's constrained judge writes it
+    (:meth:`~nemo_aligner.algorithms.self_rewarding.SelfRewardingTrainer.constrained_judgements`), greedily:
+
+    1. the request: ``template`` (default: the additive 5-point rubric of Yuan et al. 2024, "Self-Rewarding Language
+       Models", fig. 2) with ``{{ prompt }}`` and ``{{ response }}``, as a user turn of the judge's chat template,
+       cut to ``max_request_tokens`` (:func:`~nemo_aligner.algorithms.self_rewarding.fit_judge_request`: the prompt
+       keeps its end, then the response its start);
+    2. a greedy justification of at most ``max_justification_tokens`` tokens, stopped at ``score_prefix``;
+    3. ``score_prefix`` and the most likely of the scores ``low..high`` after it (vLLM structured outputs, greedy).
+
+    ``engine`` holds the judge's weights (the policy judging itself, as in the paper, or another model refit into
+    it). Returns ``(scores, judgement texts)``, one each per response, in points (``low..high``).
+
+    Raises:
+        ValueError: ``prompt_texts`` and ``response_texts`` differ in length.
+    """
+    if len(prompt_texts) != len(response_texts):
+        raise ValueError(f"{len(prompt_texts)} prompts for {len(response_texts)} responses")
+    requests = [judge_request_ids(fit_judge_request(template, {"prompt": p, "response": r}, tokenizer,
+                                                    max_request_tokens), tokenizer)
+                for p, r in zip(prompt_texts, response_texts)]
+    eos = [int(tokenizer.eos_token_id)]
+    out = engine.generate(requests, SamplingParams(use_greedy=True, end_strings=[score_prefix.strip()]),
+                          LengthParams(max_length=max_justification_tokens), eos)
+    justifications = [close_justification(tokenizer.decode(ids, skip_special_tokens=True), score_prefix)
+                      for ids in out.response_ids]
+    contexts = [req + encode(tokenizer, just + score_prefix, add_special_tokens=False)
+                for req, just in zip(requests, justifications)]
+    choices = [str(s) for s in range(int(low), int(high) + 1)]
+    picks = engine.generate_choices(contexts, choices, SamplingParams(use_greedy=True), [0] * len(contexts))
+    return ([float(choices[k]) for k in picks],
+            [just + score_prefix + choices[k] for just, k in zip(justifications, picks)])
+
+
+def _strip_end_strings(text: str, end_strings: Sequence[str]) -> str:
+    """``text`` without a trailing end string (what the judge reads of a response stopped at one)."""
+    for end in end_strings:
+        if end and text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
 def _load_lm(path: str, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +158,9 @@ def _load_lm(path: str, device: str):
 def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model: str, reference: str | None = None,
                     num_prompts: int = 200, max_new_tokens: int = 128, max_prompt_tokens: int = 384,
                     batch_size: int = 16, engine: str = "native", device: str = "cpu",
-                    samples_file: str | None = None, end_strings: Sequence[str] = ()) -> dict[str, Any]:
+                    samples_file: str | None = None, end_strings: Sequence[str] = (), judge: str | None = None,
+                    judge_max_tokens: int = 128, judge_template: str | None = None,
+                    judge_max_request_tokens: int = 888) -> dict[str, Any]:
     """Greedy responses of ``policy`` to the first ``num_prompts`` prompts of ``prompt_file``, scored by
     ``reward_model``, with their KL to ``reference`` (see the module docstring for the steps).
 
@@ -123,18 +181,27 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
             online trainers' ``sampling_params.end_strings``; such a response is scored without the end string,
             closed as reward-model data is (:func:`~nemo_aligner.data.prompts.scored_response_ids`, the scoring of
             PPO and rejection sampling). Its length and KL count the end string's tokens (the policy generated them).
+        judge: also score each response with an LLM judge (:func:`judge_scores`, justifications of at most
+            ``judge_max_tokens`` tokens): ``"self"`` (the policy judges its own responses, as self-rewarding does)
+            or a causal-LM directory of the policy's architecture and tokenizer (refit into the same vLLM engine).
+            Needs ``engine="vllm"``. The judge sees the prompt's text and the response's text without its end
+            string, in ``judge_template`` (a Jinja template with ``{{ prompt }}`` and ``{{ response }}``, as
+            ``model.spin.llm_judge_prompt``; None: the paper's rubric) cut to ``judge_max_request_tokens`` tokens.
 
     Returns:
         ``reward_mean``, ``reward_std`` (standardised RM units), ``kl_mean``, ``kl_max`` (nats per response, with a
         reference), ``length_mean`` (tokens), ``ended_fraction`` (responses that ended with EOS), ``distinct_1``,
-        ``distinct_2``, ``num_prompts``, ``seconds``, and the arguments.
+        ``distinct_2``, ``num_prompts``, ``seconds``, and the arguments; with a judge also ``judge_score_mean``,
+        ``judge_score_std`` (points, ``0..5``).
 
     Raises:
         MissingFileError: a missing model, reward model or prompt file.
-        ValueError: ``engine`` is not native or vllm, or the file has no prompts.
+        ValueError: ``engine`` is not native or vllm, the file has no prompts, or a judge without ``engine="vllm"``.
     """
     if engine not in ("native", "vllm"):
         raise ValueError(f"engine={engine!r}: use native or vllm")
+    if judge is not None and engine != "vllm":
+        raise ValueError("a judge (--judge) needs engine='vllm' (--engine vllm): its scores are vLLM structured outputs")
     start = time.perf_counter()
     source = resolve_pretrained(policy)
     tokenizer = load_tokenizer(source)
@@ -160,6 +227,16 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
                            tokenizer=tokenizer)
             responses += out.response_ids
             ended += out.ended
+    judged: tuple[list[float], list[str]] | None = None
+    if judge is not None:
+        if judge != "self":
+            vllm.refit(_load_lm(judge, device).state_dict().items())
+        texts = [_strip_end_strings(tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True),
+                                    end_strings) for r in responses]
+        judged = judge_scores(vllm, tokenizer, [judge_prompt_text(e.prompt, tokenizer, False) for e in examples],
+                              texts, max_justification_tokens=judge_max_tokens,
+                              max_request_tokens=judge_max_request_tokens,
+                              template=judge_template or DEFAULT_JUDGE_PROMPT)
     scorer = RewardScorer.from_pretrained(reward_model, device=device)
     # scored as PPO and rejection sampling score a rollout (end-of-turn suffix, end strings closed like the data)
     end_of_turn = end_of_turn_rule(tokenizer, eos)
@@ -183,14 +260,21 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
     }
     if kls:
         summary.update(kl_mean=sum(kls) / len(kls), kl_max=max(kls))
+    if judged is not None:
+        jm = sum(judged[0]) / len(judged[0])
+        summary.update(judge_score_mean=jm,
+                       judge_score_std=math.sqrt(sum((x - jm) ** 2 for x in judged[0]) / len(judged[0])))
     summary.update(num_prompts=len(prompts), seconds=time.perf_counter() - start, policy=str(policy),
                    reference=None if reference is None else str(reference), reward_model=str(reward_model),
                    prompt_file=[str(p) for p in ([prompt_file] if isinstance(prompt_file, (str, Path)) else prompt_file)],
                    max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, engine=engine,
-                   end_strings=list(end_strings))
+                   end_strings=list(end_strings), judge=judge,
+                   judge_max_tokens=judge_max_tokens if judge is not None else None)
     if samples_file:
         rows = [{"prompt": tokenizer.decode(p), "response": tokenizer.decode(r), "reward": w, "length": len(r),
-                 **({"kl": kls[i]} if kls else {}), "prompt_ids": p, "response_ids": r}
+                 **({"kl": kls[i]} if kls else {}),
+                 **({"judge_score": judged[0][i], "judgement": judged[1][i]} if judged else {}),
+                 "prompt_ids": p, "response_ids": r}
                 for i, (p, r, w) in enumerate(zip(prompts, responses, rewards))]
         atomic_write_text(samples_file, "".join(json.dumps(row) + "\n" for row in rows))
     return summary

@@ -166,6 +166,19 @@ def test_reference_summaries_check_their_targets(tmp_path):
     with pytest.raises(Exception, match="eval_before.json"):
         write_summary("rs", tmp_path / "rm")
 
+    sr = tmp_path / "self_rewarding"
+    sr.mkdir()
+    (sr / "eval_before.json").write_text(json.dumps({**base, "reward_mean": -0.2, "judge_score_mean": 2.0}))
+    with pytest.raises(Exception, match="eval_iteration_1.json"):
+        write_summary("self_rewarding", sr)
+    for i, (reward, judge) in enumerate([(0.1, 2.5), (0.3, 3.0)], start=1):
+        (sr / f"eval_iteration_{i}.json").write_text(json.dumps({**base, "reward_mean": reward,
+                                                                   "judge_score_mean": judge, "kl_mean": i}))
+    out = write_summary("self_rewarding", sr)
+    assert [(r["iteration"], r["reward_mean"], r["judge_score_mean"]) for r in out["iterations"]] == [
+        (0, -0.2, 2.0), (1, 0.1, 2.5), (2, 0.3, 3.0)]
+    assert out["reward_gain"] == pytest.approx(0.5) and out["met"] == {}
+
 
 
 def test_end_strings_stop_greedy_responses_and_are_scored_closed_by_eos_as_rm_data(eval_setup, tiny_model_dir):

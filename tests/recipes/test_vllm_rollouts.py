@@ -168,7 +168,50 @@ def test_eval_policy_on_vllm_gives_the_native_greedy_responses_and_numbers(tmp_p
         assert runs["vllm"][key] == pytest.approx(runs["native"][key], abs=1e-5)
     with pytest.raises(ValueError, match="engine"):
         evaluate_policy(str(vllm_model_dir), str(prompts), str(rm), engine="tensorrt")
+    _check_judge_scores(tmp_path, vllm_model_dir, tokenizer, prompts, rm)
     # stop the module's engines (this is its last test): each holds $VLLM_CPU_KVCACHE_SPACE GiB of KV cache
     from nemo_aligner.generation.vllm_engine import shutdown_engines
 
     shutdown_engines()
+
+
+TEMPLATE = "Rate the answer from 0 to 5.\nQuestion: {{ prompt }}\nAnswer: {{ response }}\nEnd with Score: <points>"
+
+
+def _check_judge_scores(tmp_path, model_dir, tokenizer, prompts, rm):
+    """``evaluate_policy(judge=...)``: each response's judge score is the judge's most likely score string after its
+    request, greedy justification and ``"Score: "`` (what the trainer's native constrained judge picks, here from
+    vLLM's structured outputs), the judge sees the prompt and the response, and ``"self"`` equals the same weights
+    refit from a directory. A judge needs the vLLM engine."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_aligner.algorithms.self_rewarding import fit_judge_request, judge_request_ids
+    from nemo_aligner.data.chat import encode
+    from nemo_aligner.recipes.evaluate import evaluate_policy
+
+    runs = {}
+    for judge in ("self", str(model_dir)):
+        samples = tmp_path / f"judged_{len(runs)}.jsonl"
+        runs[judge] = evaluate_policy(str(model_dir), str(prompts), str(rm), num_prompts=3, max_new_tokens=8,
+                                      engine="vllm", samples_file=str(samples), judge=judge, judge_max_tokens=6,
+                                      judge_template=TEMPLATE, judge_max_request_tokens=200)
+        runs[judge]["rows"] = [json.loads(line) for line in samples.read_text().splitlines()]
+    rows = runs["self"]["rows"]
+    assert [r["judge_score"] for r in runs[str(model_dir)]["rows"]] == [r["judge_score"] for r in rows]
+    assert runs["self"]["judge_score_mean"] == pytest.approx(sum(r["judge_score"] for r in rows) / 3)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    digits = [encode(tokenizer, str(s), add_special_tokens=False) for s in range(6)]
+    assert all(len(d) == 1 for d in digits)
+    questions = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    for question, row in zip(questions, rows):
+        response = tokenizer.decode(row["response_ids"], skip_special_tokens=True)
+        request = fit_judge_request(TEMPLATE, {"prompt": question, "response": response}, tokenizer, 200)
+        assert question in request and response in request
+        justification = row["judgement"][: row["judgement"].rindex("Score: ")]
+        context = judge_request_ids(request, tokenizer) + encode(tokenizer, justification + "Score: ", False)
+        with torch.no_grad():
+            logits = lm(torch.tensor([context])).logits[0, -1]
+        assert row["judge_score"] == float(int(logits[[d[0] for d in digits]].argmax()))
+        assert row["judgement"].endswith(f"Score: {int(row['judge_score'])}")
+    with pytest.raises(ValueError, match="vllm"):
+        evaluate_policy(str(model_dir), str(prompts), str(rm), num_prompts=1, judge="self")

@@ -24,7 +24,8 @@ from nemo_aligner.recipes.common import run_or_exit
 from nemo_aligner.recipes.evaluate import evaluate_policy
 from nemo_aligner.utils.fs import atomic_write_text
 
-KEYS = ["reward_mean", "reward_std", "kl_mean", "kl_max", "length_mean", "ended_fraction", "distinct_1", "distinct_2"]
+KEYS = ["reward_mean", "reward_std", "kl_mean", "kl_max", "length_mean", "ended_fraction", "distinct_1", "distinct_2",
+        "judge_score_mean", "judge_score_std"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,13 +46,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--end-strings", nargs="*", default=[],
                         help="stop responses at these strings (escapes such as \\n are read), as the trainers' "
                              "sampling_params.end_strings, e.g. --end-strings '\\n\\nHuman:' for HH-RLHF prompts")
+    parser.add_argument("--judge", default=None,
+                        help="also score each response with an LLM judge (the self-rewarding rubric, 0-5 points, "
+                             "greedy): 'self' (the policy judges itself) or a causal-LM directory of the same "
+                             "architecture; needs --engine vllm")
+    parser.add_argument("--judge-max-tokens", type=int, default=128,
+                        help="longest judge justification (tokens), as model.spin.judge_max_length")
     args = parser.parse_args(argv)
-    for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "batch_size"):
+    for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens", "batch_size", "judge_max_tokens"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     summary = evaluate_policy(args.policy, args.prompts, args.rm, args.reference, args.num_prompts,
                               args.max_new_tokens, args.max_prompt_tokens, args.batch_size, args.engine, args.device,
-                              args.samples, SamplingParams(end_strings=args.end_strings).end_strings)
+                              args.samples, SamplingParams(end_strings=args.end_strings).end_strings,
+                              args.judge, args.judge_max_tokens)
     print(" ".join(f"{k}={summary[k]:.4f}" for k in KEYS if k in summary) + f" num_prompts={summary['num_prompts']}")
     if args.output_json:
         atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")

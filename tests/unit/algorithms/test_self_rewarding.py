@@ -20,9 +20,12 @@ from nemo_aligner.algorithms.self_rewarding import (
     balance_meta_pairs,
     bradley_terry_elo,
     build_reward_regex,
+    close_justification,
     compute_self_rewarding_max_steps,
     fit_judge_prompt,
+    fit_judge_request,
     judge_prompt_text,
+    judge_request_ids,
     mix_meta_pairs,
     parse_score,
     parse_winner,
@@ -89,6 +92,25 @@ def test_judge_prompt_text_normalises_hh_transcripts():
     assert judge_prompt_text(hh, None, normalise=True) == "User: Hi there"
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]
     assert judge_prompt_text(messages, None, normalise=True) == "User: Hi\n\nAssistant: Yo\n\nUser: ?"
+
+
+def test_fit_judge_request_counts_the_chat_template_tokens_and_cuts_the_prompt_first(tokenizer):
+    template = "Q: {{ prompt }} A: {{ response }}"
+    fields = {"prompt": "one two three four five six seven eight nine ten", "response": "yes"}
+    whole = judge_request_ids(render_template(template, **fields), tokenizer)
+    assert fit_judge_request(template, fields, tokenizer, len(whole)) == render_template(template, **fields)
+    cut = fit_judge_request(template, fields, tokenizer, len(whole) - 3)
+    assert len(judge_request_ids(cut, tokenizer)) <= len(whole) - 3  # the chat template's tokens count too
+    assert cut.endswith("ten A: yes") and not cut.startswith("Q: one")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Helpful and clear.\nScore:", "Helpful and clear.\n"),  # stopped at the score prefix: cut before it
+    ("Helpful.  ", "Helpful.\n"),                              # cut by the length limit: closed by a newline
+    ("   ", ""),                                               # nothing written: nothing kept
+])
+def test_close_justification_cuts_before_the_score_prefix(text, expected):
+    assert close_justification(text, "Score: ") == expected
 
 
 # ---- parsing, range filter, averaging -----------------------------------------------------------------------------
