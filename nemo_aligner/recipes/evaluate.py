@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nemo_aligner.algorithms.self_rewarding import (
+from nemo_aligner.algorithms.llm_judge import (
     DEFAULT_JUDGE_PROMPT,
     close_justification,
     fit_judge_request,
@@ -111,7 +111,7 @@ def judge_scores(engine: VLLMEngine, tokenizer, prompt_texts: Sequence[str], res
 
     1. the request: ``template`` (default: the additive 5-point rubric of Yuan et al. 2024, "Self-Rewarding Language
        Models", fig. 2) with ``{{ prompt }}`` and ``{{ response }}``, as a user turn of the judge's chat template,
-       cut to ``max_request_tokens`` (:func:`~nemo_aligner.algorithms.self_rewarding.fit_judge_request`: the prompt
+       cut to ``max_request_tokens`` (:func:`~nemo_aligner.algorithms.llm_judge.fit_judge_request`: the prompt
        keeps its end, then the response its start);
     2. a greedy justification of at most ``max_justification_tokens`` tokens, stopped at ``score_prefix``;
     3. ``score_prefix`` and the most likely of the scores ``low..high`` after it (vLLM structured outputs, greedy).

@@ -5,7 +5,7 @@ Each judge request is one user message (the rendered judge or meta-judge templat
 judgement, parsed by the trainer with ``judge_reward_regex`` as any other. Requests go out concurrently (at most
 ``max_concurrency`` at a time) so that the server can batch them, each with its row's ``seed``. With
 ``constrain_judge_output`` the request also carries vLLM's ``structured_outputs: {"regex": ...}``
-(:func:`nemo_aligner.algorithms.self_rewarding.constrained_judgement_regex`: a bounded justification, then the score
+(:func:`nemo_aligner.algorithms.llm_judge.constrained_judgement_regex`: a bounded justification, then the score
 prefix, then an allowed score): a vLLM server then always answers in the score format;
 servers without structured outputs may reject or ignore the field (set ``constrain_judge_output=false`` for them).
 """

@@ -185,7 +185,7 @@ def _check_judge_scores(tmp_path, model_dir, tokenizer, prompts, rm):
     refit from a directory. A judge needs the vLLM engine."""
     from transformers import AutoModelForCausalLM
 
-    from nemo_aligner.algorithms.self_rewarding import fit_judge_request, judge_request_ids
+    from nemo_aligner.algorithms.llm_judge import fit_judge_request, judge_request_ids
     from nemo_aligner.data.chat import encode
     from nemo_aligner.recipes.evaluate import evaluate_policy
 

@@ -9,29 +9,31 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nemo_aligner.algorithms.self_rewarding import (
+from nemo_aligner.algorithms.llm_judge import (
     DEFAULT_JUDGE_PROMPT,
     DEFAULT_META_JUDGE_PROMPT,
     SCORE_PATTERN,
     WINNER_PATTERN,
-    Candidate,
-    SelfRewardingConfig,
     aggregate_scores,
-    balance_meta_pairs,
-    bradley_terry_elo,
     build_reward_regex,
     close_justification,
-    compute_self_rewarding_max_steps,
     fit_judge_prompt,
     fit_judge_request,
     judge_prompt_text,
     judge_request_ids,
-    mix_meta_pairs,
     parse_score,
     parse_winner,
     render_template,
-    select_pair,
     strip_score,
+)
+from nemo_aligner.algorithms.self_rewarding import (
+    Candidate,
+    SelfRewardingConfig,
+    balance_meta_pairs,
+    bradley_terry_elo,
+    compute_self_rewarding_max_steps,
+    mix_meta_pairs,
+    select_pair,
     value_for_iteration,
 )
 from nemo_aligner.data.sequences import collate_sequences

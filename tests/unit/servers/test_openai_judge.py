@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from nemo_aligner.algorithms.self_rewarding import constrained_judgement_max_tokens, constrained_judgement_regex
+from nemo_aligner.algorithms.llm_judge import constrained_judgement_max_tokens, constrained_judgement_regex
 from nemo_aligner.errors import ServerUnavailableError
 from nemo_aligner.servers.client import ServerRequestError
 from nemo_aligner.servers.openai_judge import OpenAIJudge
