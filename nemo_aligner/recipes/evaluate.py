@@ -105,7 +105,7 @@ def _response_logits(lm, prompt: list[int], response: list[int]) -> torch.Tensor
 def judge_scores(engine: VLLMEngine, tokenizer, prompt_texts: Sequence[str], response_texts: Sequence[str],
                  max_justification_tokens: int = 128, max_request_tokens: int = 888,
                  template: str = DEFAULT_JUDGE_PROMPT, score_prefix: str = "Score: ", low: int = 0, high: int = 5,
-                 ) -> tuple[list[float], list[str]]:
+                 eos_token_ids: Sequence[int] | None = None) -> tuple[list[float], list[str]]:
     """The LLM-as-a-judge score of each response, as the self-rewarding trainer's constrained judge writes it
     (:meth:`~nemo_aligner.algorithms.self_rewarding.SelfRewardingTrainer.constrained_judgements`), greedily:
 
@@ -117,7 +117,8 @@ def judge_scores(engine: VLLMEngine, tokenizer, prompt_texts: Sequence[str], res
     3. ``score_prefix`` and the most likely of the scores ``low..high`` after it (vLLM structured outputs, greedy).
 
     ``engine`` holds the judge's weights (the policy judging itself, as in the paper, or another model refit into
-    it). Returns ``(scores, judgement texts)``, one each per response, in points (``low..high``).
+    it); ``eos_token_ids`` also end a justification (default: the tokenizer's EOS). Returns ``(scores, judgement
+    texts)``, one each per response, in points (``low..high``).
 
     Raises:
         ValueError: ``prompt_texts`` and ``response_texts`` differ in length.
@@ -127,7 +128,7 @@ def judge_scores(engine: VLLMEngine, tokenizer, prompt_texts: Sequence[str], res
     requests = [judge_request_ids(fit_judge_request(template, {"prompt": p, "response": r}, tokenizer,
                                                     max_request_tokens), tokenizer)
                 for p, r in zip(prompt_texts, response_texts)]
-    eos = [int(tokenizer.eos_token_id)]
+    eos = list(eos_token_ids) if eos_token_ids else [int(tokenizer.eos_token_id)]
     out = engine.generate(requests, SamplingParams(use_greedy=True, end_strings=[score_prefix.strip()]),
                           LengthParams(max_length=max_justification_tokens), eos)
     justifications = [close_justification(tokenizer.decode(ids, skip_special_tokens=True), score_prefix)
@@ -236,7 +237,7 @@ def evaluate_policy(policy: str, prompt_file: str | Sequence[str], reward_model:
         judged = judge_scores(vllm, tokenizer, [judge_prompt_text(e.prompt, tokenizer, False) for e in examples],
                               texts, max_justification_tokens=judge_max_tokens,
                               max_request_tokens=judge_max_request_tokens,
-                              template=judge_template or DEFAULT_JUDGE_PROMPT)
+                              template=judge_template or DEFAULT_JUDGE_PROMPT, eos_token_ids=eos)
     scorer = RewardScorer.from_pretrained(reward_model, device=device)
     # scored as PPO and rejection sampling score a rollout (end-of-turn suffix, end strings closed like the data)
     end_of_turn = end_of_turn_rule(tokenizer, eos)
